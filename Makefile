@@ -1,0 +1,32 @@
+# `make test` and `make demo` work on a fresh clone: both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint clean
+
+venv: $(STAMP)
+
+# torch is installed first and alone so that the pinned CPU/CUDA build is chosen before
+# any other package could pull an unpinned one.
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+demo: venv
+	$(PY) scripts/demo.py
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

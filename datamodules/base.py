@@ -1,0 +1,227 @@
+"""The base every dataset's LightningDataModule inherits: split, subset, augmentation, loaders.
+
+A subclass says which images exist (`list_records`) and how one becomes a tensor
+(`load_transforms`); this class does everything else the same way for every dataset:
+
+- a deterministic train/val split **by patient** (seeded, or given as a CSV), so no
+  patient is on both sides and the memorization threshold is never computed against
+  the same patient;
+- `n_train`: train on a nested, seeded subset of the training images (the paper's
+  5k/10k/20k experiment);
+- `augment`: the paper's mitigation, flips (p=0.5) and rotations within ±5° (p=0.5) in
+  every spatial axis, on the training loader only;
+- loaders that yield the batch contract `{"image": [B, C, *spatial] in [0, 1], "id": list[str]}`
+  and reference loaders (no augmentation, no shuffling) for the memorization callback.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.transforms import Compose, EnsureTyped, RandFlipd, RandRotated, SelectItemsd
+
+from errors import InputError
+
+ROTATION_DEGREES = 5.0  # the paper's augmentation: ±5° per axis
+
+
+def augmentation_transforms(spatial_dims: int, keys: str = "image") -> list[Callable]:
+    """The paper's mitigation: flip (p=0.5) and rotate within ±5° (p=0.5) in every spatial axis."""
+    radians = math.radians(ROTATION_DEGREES)
+    flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
+    ranges = {"range_x": radians} if spatial_dims == 2 else {"range_x": radians, "range_y": radians, "range_z": radians}
+    return [*flips, RandRotated(keys=keys, prob=0.5, padding_mode="zeros", **ranges)]
+
+
+class MedicalImageDataModule(LightningDataModule):
+    """Shared base of every memwatch DataModule.
+
+    Args:
+        spatial_size: target size of every image, `(H, W)` or `(H, W, D)`; each dataset
+            resizes or crops/pads to it. Its length sets 2D or 3D.
+        batch_size: images per batch, per process.
+        num_workers: DataLoader worker processes.
+        n_train: train on this many training images (a nested, seeded subset); `None` for all.
+        val_fraction: share of patients held out for validation when no split is given.
+        split_seed: seed of the patient split and of the `n_train` subset.
+        split_file: optional CSV with columns `patient,split` (`split` is `train` or `val`)
+            that fixes the split instead of the seed.
+        augment: apply the paper's flip/rotation augmentation to training batches.
+        cache: keep decoded images in memory (`memory`), on disk (`disk`, under `cache_dir`)
+            or decode on every access (`none`).
+        cache_dir: folder for `cache: disk`.
+    """
+
+    def __init__(
+        self,
+        spatial_size: Sequence[int],
+        batch_size: int = 8,
+        num_workers: int = 0,
+        n_train: int | None = None,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        split_file: str | None = None,
+        augment: bool = False,
+        cache: Literal["none", "memory", "disk"] = "none",
+        cache_dir: str = "runs/cache",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        if len(self.spatial_size) not in (2, 3) or min(self.spatial_size) < 1:
+            raise InputError(
+                f"spatial_size={list(spatial_size)} must be 2 or 3 positive sizes: set --data.init_args.spatial_size, e.g. [64, 64]"
+            )
+        if n_train is not None and n_train < 1:
+            raise InputError(f"n_train={n_train} must be at least 1 (or null for all training images)")
+        if not 0.0 < val_fraction < 1.0:
+            raise InputError(f"val_fraction={val_fraction} must lie in (0, 1)")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.n_train = n_train
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.split_file = split_file
+        self.augment = augment
+        self.cache = cache
+        self.cache_dir = cache_dir
+        self.train_records: list[dict[str, Any]] | None = None
+        self.val_records: list[dict[str, Any]] | None = None
+
+    # --- what a dataset provides -------------------------------------------------------
+
+    def list_records(self) -> list[dict[str, Any]]:
+        """Every image of the dataset as a dict with at least `id` and `patient` (both str)."""
+        raise NotImplementedError
+
+    def load_transforms(self) -> list[Callable]:
+        """Deterministic transforms from a record to `{"image": [C, *spatial_size] in [0, 1], ...}`."""
+        raise NotImplementedError
+
+    def given_split(self, patients: Sequence[str]) -> dict[str, str] | None:
+        """A dataset's own patient → `train`/`val` split, or `None` to use `split_file` or the seed."""
+        return None
+
+    # --- shared machinery --------------------------------------------------------------
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_records is not None:
+            return
+        records = self.list_records()
+        if not records:
+            raise InputError(f"{type(self).__name__} found no images: check the dataset root")
+        train, val = self._split(records)
+        if self.n_train is not None:
+            if self.n_train > len(train):
+                raise InputError(
+                    f"n_train={self.n_train} is larger than the {len(train)} training images of "
+                    f"{type(self).__name__}: set --data.init_args.n_train to at most {len(train)}"
+                )
+            order = np.random.default_rng(self.split_seed).permutation(len(train))
+            train = [train[i] for i in sorted(order[: self.n_train])]
+        self.train_records, self.val_records = train, val
+        base = self.load_transforms()
+        finish = [EnsureTyped(keys="image", dtype=torch.float32, track_meta=False), SelectItemsd(keys=["image", "id"])]
+        self._train_base = self._decoded(train, [*base, *finish], "train")
+        self._val_base = self._decoded(val, [*base, *finish], "val")
+        augment = augmentation_transforms(self.spatial_dims) if self.augment else []
+        self._train_augmented = Dataset(self._train_base, Compose([*augment, *finish[:1]])) if augment else self._train_base
+
+    def _split(self, records: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+        patients = sorted({r["patient"] for r in records})
+        split = self.given_split(patients) or self._split_from_file(patients)
+        if split is None:
+            n_val = max(1, round(self.val_fraction * len(patients)))
+            if n_val >= len(patients):
+                raise InputError(
+                    f"{type(self).__name__} has {len(patients)} patient(s), too few to hold out "
+                    f"{n_val} for validation: add images or lower --data.init_args.val_fraction"
+                )
+            order = np.random.default_rng(self.split_seed).permutation(len(patients))
+            held_out = {patients[i] for i in order[:n_val]}
+            split = {p: ("val" if p in held_out else "train") for p in patients}
+        train = [r for r in records if split[r["patient"]] == "train"]
+        val = [r for r in records if split[r["patient"]] == "val"]
+        if not train or not val:
+            raise InputError(
+                f"the split of {type(self).__name__} leaves {len(train)} training and {len(val)} validation "
+                "images: both need at least one"
+            )
+        return train, val
+
+    def _split_from_file(self, patients: Sequence[str]) -> dict[str, str] | None:
+        if self.split_file is None:
+            return None
+        path = Path(self.split_file)
+        if not path.is_file():
+            raise InputError(f"split_file {path} does not exist: give a CSV with columns patient,split or leave it null")
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or not {"patient", "split"} <= set(rows[0]):
+            raise InputError(f"split_file {path} needs the columns patient,split (split is train or val)")
+        split = {row["patient"]: row["split"].strip() for row in rows}
+        bad = sorted({s for s in split.values() if s not in ("train", "val")})
+        if bad:
+            raise InputError(f"split_file {path} has split values {bad}: use only train or val")
+        missing = [p for p in patients if p not in split]
+        if missing:
+            raise InputError(
+                f"split_file {path} does not list patient {missing[0]!r} ({len(missing)} missing): "
+                "add a row for every patient"
+            )
+        return split
+
+    def _decoded(self, records: list[dict], transforms: list[Callable], name: str) -> Dataset:
+        transform = Compose(transforms)
+        if self.cache == "memory":
+            return CacheDataset(records, transform, num_workers=self.num_workers or None, progress=False)
+        if self.cache == "disk":
+            folder = Path(self.cache_dir) / type(self).__name__ / name
+            folder.mkdir(parents=True, exist_ok=True)
+            return PersistentDataset(records, transform, cache_dir=folder)
+        return Dataset(records, transform)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self._train_augmented, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self._val_base, shuffle=False)
+
+    def reference_dataloader(self, split: Literal["train", "val"]) -> DataLoader:
+        """Loader over the training or validation images without augmentation or shuffling."""
+        self.setup("fit")
+        return self._loader(self._train_base if split == "train" else self._val_base, shuffle=False)
+
+    @property
+    def train_ids(self) -> list[str]:
+        self.setup("fit")
+        return [r["id"] for r in self.train_records]
+
+    @property
+    def val_ids(self) -> list[str]:
+        self.setup("fit")
+        return [r["id"] for r in self.val_records]

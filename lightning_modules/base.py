@@ -1,0 +1,80 @@
+"""What every memwatch LightningModule shares: data checks at start-up and self-describing checkpoints.
+
+A checkpoint records which module wrote it and the image size it was trained on, so a
+later stage (the LDM loading an autoencoder, the callback loading an embedder) can refuse
+a wrong file with a clear message instead of failing deep inside a state-dict load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+
+from errors import InputError
+
+ModuleT = TypeVar("ModuleT", bound="MemwatchModule")
+
+
+class MemwatchModule(LightningModule):
+    """Base of the autoencoder, LDM and embedder modules. Subclasses set `self.spatial_dims`."""
+
+    spatial_dims: int
+    #: how a user trains this module, for error messages
+    train_command = "python cli.py fit --config configs/<dataset>_<stage>.yaml"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_spatial_size: tuple[int, ...] | None = None
+
+    def check_data(self, datamodule: LightningDataModule) -> None:
+        """Raise `InputError` if `datamodule`'s images cannot train this module."""
+        data_dims = getattr(datamodule, "spatial_dims", None)
+        if data_dims is not None and data_dims != self.spatial_dims:
+            raise InputError(
+                f"the data is {data_dims}D (spatial_size={list(datamodule.spatial_size)}) but the model is "
+                f"{self.spatial_dims}D: set --model.init_args.spatial_dims {data_dims} or give the data a "
+                f"{self.spatial_dims}D spatial_size"
+            )
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "spatial_size"):
+            self.check_data(datamodule)
+            self.image_spatial_size = tuple(datamodule.spatial_size)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["memwatch"] = {
+            "module": type(self).__name__,
+            "image_spatial_size": list(self.image_spatial_size) if self.image_spatial_size else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        size = checkpoint.get("memwatch", {}).get("image_spatial_size")
+        self.image_spatial_size = tuple(size) if size else None
+
+    @classmethod
+    def from_checkpoint(cls: type[ModuleT], path: str | Path, argument: str, map_location: Any = "cpu") -> ModuleT:
+        """Load a checkpoint written by this module class, or raise an `InputError` naming `argument`."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(
+                f"{argument}={path} does not exist: train it first ({cls.train_command}) or pass the path of "
+                f"its checkpoints/last.ckpt with --{argument}"
+            )
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any failure to read means a bad file
+            raise InputError(f"{argument}={path} is not a readable checkpoint ({type(error).__name__}): pass a .ckpt written by {cls.train_command}") from None
+        written_by = checkpoint.get("memwatch", {}).get("module") if isinstance(checkpoint, dict) else None
+        if written_by != cls.__name__:
+            raise InputError(
+                f"{argument}={path} is a checkpoint of {written_by or 'an unknown module'}, not of {cls.__name__}: "
+                f"pass a checkpoint written by {cls.train_command}"
+            )
+        module = cls(**checkpoint["hyper_parameters"])
+        module.load_state_dict(checkpoint["state_dict"])
+        module.on_load_checkpoint(checkpoint)
+        return module.to(map_location)
