@@ -1,0 +1,7 @@
+"""One LightningModule per model family; configs name them as `lightning_modules.<Class>`."""
+
+from lightning_modules.autoencoder import AutoencoderModule
+from lightning_modules.base import MemwatchModule
+from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+__all__ = ["AutoencoderModule", "LatentDiffusionModule", "MemwatchModule"]

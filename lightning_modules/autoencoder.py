@@ -206,7 +206,7 @@ class AutoencoderModule(MemwatchModule):
             logits_fake = self.discriminator(reconstruction.contiguous().float())[-1]
             generator_adv = self.adversarial_loss(logits_fake, target_is_real=True, for_discriminator=False)
             loss_g = loss_g + self.hparams.adv_weight * generator_adv
-            self.log("train/adv_g", generator_adv)
+            self.log("train/adv_g", generator_adv, batch_size=len(images))
         opt_g.zero_grad()
         self.manual_backward(loss_g)
         opt_g.step()
@@ -223,10 +223,10 @@ class AutoencoderModule(MemwatchModule):
             # Stepped through the strategy, not `opt_d.step()`, so that global_step counts
             # batches rather than optimizer calls (Lightning issue #17958).
             self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None, model=self)
-            self.log("train/adv_d", loss_d)
+            self.log("train/adv_d", loss_d, batch_size=len(images))
 
-        self.log("train/l1", l1, prog_bar=True)
-        self.log("train/regularisation", regularisation)
+        self.log("train/l1", l1, prog_bar=True, batch_size=len(images))
+        self.log("train/regularisation", regularisation, batch_size=len(images))
         return loss_g
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -236,7 +236,8 @@ class AutoencoderModule(MemwatchModule):
             reconstruction = self.autoencoder.decode(z_mu)
         else:
             reconstruction, _ = self.autoencoder(images)
-        self.log("val/l1", F.l1_loss(reconstruction.float(), images.float()), prog_bar=True, sync_dist=True)
+        l1 = F.l1_loss(reconstruction.float(), images.float())
+        self.log("val/l1", l1, prog_bar=True, sync_dist=True, batch_size=len(images))
 
     def configure_optimizers(self):
         opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=self.hparams.lr)

@@ -56,6 +56,18 @@ class MemwatchModule(LightningModule):
         self.image_spatial_size = tuple(size) if size else None
 
     @classmethod
+    def from_hparams(cls: type[ModuleT], hparams: dict[str, Any]) -> ModuleT:
+        """Build a module from saved hyperparameters, which then are exactly its `hparams`."""
+        # LightningCLI adds `_class_path`/`_instantiator` entries; they are not arguments.
+        arguments = {k: v for k, v in hparams.items() if not k.startswith("_")}
+        module = cls(**arguments)
+        # Built inside another module's __init__ under LightningCLI, save_hyperparameters()
+        # records the outer module's config instead of these arguments.
+        module.hparams.clear()
+        module.hparams.update(arguments)
+        return module
+
+    @classmethod
     def from_checkpoint(cls: type[ModuleT], path: str | Path, argument: str, map_location: Any = "cpu") -> ModuleT:
         """Load a checkpoint written by this module class, or raise an `InputError` naming `argument`."""
         path = Path(path)
@@ -74,7 +86,7 @@ class MemwatchModule(LightningModule):
                 f"{argument}={path} is a checkpoint of {written_by or 'an unknown module'}, not of {cls.__name__}: "
                 f"pass a checkpoint written by {cls.train_command}"
             )
-        module = cls(**checkpoint["hyper_parameters"])
+        module = cls.from_hparams(checkpoint["hyper_parameters"])
         module.load_state_dict(checkpoint["state_dict"])
         module.on_load_checkpoint(checkpoint)
         return module.to(map_location)

@@ -1,0 +1,71 @@
+"""memwatch command line: LightningCLI's fit/validate/test/predict for every stage.
+
+    python cli.py fit --config configs/phantom_ae.yaml
+    python cli.py fit --config configs/phantom_ldm.yaml --trainer.devices 2 --trainer.strategy ddp
+    python cli.py fit --config configs/phantom_ae.yaml --print_config
+
+A user's mistake (a missing checkpoint, mismatched sizes, a bad file) ends the run with
+one line on stderr and exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules import MedicalImageDataModule
+from errors import InputError
+from lightning_modules import MemwatchModule
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "memwatch"},
+    },
+}
+
+
+class MemwatchCLI(LightningCLI):
+    """LightningCLI with a `last.ckpt`-saving checkpoint, a rich progress bar and start-up checks."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+
+    def instantiate_trainer(self, **kwargs):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer_config.get("callbacks") or [])
+        wants_bar = trainer_config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        # Fail on mismatched data and model now, before a log directory or config is written.
+        self.datamodule.setup("fit")
+        self.model.check_data(self.datamodule)
+
+
+def main(args: list[str] | None = None) -> None:
+    torch.set_float32_matmul_precision("high")
+    try:
+        MemwatchCLI(
+            MemwatchModule,
+            MedicalImageDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=TRAINER_DEFAULTS,
+            args=args,
+        )
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

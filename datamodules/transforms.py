@@ -1,0 +1,80 @@
+"""The paper's "variation" v: the small changes under which a synthetic image still counts as a copy.
+
+The embedder is trained to map an image and its variation to the same point (they are
+each other's positive pair), and tests build "copies" of training images with it. A
+variation flips each spatial axis (p=0.5), rotates within ±5° per axis (p=0.5), changes
+the contrast slightly and adds a little noise (Dar et al., arXiv 2402.01054, §Methods).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandFlip,
+    RandGaussianNoise,
+    RandRotate,
+    ScaleIntensityRange,
+)
+from monai.utils import convert_to_tensor
+
+from datamodules.base import ROTATION_DEGREES
+from errors import InputError
+
+CONTRAST_GAMMA = (0.85, 1.15)
+NOISE_STD = 0.02
+
+
+def variation_transform(spatial_dims: int) -> Compose:
+    """Random variation of one channel-first image `[C, *spatial]` in `[0, 1]`, clipped back to `[0, 1]`.
+
+    Args:
+        spatial_dims: 2 for `[C, H, W]`, 3 for `[C, H, W, D]`.
+
+    Returns:
+        A MONAI `Compose`; call `set_random_state(seed)` on it for reproducible draws.
+    """
+    if spatial_dims not in (2, 3):
+        raise InputError(f"spatial_dims={spatial_dims} must be 2 or 3")
+    radians = math.radians(ROTATION_DEGREES)
+    ranges = {"range_x": radians} if spatial_dims == 2 else {"range_x": radians, "range_y": radians, "range_z": radians}
+    return Compose(
+        [
+            *(RandFlip(prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)),
+            RandRotate(prob=0.5, padding_mode="zeros", **ranges),
+            RandAdjustContrast(prob=0.5, gamma=CONTRAST_GAMMA),
+            RandGaussianNoise(prob=0.5, std=NOISE_STD),
+            ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+        ]
+    )
+
+
+def vary(images: torch.Tensor, seed: int | None = None, transform: Compose | None = None) -> torch.Tensor:
+    """A random variation of every image of a batch.
+
+    Variation `i` depends only on `(seed, i)`, not on the batch size, so a batch and its
+    halves give the same variations of the same images.
+
+    Args:
+        images: `[B, C, *spatial]`, intensities in `[0, 1]`.
+        seed: seed of the draws; `None` draws one from torch's global generator, so that
+            `lightning.seed_everything` makes training reproducible.
+        transform: a per-image transform; defaults to `variation_transform(spatial_dims)`.
+
+    Returns:
+        `[B, C, *spatial]` with the dtype and device of `images`, in `[0, 1]`, without grad.
+    """
+    if images.ndim not in (4, 5):
+        raise InputError(f"images of shape {list(images.shape)} must be [B, C, H, W] or [B, C, H, W, D]")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+    transform = transform if transform is not None else variation_transform(images.ndim - 2)
+    varied = []
+    for index, image in enumerate(images.detach()):
+        transform.set_random_state(seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+        varied.append(convert_to_tensor(transform(image), track_meta=False))
+    return torch.stack(varied).to(device=images.device, dtype=images.dtype)

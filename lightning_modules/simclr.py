@@ -1,0 +1,187 @@
+"""The self-supervised embedder that copy detection compares images with (SimCLR, NT-Xent).
+
+Chen et al. 2020 (SimCLR) as used by Dar et al., arXiv 2402.01054: the positive pair is
+an image and its variation v(image) (flip, ±5° rotation, slight contrast change); the
+other 2(K−1) views of the batch are the negatives; NT-Xent at temperature 0.07, Adam 1e-4
+with a cosine schedule. 2D: ResNet-50 with a 1-channel stem → 128. 3D: a VQ-GAN-style
+conv encoder to 4×4×4×8, then dense layers → 32 (`encoder="conv"`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from monai.losses import ContrastiveLoss
+from monai.networks.nets import ResNet
+
+from datamodules.transforms import vary
+from errors import InputError
+from lightning_modules.base import MemwatchModule
+from networks.conv_encoder import ConvEmbeddingEncoder
+
+# MONAI's ContrastiveLoss takes exp(cos / temperature) without a log-sum-exp: float32
+# overflows once 1 / temperature exceeds ~88, so smaller temperatures are refused.
+MIN_TEMPERATURE = 0.02
+
+
+def embedding_std(embeddings: torch.Tensor) -> torch.Tensor:
+    """Std over the batch of L2-normalised embeddings `[N, L]`, averaged over the L dimensions.
+
+    The collapse signal: 0 when every image maps to one point, about 1/sqrt(L) when the
+    embeddings spread evenly over the sphere.
+    """
+    return F.normalize(embeddings.float(), dim=1).std(dim=0).mean()
+
+
+def top1_retrieval(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Fraction of queries `[N, L]` whose most cosine-similar row of `references` `[N, L]` is their own."""
+    similarity = F.normalize(queries.float(), dim=1) @ F.normalize(references.float(), dim=1).T
+    return (similarity.argmax(dim=1) == torch.arange(len(queries), device=queries.device)).float().mean()
+
+
+class SimCLRModule(MemwatchModule):
+    """Contrastive embedder: `embed(images [B, C, *spatial]) -> [B, embedding_dim]`.
+
+    Negatives come from the batch on each process only (no gather across ranks), as in
+    the paper's single-GPU training: the batch size sets the number of negatives.
+
+    Args:
+        spatial_dims: 2 or 3; must match the data.
+        in_channels: image channels.
+        embedding_dim: length L of the embedding (the paper: 128 in 2D, 32 in 3D).
+        encoder: `resnet` for MONAI's `ResNet` (the paper's 2D choice), `conv` for
+            `ConvEmbeddingEncoder` (the paper's 3D choice).
+        resnet_block: `basic` or `bottleneck` ResNet blocks (`resnet` only).
+        resnet_layers: blocks in each of the 4 ResNet stages; (3, 4, 6, 3) with
+            bottleneck blocks is ResNet-50 (`resnet` only).
+        channels: the 4 ResNet stage widths (`block_inplanes`), or the conv encoder's
+            channels per downsampling level (multiples of 8), e.g. (32, 64, 128).
+        hidden_dim: width of the conv encoder's hidden dense layer (`conv` only).
+        temperature: NT-Xent temperature, at least 0.02.
+        lr: Adam learning rate, the peak of the cosine schedule.
+        weight_decay: Adam weight decay.
+    """
+
+    train_command = "python cli.py fit --config configs/phantom_simclr.yaml"
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        embedding_dim: int = 128,
+        encoder: Literal["resnet", "conv"] = "resnet",
+        resnet_block: Literal["basic", "bottleneck"] = "bottleneck",
+        resnet_layers: Sequence[int] = (3, 4, 6, 3),
+        channels: Sequence[int] = (64, 128, 256, 512),
+        hidden_dim: int = 256,
+        temperature: float = 0.07,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if spatial_dims not in (2, 3):
+            raise InputError(f"spatial_dims={spatial_dims} must be 2 or 3: set --model.init_args.spatial_dims")
+        for name, value in (("in_channels", in_channels), ("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim)):
+            if value < 1:
+                raise InputError(f"{name}={value} must be at least 1: set --model.init_args.{name}")
+        if not temperature >= MIN_TEMPERATURE:
+            raise InputError(
+                f"temperature={temperature} must be at least {MIN_TEMPERATURE} (NT-Xent overflows float32 below "
+                "about 0.012): set --model.init_args.temperature, e.g. 0.07"
+            )
+        if not lr > 0 or not weight_decay >= 0:
+            raise InputError(f"lr={lr} must be positive and weight_decay={weight_decay} non-negative")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        channels = [int(c) for c in channels]
+        if encoder == "resnet":
+            self.encoder = self._resnet(resnet_block, [int(n) for n in resnet_layers], channels)
+        elif encoder == "conv":
+            self.encoder = ConvEmbeddingEncoder(
+                spatial_dims=spatial_dims,
+                in_channels=in_channels,
+                channels=channels,
+                embedding_dim=embedding_dim,
+                hidden_dim=hidden_dim,
+            )
+        else:
+            raise InputError(f"encoder={encoder!r} must be 'resnet' or 'conv'")
+        self.nt_xent = ContrastiveLoss(temperature=temperature)
+
+    def _resnet(self, block: str, layers: list[int], channels: list[int]) -> ResNet:
+        if block not in ("basic", "bottleneck"):
+            raise InputError(f"resnet_block={block!r} must be 'basic' or 'bottleneck'")
+        if len(layers) != 4 or min(layers) < 1:
+            raise InputError(f"resnet_layers={layers} must be 4 positive block counts, e.g. [3, 4, 6, 3] (ResNet-50)")
+        if len(channels) != 4 or min(channels) < 1:
+            raise InputError(f"channels={channels} must be 4 positive ResNet stage widths, e.g. [64, 128, 256, 512]")
+        return ResNet(
+            block=block,
+            layers=layers,
+            block_inplanes=channels,
+            spatial_dims=self.spatial_dims,
+            n_input_channels=self.in_channels,
+            conv1_t_stride=2,  # MONAI defaults to 1; torchvision's ResNet-50 stem has stride 2
+            num_classes=self.hparams.embedding_dim,
+        )
+
+    # --- the interface the memorization callback and audit use -------------------------
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw (not normalised) embeddings `[B, embedding_dim]` float32 of images `[B, C, *spatial]` in `[0, 1]`.
+
+        Runs in eval mode without grad on the module's device, then restores each
+        submodule's train/eval state.
+        """
+        if images.ndim != self.spatial_dims + 2 or images.shape[1] != self.in_channels:
+            raise InputError(
+                f"images of shape {list(images.shape)} cannot be embedded by a {self.spatial_dims}D embedder "
+                f"with {self.in_channels} channel(s): pass [B, {self.in_channels}, *spatial]"
+            )
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        try:
+            parameter = next(self.encoder.parameters())
+            with torch.no_grad():
+                return self.encoder(images.to(device=parameter.device, dtype=parameter.dtype)).float()
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    # --- training ----------------------------------------------------------------------
+
+    def _embed_pairs(self, images: torch.Tensor, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of the images and of their variations, `[K, L]` each, in one forward pass."""
+        variations = vary(images, seed=seed)
+        embeddings = self.encoder(torch.cat([images, variations])).float()
+        return embeddings[: len(images)], embeddings[len(images) :]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        originals, variations = self._embed_pairs(batch["image"], seed=None)
+        loss = self.nt_xent(originals, variations)
+        batch_size = len(originals)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/embedding_std", embedding_std(torch.cat([originals, variations]).detach()), batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # A fixed seed per batch keeps the validation views, and so val/loss, comparable across epochs.
+        originals, variations = self._embed_pairs(batch["image"], seed=batch_idx)
+        batch_size = len(originals)
+        self.log("val/loss", self.nt_xent(originals, variations), prog_bar=True, sync_dist=True, batch_size=batch_size)
+        self.log("val/top1_retrieval", top1_retrieval(variations, originals), sync_dist=True, batch_size=batch_size)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise InputError(
+                "the cosine learning-rate schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps"
+            )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(steps)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
