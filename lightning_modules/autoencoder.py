@@ -158,6 +158,11 @@ class AutoencoderModule(MemwatchModule):
     def check_data(self, datamodule: LightningDataModule) -> None:
         super().check_data(datamodule)
         size = list(datamodule.spatial_size)
+        if self.discriminator is not None and min(size) < 4 * 2 ** self.hparams.disc_layers:
+            raise InputError(
+                f"data spatial_size={size} is too small for a {self.hparams.disc_layers}-layer patch discriminator "
+                f"(needs at least {4 * 2 ** self.hparams.disc_layers} per axis): lower --model.init_args.disc_layers"
+            )
         if any(s % self.downsample_factor for s in size):
             fixed = [max(self.downsample_factor, round(s / self.downsample_factor) * self.downsample_factor) for s in size]
             raise InputError(
