@@ -50,10 +50,21 @@ class MemwatchCLI(LightningCLI):
         self.model.check_data(self.datamodule)
 
 
-def main(args: list[str] | None = None) -> None:
+def user_mistake(error: BaseException) -> InputError | None:
+    """The `InputError` behind `error`, if any (jsonargparse wraps errors raised while instantiating)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, InputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def main(args: list[str] | None = None) -> MemwatchCLI:
     torch.set_float32_matmul_precision("high")
     try:
-        MemwatchCLI(
+        return MemwatchCLI(
             MemwatchModule,
             MedicalImageDataModule,
             subclass_mode_model=True,
@@ -62,8 +73,11 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults=TRAINER_DEFAULTS,
             args=args,
         )
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:
+        cause = user_mistake(error)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -18,7 +18,7 @@ from monai.losses import PatchAdversarialLoss, PerceptualLoss
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 
 from errors import InputError
-from lightning_modules.base import MemwatchModule
+from lightning_modules.base import MemwatchModule, nearest_multiple
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -158,16 +158,16 @@ class AutoencoderModule(MemwatchModule):
     def check_data(self, datamodule: LightningDataModule) -> None:
         super().check_data(datamodule)
         size = list(datamodule.spatial_size)
+        if any(s % self.downsample_factor for s in size):
+            fixed = [nearest_multiple(s, self.downsample_factor) for s in size]
+            raise InputError(
+                f"data spatial_size={size} is not divisible by {self.downsample_factor}, the autoencoder's "
+                f"downsampling factor: set --data.init_args.spatial_size {fixed}"
+            )
         if self.discriminator is not None and min(size) < 4 * 2 ** self.hparams.disc_layers:
             raise InputError(
                 f"data spatial_size={size} is too small for a {self.hparams.disc_layers}-layer patch discriminator "
                 f"(needs at least {4 * 2 ** self.hparams.disc_layers} per axis): lower --model.init_args.disc_layers"
-            )
-        if any(s % self.downsample_factor for s in size):
-            fixed = [max(self.downsample_factor, round(s / self.downsample_factor) * self.downsample_factor) for s in size]
-            raise InputError(
-                f"data spatial_size={size} is not divisible by {self.downsample_factor}, the autoencoder's "
-                f"downsampling factor: set --data.init_args.spatial_size {fixed}"
             )
 
     # --- the interface the LDM uses ----------------------------------------------------

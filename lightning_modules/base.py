@@ -18,6 +18,11 @@ from errors import InputError
 ModuleT = TypeVar("ModuleT", bound="MemwatchModule")
 
 
+def nearest_multiple(size: int, factor: int) -> int:
+    """The multiple of `factor` nearest to `size` (halves round up), at least `factor`: for error hints."""
+    return max(factor, (size + factor // 2) // factor * factor)
+
+
 class MemwatchModule(LightningModule):
     """Base of the autoencoder, LDM and embedder modules. Subclasses set `self.spatial_dims`."""
 

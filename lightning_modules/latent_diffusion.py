@@ -21,7 +21,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from errors import InputError
 from lightning_modules.autoencoder import AutoencoderModule
-from lightning_modules.base import MemwatchModule
+from lightning_modules.base import MemwatchModule, nearest_multiple
 
 
 def sample_generator(seed: int | Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -131,7 +131,7 @@ class LatentDiffusionModule(MemwatchModule):
         factor = self.autoencoder_downsample * 2 ** (len(self.hparams.channels) - 1)
         size = list(datamodule.spatial_size)
         if any(s % factor for s in size):
-            fixed = [max(factor, round(s / factor) * factor) for s in size]
+            fixed = [nearest_multiple(s, factor) for s in size]
             raise InputError(
                 f"data spatial_size={size} is not divisible by {factor} (autoencoder ×{self.autoencoder_downsample}, "
                 f"UNet ×{factor // self.autoencoder_downsample}): set --data.init_args.spatial_size {fixed}"

@@ -56,8 +56,14 @@ class ConvEmbeddingEncoder(nn.Module):
             raise InputError(
                 f"channels={list(channels)} must be one or more positive multiples of norm_num_groups={norm_num_groups}"
             )
-        for name, value in (("in_channels", in_channels), ("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim),
-                            ("pooled_size", pooled_size), ("code_channels", code_channels)):
+        sizes = {
+            "in_channels": in_channels,
+            "embedding_dim": embedding_dim,
+            "hidden_dim": hidden_dim,
+            "pooled_size": pooled_size,
+            "code_channels": code_channels,
+        }
+        for name, value in sizes.items():
             if value < 1:
                 raise InputError(f"{name}={value} must be at least 1")
         norm = ("group", {"num_groups": norm_num_groups})

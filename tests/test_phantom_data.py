@@ -15,7 +15,7 @@ from errors import InputError
 def test_same_id_same_image_and_different_ids_differ(size):
     first = render_phantom("phantom-0007", size)
     assert first.shape == (1, *size) and first.dtype == np.float32
-    assert 0.0 <= first.min() and first.max() <= 1.0
+    assert first.min() >= 0.0 and first.max() <= 1.0
     np.testing.assert_array_equal(first, render_phantom("phantom-0007", size))
     others = [render_phantom(f"phantom-{i:04d}", size) for i in range(8) if i != 7]
     # Every other patient differs from this one in a visible share of the pixels.

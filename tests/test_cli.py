@@ -1,0 +1,169 @@
+"""The real CLI: every YAML parses and trains a few steps, overrides work, resume continues, bad input is one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cli import main
+from tests.conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+STAGES = ("ae", "simclr", "ldm")
+DATASETS = sorted({p.stem.rsplit("_", 1)[0] for p in CONFIGS if p.stem.rsplit("_", 1)[1] in STAGES})
+# Per dataset: overrides that point a config at test data (real-format fixtures for real datasets).
+DATA_OVERRIDES: dict[str, list[str]] = {
+    "phantom": ["--data.init_args.n_patients", "12"],
+    "phantom3d": ["--data.init_args.n_patients", "12", "--data.init_args.batch_size", "2"],
+}
+
+
+def tiny(save_dir: Path, steps: int = 2) -> list[str]:
+    return [
+        "--trainer.max_steps", str(steps),
+        "--trainer.limit_val_batches", "1",
+        "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(save_dir),
+    ]  # fmt: skip
+
+
+def fit(config: str, save_dir: Path, *extra: str, steps: int = 2):
+    return main(["fit", "--config", str(ROOT / "configs" / config), *tiny(save_dir, steps), *extra])
+
+
+def last_ckpt(cli) -> Path:
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+def test_every_stage_of_every_dataset_has_a_config():
+    names = {p.name for p in CONFIGS}
+    assert {"phantom_ae.yaml", "phantom_simclr.yaml", "phantom_ldm.yaml"} <= names
+    for dataset in DATASETS:
+        assert {f"{dataset}_{stage}.yaml" for stage in STAGES} <= names, dataset
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_print_config(config, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert stop.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("lightning_modules.")
+    assert printed["data"]["class_path"].startswith("datamodules.")
+    assert printed["checkpoint"]["save_last"] is True
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_all_three_stages_train_through_the_cli(dataset, tmp_path):
+    extra = DATA_OVERRIDES.get(dataset, [])
+    ae = fit(f"{dataset}_ae.yaml", tmp_path, *extra)
+    simclr = fit(f"{dataset}_simclr.yaml", tmp_path, *extra)
+    ldm = fit(f"{dataset}_ldm.yaml", tmp_path, *extra, "--model.init_args.autoencoder_ckpt", str(last_ckpt(ae)))
+    for cli, stage in [(ae, "ae"), (simclr, "simclr"), (ldm, "ldm")]:
+        run_dir = Path(cli.trainer.log_dir)
+        assert run_dir.parent.name == f"{dataset}_{stage}"
+        assert list(run_dir.glob("events.out.tfevents.*")), run_dir
+        assert (run_dir / "config.yaml").is_file()
+        checkpoint = torch.load(last_ckpt(cli), map_location="cpu", weights_only=True)
+        assert checkpoint["global_step"] == 2
+        assert checkpoint["memwatch"]["image_spatial_size"] == list(cli.datamodule.spatial_size)
+    samples = ldm.model.sample(2, seed=0, num_inference_steps=2)
+    assert samples.shape == (2, 1, *ldm.datamodule.spatial_size)
+
+
+def test_command_line_overrides_reach_the_model_and_the_saved_config(tmp_path):
+    cli = fit("phantom_ae.yaml", tmp_path, "--model.init_args.lr", "0.0123", "--data.init_args.n_patients", "12")
+    assert cli.model.hparams.lr == 0.0123
+    saved = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["lr"] == 0.0123
+    again = fit("phantom_ae.yaml", tmp_path, "--data.init_args.n_patients", "12")  # a rerun does not abort
+    assert Path(again.trainer.log_dir) != Path(cli.trainer.log_dir)
+
+
+def _logged_steps(run_dir: Path, tag: str) -> list[int]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_resume_from_last_ckpt_continues_the_step_count(tmp_path):
+    first = fit("phantom_ae.yaml", tmp_path, "--data.init_args.n_patients", "12", steps=3)
+    assert _logged_steps(Path(first.trainer.log_dir), "train/l1") == [0, 1, 2]
+    resumed = fit("phantom_ae.yaml", tmp_path, "--data.init_args.n_patients", "12", "--ckpt_path", str(last_ckpt(first)), steps=5)
+    assert resumed.trainer.global_step == 5
+    # Only the two missing steps ran, numbered after the first run's (Lightning logs them as 4, 5).
+    resumed_steps = _logged_steps(Path(resumed.trainer.log_dir), "train/l1")
+    assert len(resumed_steps) == 2 and min(resumed_steps) > 2, resumed_steps
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    ae = fit("phantom_ae.yaml", root, "--data.init_args.n_patients", "12")
+    simclr = fit("phantom_simclr.yaml", root, "--data.init_args.n_patients", "12")
+    return {"ae": last_ckpt(ae), "simclr": last_ckpt(simclr)}
+
+
+def _bad_runs(trained_runs) -> dict[str, tuple[list[str], str]]:
+    ae, ldm = str(ROOT / "configs/phantom_ae.yaml"), str(ROOT / "configs/phantom_ldm.yaml")
+    return {
+        "missing autoencoder_ckpt": (
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", "/nonexistent/last.ckpt"],
+            "autoencoder_ckpt=/nonexistent/last.ckpt does not exist",
+        ),
+        "checkpoint of another module": (
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["simclr"])],
+            "is a checkpoint of SimCLRModule, not of AutoencoderModule",
+        ),
+        "data dims differ from model dims": (
+            ["--config", ae, "--data.init_args.spatial_size", "[32, 32, 32]"],
+            "the data is 3D (spatial_size=[32, 32, 32]) but the model is 2D",
+        ),
+        "size not divisible by downsampling": (
+            ["--config", ae, "--data.init_args.spatial_size", "[33, 33]"],
+            "not divisible by 2, the autoencoder's downsampling factor: set --data.init_args.spatial_size [34, 34]",
+        ),
+        "ldm size not divisible": (
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), "--data.init_args.spatial_size", "[34, 34]"],
+            "not divisible by 4 (autoencoder ×2, UNet ×2)",
+        ),
+        "n_train above the dataset": (
+            ["--config", ae, "--data.init_args.n_train", "999"],
+            "n_train=999 is larger than the 16 training images",
+        ),
+    }  # fmt: skip
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained_runs, tmp_path):
+    runs = tmp_path / "runs"
+    existing = runs / "phantom_ae" / "version_0"
+    existing.mkdir(parents=True)
+    (existing / "keep.txt").write_text("an earlier run")
+    cases = _bad_runs(trained_runs)
+    # All cases at once: each subprocess spends most of its time importing.
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), "fit", *args, "--trainer.logger.init_args.save_dir", str(runs)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name, (args, _) in cases.items()
+    }  # fmt: skip
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=150)
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert process.returncode == 2, (name, stderr[-2000:])
+        assert "Traceback" not in stderr, name
+        assert len(errors) == 1 and cases[name][1] in errors[0], (name, errors)
+    assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*")) == [
+        "phantom_ae", "phantom_ae/version_0", "phantom_ae/version_0/keep.txt",
+    ]  # fmt: skip
+    assert (existing / "keep.txt").read_text() == "an earlier run"
