@@ -152,13 +152,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained_runs, tmp_path)
     # All cases at once: each subprocess spends most of its time importing.
     processes = {
         name: subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), "fit", *args, "--trainer.logger.init_args.save_dir", str(runs)],
+            [sys.executable, str(ROOT / "cli.py"), "fit", *args, "--trainer.max_steps", "1",
+             "--trainer.logger.init_args.save_dir", str(runs)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for name, (args, _) in cases.items()
     }  # fmt: skip
+    try:
+        outputs = {name: process.communicate(timeout=150)[1] for name, process in processes.items()}
+    finally:
+        for process in processes.values():
+            process.kill()  # no-op for those that ended; a hung one must not outlive the test
     for name, process in processes.items():
-        _, stderr = process.communicate(timeout=150)
+        stderr = outputs[name]
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert process.returncode == 2, (name, stderr[-2000:])
         assert "Traceback" not in stderr, name
