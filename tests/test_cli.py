@@ -12,7 +12,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 STAGES = ("ae", "simclr", "ldm")
@@ -173,3 +173,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained_runs, tmp_path)
         "phantom_ae", "phantom_ae/version_0", "phantom_ae/version_0/keep.txt",
     ]  # fmt: skip
     assert (existing / "keep.txt").read_text() == "an earlier run"
+
+
+def test_ldm_trains_as_two_cpu_processes(trained_runs, tmp_path):
+    result = run_cli(
+        "fit", "--config", str(ROOT / "configs/phantom_ldm.yaml"),
+        "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]),
+        *tiny(tmp_path), "--data.init_args.n_patients", "20", "--data.init_args.batch_size", "2",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stdout + result.stderr
+    (checkpoint_path,) = tmp_path.glob("phantom_ldm/version_0/checkpoints/last.ckpt")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    assert float(checkpoint["state_dict"]["scale_factor"]) > 0
