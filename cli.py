@@ -11,6 +11,7 @@ one line on stderr and exit status 2, before anything is written.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -44,10 +45,20 @@ class MemwatchCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, RichProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
+    def _load_checkpoints_safely(self) -> None:
+        # memwatch checkpoints hold tensors and plain values only: load --ckpt_path without
+        # unpickling arbitrary objects unless the user asks (--weights_only false).
+        config = self.config_init[self.subcommand]
+        if config.get("weights_only") is None:
+            config["weights_only"] = True
+
     def before_fit(self) -> None:
+        self._load_checkpoints_safely()
         # Fail on mismatched data and model now, before a log directory or config is written.
         self.datamodule.setup("fit")
         self.model.check_data(self.datamodule)
+
+    before_validate = before_test = before_predict = _load_checkpoints_safely
 
 
 def user_mistake(error: BaseException) -> InputError | None:
@@ -63,6 +74,9 @@ def user_mistake(error: BaseException) -> InputError | None:
 
 def main(args: list[str] | None = None) -> MemwatchCLI:
     torch.set_float32_matmul_precision("high")
+    # Harmless and expected here: the LDM's frozen autoencoder is in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     try:
         return MemwatchCLI(
             MemwatchModule,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -74,7 +74,8 @@ class PhantomDataModule(MedicalImageDataModule):
     Args:
         n_patients: number of patients; `val_fraction` of them are held out.
         n_structures: inner structures per patient.
-        spatial_size, batch_size, ...: see `MedicalImageDataModule`.
+        cache: phantoms are rendered once and kept in memory by default.
+        spatial_size, batch_size, n_train, augment, ...: see `MedicalImageDataModule`.
     """
 
     def __init__(
@@ -82,28 +83,10 @@ class PhantomDataModule(MedicalImageDataModule):
         spatial_size: Sequence[int] = (32, 32),
         n_patients: int = 80,
         n_structures: int = 5,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        n_train: int | None = None,
-        val_fraction: float = 0.2,
-        split_seed: int = 0,
-        split_file: str | None = None,
-        augment: bool = False,
-        cache: str = "memory",
-        cache_dir: str = "runs/cache",
+        cache: Literal["none", "memory", "disk"] = "memory",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            spatial_size=spatial_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            n_train=n_train,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            split_file=split_file,
-            augment=augment,
-            cache=cache,
-            cache_dir=cache_dir,
-        )
+        super().__init__(spatial_size=spatial_size, cache=cache, **kwargs)
         if n_patients < 2:
             raise InputError(f"n_patients={n_patients} must be at least 2 (one for training, one for validation)")
         self.n_patients = n_patients
