@@ -57,6 +57,9 @@ class MemwatchCLI(LightningCLI):
         # Fail on mismatched data and model now, before a log directory or config is written.
         self.datamodule.setup("fit")
         self.model.check_data(self.datamodule)
+        for callback in self.trainer.callbacks:
+            if hasattr(callback, "check_data"):
+                callback.check_data(self.datamodule)
 
     before_validate = before_test = before_predict = _load_checkpoints_safely
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny phantom data, a trained tiny autoencoder, and the real CLI."""
+"""Shared fixtures: tiny phantom data, a folder of phantom PNGs, a trained tiny autoencoder, and the real CLI."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
+from PIL import Image
 
 from datamodules import PhantomDataModule
+from datamodules.phantom import render_phantom
 from lightning_modules import AutoencoderModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +49,18 @@ def autoencoder_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("autoencoder") / "ae.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def folder_dataset(tmp_path_factory) -> Path:
+    """`ROOT/train` (6) and `ROOT/val` (4): 64×64 8-bit PNGs of phantom patients, for `FolderDataModule`."""
+    root = tmp_path_factory.mktemp("folder_dataset")
+    for split, indices in [("train", range(6)), ("val", range(6, 10))]:
+        (root / split).mkdir()
+        for i in indices:
+            pixels = render_phantom(f"phantom-{i:04d}", (64, 64))[0]
+            Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(root / split / f"patient_{i:02d}.png")
+    return root
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,14 @@ from tests.conftest import ROOT, run_cli
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 STAGES = ("ae", "simclr", "ldm")
 DATASETS = sorted({p.stem.rsplit("_", 1)[0] for p in CONFIGS if p.stem.rsplit("_", 1)[1] in STAGES})
-# Per dataset: overrides that point a config at test data (real-format fixtures for real datasets).
-DATA_OVERRIDES: dict[str, list[str]] = {
+# Per dataset: overrides that point a config at test data (real-format fixtures for real datasets);
+# a callable gets the folder of its dataset's fixture, named in DATA_FIXTURES.
+DATA_OVERRIDES: dict[str, list[str] | Callable[[Path], list[str]]] = {
     "phantom": ["--data.init_args.n_patients", "12"],
     "phantom3d": ["--data.init_args.n_patients", "12", "--data.init_args.batch_size", "2"],
+    "folder": lambda root: ["--data.init_args.train_dir", str(root / "train"), "--data.init_args.val_dir", str(root / "val")],
 }
+DATA_FIXTURES = {"folder": "folder_dataset"}
 
 
 def tiny(save_dir: Path, steps: int = 2) -> list[str]:
@@ -63,8 +67,10 @@ def test_print_config(config, capsys):
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
-def test_all_three_stages_train_through_the_cli(dataset, tmp_path):
+def test_all_three_stages_train_through_the_cli(dataset, tmp_path, request):
     extra = DATA_OVERRIDES.get(dataset, [])
+    if callable(extra):
+        extra = extra(request.getfixturevalue(DATA_FIXTURES[dataset]))
     ae = fit(f"{dataset}_ae.yaml", tmp_path, *extra)
     simclr = fit(f"{dataset}_simclr.yaml", tmp_path, *extra)
     ldm = fit(f"{dataset}_ldm.yaml", tmp_path, *extra, "--model.init_args.autoencoder_ckpt", str(last_ckpt(ae)))
