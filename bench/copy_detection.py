@@ -208,8 +208,11 @@ def main(opts: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in opts.sizes:
             entry: dict = {"n_train": n, "n_val": n, "n_syn": n}
-            entry["ours"] = best_of([measure("ours", n, opts, f"{tmp}/ours.npz") for _ in range(opts.repeat)])
-            entry["bare_matmuls"] = best_of([measure("matmul", n, opts) for _ in range(opts.repeat)])
+            ours_runs, matmul_runs = [], []
+            for _ in range(opts.repeat):  # interleaved, so that a busy spell on the machine hits both
+                ours_runs.append(measure("ours", n, opts, f"{tmp}/ours.npz"))
+                matmul_runs.append(measure("matmul", n, opts))
+            entry["ours"], entry["bare_matmuls"] = best_of(ours_runs), best_of(matmul_runs)
             if "error" not in entry["ours"] and "error" not in entry["bare_matmuls"]:
                 entry["time_ratio_ours_over_matmuls"] = (
                     entry["ours"]["seconds"] / entry["bare_matmuls"]["seconds"]

@@ -44,6 +44,17 @@ def fit(config: str, save_dir: Path, *extra: str, steps: int = 2):
     return main(["fit", "--config", str(ROOT / "configs" / config), *tiny(save_dir, steps), *extra])
 
 
+def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
+    """Point a config's MemorizationCallback (the last callback, if any) at `embedder_ckpt`, few steps."""
+    callbacks = yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"].get("callbacks") or []
+    if not callbacks or callbacks[-1]["class_path"] != "callbacks.MemorizationCallback":
+        return []
+    return [
+        "--trainer.callbacks.init_args.embedder_ckpt", str(embedder_ckpt),
+        "--trainer.callbacks.init_args.num_inference_steps", "2",
+    ]  # fmt: skip
+
+
 def last_ckpt(cli) -> Path:
     return Path(cli.trainer.checkpoint_callback.last_model_path)
 
@@ -73,7 +84,10 @@ def test_all_three_stages_train_through_the_cli(dataset, tmp_path, request):
         extra = extra(request.getfixturevalue(DATA_FIXTURES[dataset]))
     ae = fit(f"{dataset}_ae.yaml", tmp_path, *extra)
     simclr = fit(f"{dataset}_simclr.yaml", tmp_path, *extra)
-    ldm = fit(f"{dataset}_ldm.yaml", tmp_path, *extra, "--model.init_args.autoencoder_ckpt", str(last_ckpt(ae)))
+    ldm = fit(
+        f"{dataset}_ldm.yaml", tmp_path, *extra, "--model.init_args.autoencoder_ckpt", str(last_ckpt(ae)),
+        *embedder_overrides(f"{dataset}_ldm.yaml", last_ckpt(simclr)),
+    )  # fmt: skip
     for cli, stage in [(ae, "ae"), (simclr, "simclr"), (ldm, "ldm")]:
         run_dir = Path(cli.trainer.log_dir)
         assert run_dir.parent.name == f"{dataset}_{stage}"
@@ -121,13 +135,14 @@ def trained_runs(tmp_path_factory):
 
 def _bad_runs(trained_runs) -> dict[str, tuple[list[str], str]]:
     ae, ldm = str(ROOT / "configs/phantom_ae.yaml"), str(ROOT / "configs/phantom_ldm.yaml")
+    embedder = embedder_overrides("phantom_ldm.yaml", trained_runs["simclr"])
     return {
         "missing autoencoder_ckpt": (
-            ["--config", ldm, "--model.init_args.autoencoder_ckpt", "/nonexistent/last.ckpt"],
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", "/nonexistent/last.ckpt", *embedder],
             "autoencoder_ckpt=/nonexistent/last.ckpt does not exist",
         ),
         "checkpoint of another module": (
-            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["simclr"])],
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["simclr"]), *embedder],
             "is a checkpoint of SimCLRModule, not of AutoencoderModule",
         ),
         "data dims differ from model dims": (
@@ -139,8 +154,19 @@ def _bad_runs(trained_runs) -> dict[str, tuple[list[str], str]]:
             "not divisible by 2, the autoencoder's downsampling factor: set --data.init_args.spatial_size [34, 34]",
         ),
         "ldm size not divisible": (
-            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), "--data.init_args.spatial_size", "[34, 34]"],
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder,
+             "--data.init_args.spatial_size", "[34, 34]"],
             "not divisible by 4 (autoencoder ×2, UNet ×2)",
+        ),
+        "missing embedder_ckpt": (
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]),
+             "--trainer.callbacks.init_args.embedder_ckpt", "/nonexistent/embedder.ckpt"],
+            "embedder_ckpt=/nonexistent/embedder.ckpt does not exist",
+        ),
+        "embedder of another image size": (
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder,
+             "--data.init_args.spatial_size", "[64, 64]"],
+            "the embedder was trained on images of spatial_size=[32, 32] but the data has [64, 64]",
         ),
         "n_train above the dataset": (
             ["--config", ae, "--data.init_args.n_train", "999"],
@@ -185,6 +211,7 @@ def test_ldm_trains_as_two_cpu_processes(trained_runs, tmp_path):
     result = run_cli(
         "fit", "--config", str(ROOT / "configs/phantom_ldm.yaml"),
         "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]),
+        *embedder_overrides("phantom_ldm.yaml", trained_runs["simclr"]),
         *tiny(tmp_path), "--data.init_args.n_patients", "20", "--data.init_args.batch_size", "2",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
     )  # fmt: skip
