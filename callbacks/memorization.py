@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Subset
@@ -114,6 +115,13 @@ class MemorizationCallback(Callback):
             raise InputError(f"MemorizationCallback needs a model with sample(); {type(pl_module).__name__} has none")
         if trainer.datamodule is not None:
             self.check_data(trainer.datamodule)
+        position = next(i for i, callback in enumerate(trainer.callbacks) if callback is self)
+        for callback in trainer.callbacks[:position]:
+            if isinstance(callback, EarlyStopping) and callback.monitor.startswith("memorization/"):
+                raise InputError(
+                    f"EarlyStopping(monitor={callback.monitor}) comes before MemorizationCallback in "
+                    "trainer.callbacks and would read last epoch's value: list it after the callback"
+                )
 
     # --- reference embeddings, once per fit --------------------------------------------
 

@@ -6,6 +6,7 @@ then a grid of generated samples beside real training images, saved as a PNG.
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
+from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,12 +53,32 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 4
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
 
 
+def print_history(path: Path) -> None:
+    """The memorization checks of the LDM run as a table."""
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    table = Table(title="Memorization during LDM training (N_train = N_syn)")
+    for column in ("step", "N_mem", "frac_mem", "N_copies", "frac_copies", "τ"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row["step"], row["n_mem"], f"{float(row['frac_mem']):.1%}", row["n_copies"],
+            f"{float(row['frac_copies']):.1%}", f"{float(row['tau']):.3f}",
+        )  # fmt: skip
+    console.print(table)
+
+
 def main() -> None:
     version = datetime.now().strftime("demo-%Y%m%d-%H%M%S")
     started = time.perf_counter()
     autoencoder = fit("phantom_ae", version)
-    fit("phantom_simclr", version)
-    ldm_ckpt = fit("phantom_ldm", version, "--model.init_args.autoencoder_ckpt", str(autoencoder))
+    embedder = fit("phantom_simclr", version)
+    ldm_ckpt = fit(
+        "phantom_ldm", version,
+        "--model.init_args.autoencoder_ckpt", str(autoencoder),
+        "--trainer.callbacks.init_args.embedder_ckpt", str(embedder),
+    )  # fmt: skip
+    print_history(ROOT / "runs" / "phantom_ldm" / version / "memorization_history.csv")
 
     console.rule("[bold]samples")
     ldm = LatentDiffusionModule.from_checkpoint(ldm_ckpt, "ldm_ckpt")

@@ -171,3 +171,11 @@ def test_one_and_two_processes_report_the_same_counts(embedder_ckpt, tmp_path):
     keys = ("check", "epoch", "n_mem", "n_copies", "tau")
     assert [[r[k] for k in keys] for r in runs[1]] == [[r[k] for k in keys] for r in runs[2]]
     assert int(runs[1][0]["n_mem"]) > 0
+
+
+def test_early_stopping_listed_before_the_callback_is_refused(embedder_ckpt):
+    callback = MemorizationCallback(str(embedder_ckpt), num_inference_steps=1)
+    stopper = L.pytorch.callbacks.EarlyStopping(monitor="memorization/frac_mem", mode="min")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[stopper, callback])
+    with pytest.raises(InputError, match="list it after the callback"):
+        trainer.fit(ScriptedGenerator(), phantoms())
