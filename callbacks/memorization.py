@@ -61,8 +61,6 @@ class MemorizationCallback(Callback):
         sample_batch_size: images per sampling forward pass.
         percentile: τ is this percentile of the training→validation nearest-neighbour correlations.
         seed: sample `i` of check `k` is seeded by `(seed, k, i)`.
-        log_images: log training/copy image pairs (patient pixels: off by default).
-        output_dir: also write the audit files of each check below this folder.
     """
 
     def __init__(
@@ -74,8 +72,6 @@ class MemorizationCallback(Callback):
         sample_batch_size: int = 16,
         percentile: float = 95.0,
         seed: int = 0,
-        log_images: bool = False,
-        output_dir: str | None = None,
     ) -> None:
         super().__init__()
         if every_n_epochs < 1:
@@ -91,8 +87,6 @@ class MemorizationCallback(Callback):
         self.sample_batch_size = sample_batch_size
         self.percentile = percentile
         self.seed = seed
-        self.log_images = log_images
-        self.output_dir = output_dir
         self.history: list[dict[str, Any]] = []
         self._train: torch.Tensor | None = None
         self._val: torch.Tensor | None = None
