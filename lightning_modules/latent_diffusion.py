@@ -172,7 +172,7 @@ class LatentDiffusionModule(MemwatchModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if self.scale_factor.item() == 0.0:
+        if not self._scale_known and self.scale_factor.item() == 0.0:
             return  # sanity check before the first training batch: no scale yet
         generator = torch.Generator().manual_seed(batch_idx)  # same noise every epoch: comparable curves
         loss = self._diffusion_loss(self._latents(batch["image"]), generator=generator)
