@@ -10,6 +10,7 @@ one line on stderr and exit status 2, before anything is written.
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 
@@ -64,14 +65,27 @@ class MemwatchCLI(LightningCLI):
     before_validate = before_test = before_predict = _load_checkpoints_safely
 
 
+WORKER_INPUT_ERROR = re.compile(r"^errors\.InputError: (.+)$", re.MULTILINE)
+
+
 def user_mistake(error: BaseException) -> InputError | None:
-    """The `InputError` behind `error`, if any (jsonargparse wraps errors raised while instantiating)."""
+    """The `InputError` behind `error`, if any.
+
+    jsonargparse wraps errors raised while instantiating; a DataLoader worker re-raises a
+    transform's error as text inside another exception's message.
+    """
     seen = set()
+    chain = []
     while error is not None and id(error) not in seen:
         if isinstance(error, InputError):
             return error
         seen.add(id(error))
+        chain.append(error)
         error = error.__cause__ or error.__context__
+    for wrapped in chain:
+        found = WORKER_INPUT_ERROR.findall(str(wrapped))
+        if found:
+            return InputError(found[-1])
     return None
 
 

@@ -221,3 +221,24 @@ def test_ldm_trains_as_two_cpu_processes(trained_runs, tmp_path):
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2
     assert float(checkpoint["state_dict"]["scale_factor"]) > 0
+
+
+def test_an_input_error_raised_in_a_dataloader_worker_is_still_a_user_mistake():
+    from cli import user_mistake
+    from errors import InputError
+
+    worker_text = (
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "datamodules/folder.py", line 1, in check\n'
+        "errors.InputError: image scan_7 (/data/train/scan_7.npy) has NaN pixels: fix or remove the file\n"
+    )
+    try:
+        try:
+            raise InputError("inner")
+        except InputError as inner:
+            raise RuntimeError("applying transform <Compose>") from inner  # what MONAI's Compose does
+    except RuntimeError as transform_error:
+        assert str(user_mistake(transform_error)) == "inner"
+    found = user_mistake(RuntimeError(worker_text))
+    assert isinstance(found, InputError) and str(found).startswith("image scan_7 (/data/train/scan_7.npy) has NaN")
+    assert user_mistake(ValueError("a bug, not a user mistake")) is None
