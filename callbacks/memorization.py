@@ -124,7 +124,6 @@ class MemorizationCallback(Callback):
         datamodule = trainer.datamodule
         self._train = self._embed_split(pl_module, datamodule.reference_dataloader("train"))
         self._val = self._embed_split(pl_module, datamodule.reference_dataloader("val"))
-        self._train_ids = list(datamodule.train_ids)
         self.reference_embeddings_computed += 1
 
     def _embed_split(self, pl_module: LightningModule, loader: DataLoader) -> torch.Tensor:

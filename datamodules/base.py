@@ -17,7 +17,6 @@ A subclass says which images exist (`list_records`) and how one becomes a tensor
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -26,19 +25,10 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-from monai.transforms import Compose, EnsureTyped, RandFlipd, RandRotated, SelectItemsd
+from monai.transforms import Compose, EnsureTyped, SelectItemsd
 
+from datamodules.transforms import augmentation_transforms
 from errors import InputError
-
-ROTATION_DEGREES = 5.0  # the paper's augmentation: ±5° per axis
-
-
-def augmentation_transforms(spatial_dims: int, keys: str = "image") -> list[Callable]:
-    """The paper's mitigation: flip (p=0.5) and rotate within ±5° (p=0.5) in every spatial axis."""
-    radians = math.radians(ROTATION_DEGREES)
-    flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
-    ranges = {"range_x": radians} if spatial_dims == 2 else {"range_x": radians, "range_y": radians, "range_z": radians}
-    return [*flips, RandRotated(keys=keys, prob=0.5, padding_mode="zeros", **ranges)]
 
 
 class MedicalImageDataModule(LightningDataModule):

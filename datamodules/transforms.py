@@ -16,17 +16,31 @@ from monai.transforms import (
     Compose,
     RandAdjustContrast,
     RandFlip,
+    RandFlipd,
     RandGaussianNoise,
     RandRotate,
+    RandRotated,
     ScaleIntensityRange,
 )
 from monai.utils import convert_to_tensor
 
-from datamodules.base import ROTATION_DEGREES
 from errors import InputError
 
+ROTATION_DEGREES = 5.0  # the paper's augmentation and variation: ±5° per axis
 CONTRAST_GAMMA = (0.85, 1.15)
 NOISE_STD = 0.02
+
+
+def rotation_ranges(spatial_dims: int) -> dict[str, float]:
+    """MONAI `RandRotate` ranges for ±`ROTATION_DEGREES` about every axis of a 2D or 3D image."""
+    radians = math.radians(ROTATION_DEGREES)
+    return {"range_x": radians} if spatial_dims == 2 else {"range_x": radians, "range_y": radians, "range_z": radians}
+
+
+def augmentation_transforms(spatial_dims: int, keys: str = "image") -> list:
+    """The paper's mitigation: flip (p=0.5) and rotate within ±5° (p=0.5) in every spatial axis."""
+    flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
+    return [*flips, RandRotated(keys=keys, prob=0.5, padding_mode="zeros", **rotation_ranges(spatial_dims))]
 
 
 def variation_transform(spatial_dims: int) -> Compose:
@@ -40,12 +54,10 @@ def variation_transform(spatial_dims: int) -> Compose:
     """
     if spatial_dims not in (2, 3):
         raise InputError(f"spatial_dims={spatial_dims} must be 2 or 3")
-    radians = math.radians(ROTATION_DEGREES)
-    ranges = {"range_x": radians} if spatial_dims == 2 else {"range_x": radians, "range_y": radians, "range_z": radians}
     return Compose(
         [
             *(RandFlip(prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)),
-            RandRotate(prob=0.5, padding_mode="zeros", **ranges),
+            RandRotate(prob=0.5, padding_mode="zeros", **rotation_ranges(spatial_dims)),
             RandAdjustContrast(prob=0.5, gamma=CONTRAST_GAMMA),
             RandGaussianNoise(prob=0.5, std=NOISE_STD),
             ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
