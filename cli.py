@@ -3,6 +3,7 @@
     python cli.py fit --config configs/phantom_ae.yaml
     python cli.py fit --config configs/phantom_ldm.yaml --trainer.devices 2 --trainer.strategy ddp
     python cli.py fit --config configs/phantom_ae.yaml --print_config
+    python cli.py audit --embedder EMB.ckpt --train DIR --val DIR --synthetic DIR --out OUT   (see audit.py)
 
 A user's mistake (a missing checkpoint, mismatched sizes, a bad file) ends the run with
 one line on stderr and exit status 2, before anything is written.
@@ -89,12 +90,50 @@ def user_mistake(error: BaseException) -> InputError | None:
     return None
 
 
-def main(args: list[str] | None = None) -> MemwatchCLI:
+def print_audit(summary: dict) -> None:
+    """The audit's verdict as a rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"audit: {summary['out']}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    n_train, n_syn = summary["n_train"], summary["n_syn"]
+    table.add_row(
+        "training samples memorized (N_mem)", f"{summary['n_mem']} / {n_train} ({summary['frac_mem']:.1%})"
+    )
+    table.add_row(
+        "synthetic samples that are copies", f"{summary['n_copies']} / {n_syn} ({summary['frac_copies']:.1%})"
+    )
+    table.add_row(f"τ ({summary['percentile']:g}th percentile)", f"{summary['tau']:.4f}")
+    for key, label in [
+        ("fd", "Fréchet distance (embeddings, vs validation)"),
+        ("ms_ssim", "MS-SSIM between samples"),
+    ]:
+        if summary.get(key) is not None:
+            table.add_row(label, f"{summary[key]:.4f}")
+    if "release" in summary:
+        release = summary["release"]
+        table.add_row(
+            f"released to {release['dir']}", f"{release['n_released']} (withheld {release['n_withheld']})"
+        )
+    Console().print(table)
+
+
+def main(args: list[str] | None = None) -> MemwatchCLI | dict:
+    """Run the CLI on `args` (default `sys.argv[1:]`): the LightningCLI, or the audit's summary for `audit`."""
+    argv = sys.argv[1:] if args is None else list(args)
     torch.set_float32_matmul_precision("high")
     # Harmless and expected here: the LDM's frozen autoencoder is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     try:
+        if argv[:1] == ["audit"]:
+            from audit import run_audit
+
+            summary = run_audit(argv[1:])
+            print_audit(summary)
+            return summary
         return MemwatchCLI(
             MemwatchModule,
             MedicalImageDataModule,
@@ -102,7 +141,7 @@ def main(args: list[str] | None = None) -> MemwatchCLI:
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
-            args=args,
+            args=argv,
         )
     except Exception as error:
         cause = user_mistake(error)

@@ -22,9 +22,26 @@ from torch.utils.data import DataLoader, Subset
 
 from errors import InputError
 from lightning_modules.simclr import SimCLRModule
-from memorization import detect_copies
+from memorization import detect_copies, frechet_distance, ms_ssim_diversity
+from memorization.report import copy_order, staged_output, viewable, write_report
 
-SCALAR_KEYS = ("n_mem", "n_copies", "frac_mem", "frac_copies", "tau")
+SCALAR_KEYS = ("n_mem", "n_copies", "frac_mem", "frac_copies", "tau", "fd", "ms_ssim")
+MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
+# One TensorBoard page (the CUSTOM SCALARS tab) with memorization next to the quality metrics
+# that do not see it (the paper's over-training finding) and the loss.
+TENSORBOARD_LAYOUT = {
+    "memwatch": {
+        "memorized training samples (N_mem) and copies (N_copies)": [
+            "Multiline",
+            ["memorization/n_mem", "memorization/n_copies"],
+        ],
+        "fraction memorized and fraction of copies": ["Multiline", ["memorization/frac_mem", "memorization/frac_copies"]],
+        "Fréchet distance in embedder space (synthetic vs validation)": ["Multiline", ["memorization/fd"]],
+        "MS-SSIM between synthetic samples (lower: more diverse)": ["Multiline", ["memorization/ms_ssim"]],
+        "threshold τ": ["Multiline", ["memorization/tau"]],
+        "loss": ["Multiline", ["train/loss", "val/loss"]],
+    }
+}
 
 
 def shard(n: int, rank: int, world_size: int) -> range:
@@ -32,6 +49,12 @@ def shard(n: int, rank: int, world_size: int) -> range:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
+
+
+def paired_shard(n: int, rank: int, world_size: int) -> range:
+    """Like `shard`, but every block starts at an even index, so pairs `(2k, 2k + 1)` are never split."""
+    pairs = shard((n + 1) // 2, rank, world_size)
+    return range(min(2 * pairs.start, n), min(2 * pairs.stop, n))
 
 
 def gather_rows(pl_module: LightningModule, local: torch.Tensor) -> torch.Tensor:
@@ -61,6 +84,16 @@ class MemorizationCallback(Callback):
         sample_batch_size: images per sampling forward pass.
         percentile: τ is this percentile of the training→validation nearest-neighbour correlations.
         seed: sample `i` of check `k` is seeded by `(seed, k, i)`.
+        log_images: also log the most similar copy pairs (training image | synthetic copy) to
+            TensorBoard, and put `copies.png` in `output_dir`. Off by default: patient pixels
+            leave the dataset only when asked.
+        output_dir: write the audit files (`summary.json`, `pairs.csv`, `train_nn.csv`,
+            `histogram.png`, with `log_images` also `copies.png`) of every check to
+            `output_dir/check_NNN/`.
+
+    Besides the counts it logs two quality metrics that, in the paper, do not reveal
+    memorization: `memorization/fd`, the Fréchet distance between synthetic and validation
+    embeddings, and `memorization/ms_ssim`, the mean MS-SSIM of sample pairs `(2k, 2k + 1)`.
     """
 
     def __init__(
@@ -72,6 +105,8 @@ class MemorizationCallback(Callback):
         sample_batch_size: int = 16,
         percentile: float = 95.0,
         seed: int = 0,
+        log_images: bool = False,
+        output_dir: str | None = None,
     ) -> None:
         super().__init__()
         if every_n_epochs < 1:
@@ -87,6 +122,8 @@ class MemorizationCallback(Callback):
         self.sample_batch_size = sample_batch_size
         self.percentile = percentile
         self.seed = seed
+        self.log_images = log_images
+        self.output_dir = Path(output_dir) if output_dir else None
         self.history: list[dict[str, Any]] = []
         self._train: torch.Tensor | None = None
         self._val: torch.Tensor | None = None
@@ -125,6 +162,10 @@ class MemorizationCallback(Callback):
         self._train = self._embed_split(pl_module, datamodule.reference_dataloader("train"))
         self._val = self._embed_split(pl_module, datamodule.reference_dataloader("val"))
         self.reference_embeddings_computed += 1
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
 
     def _embed_split(self, pl_module: LightningModule, loader: DataLoader) -> torch.Tensor:
         mine = shard(len(loader.dataset), pl_module.global_rank, pl_module.trainer.world_size)
@@ -162,12 +203,17 @@ class MemorizationCallback(Callback):
         # Keeps the monitored keys in callback_metrics (what EarlyStopping reads) every epoch;
         # the loggers get a point per check only (`_check`).
         if self.history:
-            for key in SCALAR_KEYS:
-                pl_module.log(f"memorization/{key}", float(self.history[-1][key]), logger=False, sync_dist=False)
+            for key, value in self._scalars(self.history[-1]).items():
+                pl_module.log(key, value, logger=False, sync_dist=False)
+
+    @staticmethod
+    def _scalars(row: dict[str, Any]) -> dict[str, float]:
+        # fd and ms_ssim are None when there are too few samples to compute them.
+        return {f"memorization/{key}": float(row[key]) for key in SCALAR_KEYS if row.get(key) is not None}
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n_samples = self.n_samples or len(self._train)
-        mine = shard(n_samples, pl_module.global_rank, trainer.world_size)
+        mine = paired_shard(n_samples, pl_module.global_rank, trainer.world_size)
         generator = self._generator(trainer, pl_module)
         check_index = len(self.history)
         local_samples = generator.sample(
@@ -176,19 +222,51 @@ class MemorizationCallback(Callback):
             num_inference_steps=self.num_inference_steps,
             sample_batch_size=self.sample_batch_size,
             start_index=mine.start,
-        )
-        local = self.embedder.embed(local_samples.to(pl_module.device)) if len(mine) else self._train.new_zeros((0, self._train.shape[1]))
+        ).to(pl_module.device)
+        if len(mine):
+            local = self.embedder.embed(local_samples)
+        else:
+            local = self._train.new_zeros((0, self._train.shape[1]))
         synthetic = gather_rows(pl_module, local)
+        paired = len(local_samples) - len(local_samples) % 2
+        pair_scores = gather_rows(pl_module, ms_ssim_diversity(local_samples[0:paired:2], local_samples[1:paired:2]))
         report = detect_copies(self._train, self._val, synthetic, percentile=self.percentile)
-        row = {"check": check_index, "epoch": trainer.current_epoch, "step": trainer.global_step, **report.scalars()}
+        row = {
+            "check": check_index,
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            **report.scalars(),
+            "fd": frechet_distance(synthetic, self._val) if min(len(synthetic), len(self._val)) >= 2 else None,
+            "ms_ssim": float(pair_scores.double().mean()) if len(pair_scores) else None,
+        }
         self.history.append(row)
         for logger in trainer.loggers:
-            logger.log_metrics({f"memorization/{key}": float(row[key]) for key in SCALAR_KEYS}, step=trainer.global_step)
+            logger.log_metrics(self._scalars(row), step=trainer.global_step)
+        shown = copy_order(report)[:MAX_PAIRS] if self.log_images else []
+        copies = self._gather_samples(pl_module, local_samples, mine, shown) if self.log_images else {}
         # trainer.log_dir is a broadcast: every rank must ask. Without a logger, no files.
         log_dir = Path(trainer.log_dir) if trainer.loggers else None
-        if trainer.is_global_zero and log_dir is not None:
+        if not trainer.is_global_zero:
+            return
+        if log_dir is not None:
             self._write_history(log_dir)
             self._log_histograms(trainer, report)
+        if self.log_images:
+            self._log_copy_pairs(trainer, report, shown, copies)
+        if self.output_dir is not None:
+            self._write_report(trainer, report, row, n_samples, copies)
+
+    def _gather_samples(
+        self, pl_module: LightningModule, local_samples: torch.Tensor, mine: range, indices: list[int]
+    ) -> dict[int, torch.Tensor]:
+        """Synthetic images `indices` (global), from whichever rank drew them, on every rank."""
+        held = [i for i in sorted(indices) if i in mine]
+        local = local_samples[[i - mine.start for i in held]] if held else local_samples[:0]
+        gathered = gather_rows(pl_module, local.contiguous())
+        return dict(zip(sorted(indices), gathered.cpu(), strict=True))
+
+    def _training_image(self, trainer: Trainer, index: int) -> torch.Tensor:
+        return trainer.datamodule.reference_dataloader("train").dataset[index]["image"]
 
     # --- outputs -----------------------------------------------------------------------
 
@@ -197,6 +275,38 @@ class MemorizationCallback(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_histogram("memorization/rho_nn_val", report.nn_val_corr.cpu(), trainer.global_step)
                 logger.experiment.add_histogram("memorization/rho_nn_syn", report.nn_syn_corr.cpu(), trainer.global_step)
+
+    def _log_copy_pairs(self, trainer: Trainer, report: Any, shown: list[int], copies: dict[int, torch.Tensor]) -> None:
+        if not shown:
+            return
+        pairs = []
+        for j in shown:
+            train = torch.from_numpy(viewable(self._training_image(trainer, int(report.nn_train_index[j]))))
+            pairs.append(torch.cat([train, torch.from_numpy(viewable(copies[j]))], dim=1).clamp(0, 1))
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                images = torch.stack(pairs)[:, None]  # [pairs, 1, H, 2W]: training image | synthetic copy
+                logger.experiment.add_images("memorization/copies", images, trainer.global_step, dataformats="NCHW")
+
+    def _write_report(
+        self, trainer: Trainer, report: Any, row: dict[str, Any], n_samples: int, copies: dict[int, torch.Tensor]
+    ) -> None:
+        check = row["check"]
+        summary = {
+            "n_val": len(self._val),
+            **{key: row[key] for key in ("check", "epoch", "step", "fd", "ms_ssim")},
+        }
+        with staged_output(self.output_dir / f"check_{check:03d}", "output_dir", overwrite=True) as folder:
+            write_report(
+                folder,
+                report,
+                trainer.datamodule.train_ids,
+                [f"check{check:03d}-sample{i:06d}" for i in range(n_samples)],
+                summary,
+                train_image=(lambda i: self._training_image(trainer, i)) if self.log_images else None,
+                syn_image=copies.__getitem__ if self.log_images else None,
+                max_pairs=MAX_PAIRS,
+            )
 
     def _write_history(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

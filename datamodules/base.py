@@ -25,10 +25,21 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-from monai.transforms import Compose, EnsureTyped, SelectItemsd
+from monai.data.utils import pickle_hashing
+from monai.transforms import Compose, EnsureTyped, Lambda, SelectItemsd, Transform
 
 from datamodules.transforms import augmentation_transforms
 from errors import InputError
+
+# Options that change which images are loaded or how, but not what one image becomes.
+LOADER_ONLY_OPTIONS = ("batch_size", "num_workers", "n_train", "val_fraction", "split_seed", "split_file", "augment", "cache", "cache_dir")
+
+
+def record_hash(record: dict[str, Any]) -> bytes:
+    """Disk-cache key of a record: its contents and, for a file, its size and modification time (an edited file is re-read)."""
+    path = record.get("image_path")
+    stat = Path(path).stat() if path and Path(path).exists() else None
+    return pickle_hashing({**record, "file_stat": (stat.st_size, stat.st_mtime_ns) if stat else None})
 
 
 class MedicalImageDataModule(LightningDataModule):
@@ -122,7 +133,8 @@ class MedicalImageDataModule(LightningDataModule):
             order = np.random.default_rng(self.split_seed).permutation(len(train))
             train = [train[i] for i in sorted(order[: self.n_train])]
         self.train_records, self.val_records = train, val
-        base = self.load_transforms()
+        # MONAI's caching datasets cache a chain only up to its first non-`Transform`: wrap plain callables.
+        base = [t if isinstance(t, Transform) else Lambda(t) for t in self.load_transforms()]
         finish = [EnsureTyped(keys="image", dtype=torch.float32, track_meta=False), SelectItemsd(keys=["image", "id"])]
         self._train_base = self._decoded(train, [*base, *finish], "train")
         self._val_base = self._decoded(val, [*base, *finish], "val")
@@ -178,9 +190,11 @@ class MedicalImageDataModule(LightningDataModule):
         if self.cache == "memory":
             return CacheDataset(records, transform, num_workers=self.num_workers or None, progress=False)
         if self.cache == "disk":
-            folder = Path(self.cache_dir) / type(self).__name__ / name
+            # One folder per preprocessing: changing spatial_size, a window... never reads stale images.
+            options = {k: v for k, v in self.hparams.items() if k not in LOADER_ONLY_OPTIONS}
+            folder = Path(self.cache_dir) / type(self).__name__ / pickle_hashing(options).decode()[:16] / name
             folder.mkdir(parents=True, exist_ok=True)
-            return PersistentDataset(records, transform, cache_dir=folder)
+            return PersistentDataset(records, transform, cache_dir=folder, hash_func=record_hash)
         return Dataset(records, transform)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:

@@ -74,8 +74,8 @@ def _pil_readable(image: Image.Image) -> Image.Image:
     return image.convert("RGBA") if image.mode in ("P", "PA") else image
 
 
-def check_image_file(path: Path, kind: str, spatial_dims: int) -> None:
-    """Read only the header of one image; raise `InputError` if it is unreadable or of the wrong dimensionality."""
+def check_image_file(path: Path, kind: str, spatial_dims: int) -> tuple[int, ...]:
+    """Read only the header of one image: its spatial shape; `InputError` if unreadable or of the wrong dimensionality."""
     try:
         if kind == "png":
             with Image.open(path) as image:
@@ -91,13 +91,17 @@ def check_image_file(path: Path, kind: str, spatial_dims: int) -> None:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             shape, detail = array.shape, f"dtype {array.dtype}"
             if array.dtype.kind not in "biuf":
-                raise InputError(f"{path} holds {array.dtype} values: save it as a numeric (integer or float) array")
+                raise InputError(
+                    f"{path} holds {array.dtype} values: save it as a numeric (integer or float) array"
+                )
         else:
             shape, detail = nibabel.load(path).shape, "NIfTI"
     except InputError:
         raise
     except Exception as error:  # PIL, numpy and nibabel raise many types for a damaged file
-        raise InputError(f"{path} cannot be read as {kind} ({one_line(error)}): replace or remove the file") from error
+        raise InputError(
+            f"{path} cannot be read as {kind} ({one_line(error)}): replace or remove the file"
+        ) from error
     if len(shape) != spatial_dims or min(shape) < 1:
         expected = "(H, W)" if spatial_dims == 2 else "(H, W, D)"
         raise InputError(
@@ -105,6 +109,54 @@ def check_image_file(path: Path, kind: str, spatial_dims: int) -> None:
             f"and needs {spatial_dims}D images {expected} without a channel axis: remove the file or set "
             "--data.init_args.spatial_size to match"
         )
+    return tuple(int(s) for s in shape)
+
+
+def image_records(folder: Path, option: str, spatial_dims: int) -> list[dict[str, Any]]:
+    """Every image under `folder`, sorted, as records `{id, patient, image, image_path, format, shape}`.
+
+    Headers are read (not pixels); an unsupported or unreadable file, an image of other than
+    `spatial_dims` axes, two files with one id, or no image at all raise `InputError`
+    naming `option`, the command-line argument that gave `folder`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{option}={folder} is not a folder: set {option} to your image folder")
+    records, seen = [], {}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = Path(root) / name
+            found = image_format(path)
+            if found is None:
+                raise InputError(
+                    f"{path} is not a supported image ({SUPPORTED}): convert it or move it out of {option}"
+                )
+            kind, stem = found
+            relative = path.parent.relative_to(folder) / stem
+            image_id = relative.as_posix()
+            if image_id in seen:
+                raise InputError(
+                    f"{path} and {seen[image_id]} have the same id {image_id!r}: rename one of them"
+                )
+            seen[image_id] = path
+            shape = check_image_file(path, kind, spatial_dims)
+            patient = relative.parts[0]  # the subfolder, or the file itself in a flat folder
+            records.append(
+                {
+                    "id": image_id,
+                    "patient": patient,
+                    "image": str(path),
+                    "image_path": str(path),
+                    "format": kind,
+                    "shape": shape,
+                }
+            )
+    if not records:
+        raise InputError(
+            f"{option}={folder} holds no images: add {SUPPORTED} files (subfolders are searched)"
+        )
+    return records
 
 
 class LoadImageFile:
@@ -116,9 +168,15 @@ class LoadImageFile:
     """
 
     def __init__(self) -> None:
-        readers = {"png": PILReader(converter=_pil_readable, reverse_indexing=False), "npy": NumpyReader(), "nifti": NibabelReader()}
+        readers = {
+            "png": PILReader(converter=_pil_readable, reverse_indexing=False),
+            "npy": NumpyReader(),
+            "nifti": NibabelReader(),
+        }
         self.loaders = {
-            kind: Compose([LoadImaged(keys="image", reader=reader, image_only=True), EnsureChannelFirstd(keys="image")])
+            kind: Compose(
+                [LoadImaged(keys="image", reader=reader, image_only=True), EnsureChannelFirstd(keys="image")]
+            )
             for kind, reader in readers.items()
         }
 
@@ -203,35 +261,9 @@ class FolderDataModule(MedicalImageDataModule):
         self.intensity = intensity
         self._patient_split: dict[str, str] = {}
 
-    def _folder_records(self, folder: Path, option: str) -> list[dict[str, Any]]:
-        if not folder.is_dir():
-            raise InputError(f"{option}={folder} is not a folder: set --data.init_args.{option} to your image folder")
-        records, seen = [], {}
-        for root, dirs, files in os.walk(folder, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(f for f in files if not f.startswith(".")):
-                path = Path(root) / name
-                found = image_format(path)
-                if found is None:
-                    raise InputError(
-                        f"{path} is not a supported image ({SUPPORTED}): convert it or move it out of {option}"
-                    )
-                kind, stem = found
-                relative = path.parent.relative_to(folder) / stem
-                image_id = relative.as_posix()
-                if image_id in seen:
-                    raise InputError(f"{path} and {seen[image_id]} have the same id {image_id!r}: rename one of them")
-                seen[image_id] = path
-                check_image_file(path, kind, self.spatial_dims)
-                patient = relative.parts[0]  # the subfolder, or the file itself in a flat folder
-                records.append({"id": image_id, "patient": patient, "image": str(path), "image_path": str(path), "format": kind})
-        if not records:
-            raise InputError(f"{option}={folder} holds no images: add {SUPPORTED} files (subfolders are searched)")
-        return records
-
     def list_records(self) -> list[dict[str, Any]]:
-        train = self._folder_records(self.train_dir, "train_dir")
-        val = self._folder_records(self.val_dir, "val_dir")
+        train = image_records(self.train_dir, "--data.init_args.train_dir", self.spatial_dims)
+        val = image_records(self.val_dir, "--data.init_args.val_dir", self.spatial_dims)
         train_files = {r["patient"]: r["image"] for r in train}
         for record in val:
             if record["patient"] in train_files:

@@ -59,7 +59,78 @@ def folder_dataset(tmp_path_factory) -> Path:
         (root / split).mkdir()
         for i in indices:
             pixels = render_phantom(f"phantom-{i:04d}", (64, 64))[0]
-            Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(root / split / f"patient_{i:02d}.png")
+            Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(
+                root / split / f"patient_{i:02d}.png"
+            )
+    return root
+
+
+MEMORIZATION_SIZE = (32, 32)
+N_TRAIN = 32  # and as many validation patients: N_syn = N_train = N_val makes τ's 95% exact
+
+
+def memorization_phantoms(**overrides) -> PhantomDataModule:
+    """32 training and 32 validation phantom patients at 32×32, for copy-counting tests."""
+    arguments = {
+        "spatial_size": MEMORIZATION_SIZE,
+        "n_patients": 2 * N_TRAIN,
+        "val_fraction": 0.5,
+        "batch_size": 16,
+    }
+    return PhantomDataModule(**{**arguments, **overrides})
+
+
+@pytest.fixture(scope="session")
+def embedder_ckpt(tmp_path_factory) -> Path:
+    """A small 2D embedder trained briefly on the training patients of `memorization_phantoms()`."""
+    from lightning_modules import SimCLRModule
+
+    L.seed_everything(0)
+    model = SimCLRModule(
+        embedding_dim=32,
+        resnet_block="basic",
+        resnet_layers=(1, 1, 1, 1),
+        channels=(16, 32, 64, 128),
+        lr=1e-3,
+    )
+    trainer = quiet_trainer(max_steps=150, limit_val_batches=0)
+    trainer.fit(model, memorization_phantoms())
+    path = tmp_path_factory.mktemp("embedder") / "embedder.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chestxray_dataset(tmp_path_factory) -> Path:
+    """A 12-image NIH ChestX-ray14 in the real format (64×64 PNGs, table, list files), for `ChestXray14DataModule`."""
+    from tests.test_chestxray_data import write_chestxray14
+
+    return write_chestxray14(tmp_path_factory.mktemp("chestxray") / "ChestX-ray14")
+
+
+@pytest.fixture(scope="session")
+def mrnet_dataset(tmp_path_factory) -> Path:
+    """A 13-case MRNet-v1.0 in the real format (uint8 .npy of 5/7/9 slices × 36×36, label CSVs), for `MRNetDataModule`."""
+    from tests.test_mrnet_data import write_mrnet
+
+    return write_mrnet(tmp_path_factory.mktemp("mrnet") / "MRNet-v1.0", n_train=10, n_valid=3, size=(36, 36))
+
+
+@pytest.fixture(scope="session")
+def nifti_dataset(tmp_path_factory) -> Path:
+    """8 patients of 36×34×30 int16 CT-like phantoms (HU, -1000 to 1000) as NIfTI, for `NiftiDataModule`.
+
+    Seven files in the root (every other one with an LPS affine), one patient as a subfolder of two volumes.
+    """
+    import nibabel
+
+    root = tmp_path_factory.mktemp("nifti_dataset")
+    names = [f"patient_{i:02d}.nii.gz" for i in range(7)] + ["patient_07/scan_a.nii.gz", "patient_07/scan_b.nii"]
+    for i, name in enumerate(names):
+        hu = np.round(render_phantom(f"phantom-{i:04d}", (36, 34, 30))[0] * 2000 - 1000).astype(np.int16)
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) if i % 2 else np.eye(4)
+        (root / name).parent.mkdir(exist_ok=True)
+        nibabel.save(nibabel.Nifti1Image(hu, affine), root / name)
     return root
 
 

@@ -230,3 +230,33 @@ def test_bad_options_fail_at_construction(tmp_path):
         FolderDataModule(str(tmp_path), str(tmp_path), [8, 8], intensity="zscore")
     with pytest.raises(InputError, match="takes its split from train_dir and val_dir: remove split_file"):
         FolderDataModule(str(tmp_path), str(tmp_path), [8, 8], split_file="split.csv")
+
+
+def test_memory_cache_decodes_each_file_once(tmp_path):
+    for split, n in [("train", 3), ("val", 2)]:
+        for i in range(n):
+            write_npy(tmp_path / split / f"{split}{i}.npy", gradient((12, 12), 1.0 + i))
+    data = FolderDataModule(tmp_path / "train", tmp_path / "val", spatial_size=(12, 12), cache="memory")
+    data.setup("fit")
+    before = next(iter(data.reference_dataloader("train")))["image"]
+    for file in tmp_path.rglob("*.npy"):
+        file.unlink()  # a cache that kept only the file names would now fail to load
+    after = next(iter(data.reference_dataloader("train")))["image"]
+    torch.testing.assert_close(after, before)
+
+
+def test_disk_cache_follows_the_preprocessing_and_the_file(tmp_path):
+    path = write_npy(tmp_path / "train" / "p0.npy", gradient((12, 12), 1.0))
+    write_npy(tmp_path / "val" / "p1.npy", gradient((12, 12), 1.0))
+
+    def first_image(**options) -> torch.Tensor:
+        data = FolderDataModule(
+            tmp_path / "train", tmp_path / "val", cache="disk", cache_dir=str(tmp_path / "cache"), **options
+        )
+        return data.reference_dataloader("train").dataset[0]["image"]
+
+    original = first_image(spatial_size=(12, 12))
+    assert first_image(spatial_size=(8, 8)).shape[-1] == 8  # not the cached 12×12 image
+    np.save(path, np.rot90(gradient((12, 12), 1.0)).copy())  # the file is edited in place
+    edited = first_image(spatial_size=(12, 12))
+    torch.testing.assert_close(edited[0], torch.rot90(original[0]), atol=1e-5, rtol=0)

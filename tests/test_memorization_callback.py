@@ -13,31 +13,11 @@ from callbacks import MemorizationCallback
 from cli import main
 from datamodules import PhantomDataModule
 from errors import InputError
-from lightning_modules import SimCLRModule
-from tests.conftest import quiet_trainer, run_cli
+from tests.conftest import MEMORIZATION_SIZE, N_TRAIN, memorization_phantoms, quiet_trainer, run_cli
 from tests.doubles import ScriptedGenerator
 
-SIZE = (32, 32)
-N_TRAIN = 32  # and as many validation patients: N_syn = N_train = N_val makes τ's 95% exact
-
-
-def phantoms(**overrides) -> PhantomDataModule:
-    arguments = {"spatial_size": SIZE, "n_patients": 2 * N_TRAIN, "val_fraction": 0.5, "batch_size": 16}
-    return PhantomDataModule(**{**arguments, **overrides})
-
-
-@pytest.fixture(scope="module")
-def embedder_ckpt(tmp_path_factory) -> Path:
-    """A small 2D embedder trained briefly on the phantoms' training patients."""
-    L.seed_everything(0)
-    model = SimCLRModule(
-        embedding_dim=32, resnet_block="basic", resnet_layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), lr=1e-3
-    )
-    trainer = quiet_trainer(max_steps=150, limit_val_batches=0)
-    trainer.fit(model, phantoms())
-    path = tmp_path_factory.mktemp("embedder") / "embedder.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+phantoms = memorization_phantoms
+SIZE = MEMORIZATION_SIZE
 
 
 def fit_with_callback(generator, callback, epochs: int, **trainer_args) -> L.Trainer:
@@ -83,11 +63,15 @@ def test_bad_configuration_fails_at_construction(embedder_ckpt, tmp_path):
     with pytest.raises(InputError, match=r"percentile=100.0 must lie in \(0, 100\)"):
         MemorizationCallback(str(embedder_ckpt), percentile=100.0)
     callback = MemorizationCallback(str(embedder_ckpt))
-    with pytest.raises(InputError, match=r"trained on images of spatial_size=\[32, 32\] but the data has \[64, 64\]"):
+    with pytest.raises(
+        InputError, match=r"trained on images of spatial_size=\[32, 32\] but the data has \[64, 64\]"
+    ):
         callback.check_data(PhantomDataModule(spatial_size=(64, 64)))
 
 
-def scripted_config(tmp_path: Path, embedder_ckpt: Path, *, copy_from_epoch: int, max_epochs: int, early_stop: bool) -> Path:
+def scripted_config(
+    tmp_path: Path, embedder_ckpt: Path, *, copy_from_epoch: int, max_epochs: int, early_stop: bool
+) -> Path:
     """A YAML run of the scripted generator with the callback (and EarlyStopping), as a user writes it."""
     callbacks = [
         {
@@ -99,7 +83,12 @@ def scripted_config(tmp_path: Path, embedder_ckpt: Path, *, copy_from_epoch: int
         callbacks.append(
             {
                 "class_path": "lightning.pytorch.callbacks.EarlyStopping",
-                "init_args": {"monitor": "memorization/frac_mem", "mode": "min", "divergence_threshold": 0.2, "patience": 100},
+                "init_args": {
+                    "monitor": "memorization/frac_mem",
+                    "mode": "min",
+                    "divergence_threshold": 0.2,
+                    "patience": 100,
+                },
             }
         )
     config = {
@@ -109,7 +98,10 @@ def scripted_config(tmp_path: Path, embedder_ckpt: Path, *, copy_from_epoch: int
             "accelerator": "cpu",
             "enable_progress_bar": False,
             "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path), "name": "scripted"}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "scripted"},
+            },
             "callbacks": callbacks,
         },
         "model": {
@@ -123,7 +115,12 @@ def scripted_config(tmp_path: Path, embedder_ckpt: Path, *, copy_from_epoch: int
         },
         "data": {
             "class_path": "datamodules.PhantomDataModule",
-            "init_args": {"spatial_size": list(SIZE), "n_patients": 2 * N_TRAIN, "val_fraction": 0.5, "batch_size": 16},
+            "init_args": {
+                "spatial_size": list(SIZE),
+                "n_patients": 2 * N_TRAIN,
+                "val_fraction": 0.5,
+                "batch_size": 16,
+            },
         },
     }
     path = tmp_path / "scripted.yaml"
@@ -145,11 +142,25 @@ def test_early_stopping_from_yaml_stops_when_the_generator_starts_copying(embedd
 
 
 def test_resume_continues_the_history_without_gaps_or_repeats(embedder_ckpt, tmp_path):
-    first = main(["fit", "--config", str(scripted_config(tmp_path, embedder_ckpt, copy_from_epoch=0, max_epochs=2, early_stop=False))])
+    first = main(
+        [
+            "fit",
+            "--config",
+            str(scripted_config(tmp_path, embedder_ckpt, copy_from_epoch=0, max_epochs=2, early_stop=False)),
+        ]
+    )
     assert len(history(Path(first.trainer.log_dir))) == 2
     checkpoint = Path(first.trainer.checkpoint_callback.last_model_path)
     resumed = main(
-        ["fit", "--config", str(tmp_path / "scripted.yaml"), "--trainer.max_epochs", "5", "--ckpt_path", str(checkpoint)]
+        [
+            "fit",
+            "--config",
+            str(tmp_path / "scripted.yaml"),
+            "--trainer.max_epochs",
+            "5",
+            "--ckpt_path",
+            str(checkpoint),
+        ]
     )
     rows = history(Path(resumed.trainer.log_dir))
     assert [int(r["check"]) for r in rows] == [0, 1, 2, 3, 4]

@@ -1,0 +1,358 @@
+"""`python cli.py audit`: check a synthetic dataset for copies of training patients before it is shared.
+
+    python cli.py audit --embedder EMB.ckpt --train DIR --val DIR --synthetic DIR --out OUT
+    python cli.py audit --embedder EMB.ckpt --data configs/mrnet_ldm.yaml --data-arg root=/data/MRNet-v1.0 \\
+        --ldm LDM.ckpt --n-samples 904 --seed 0 --out OUT --release-dir SHAREABLE
+
+The training and validation images come from two folders (read as `FolderDataModule`
+reads them) or from a config's DataModule; the synthetic images from a folder or from an
+LDM checkpoint (sampled into `OUT/samples/`, sample `i` seeded by `(seed, i)`). Every image
+is embedded by the SimCLR embedder, copies are counted with `memorization.detect_copies`
+(τ = the `--percentile` of training → held-out similarities), and `OUT` receives
+`summary.json`, `pairs.csv`, `train_nn.csv`, `histogram.png` and `copies.png`.
+`--release-dir` receives only the synthetic files that are not copies.
+
+`OUT` (and the release folder) appear only complete: everything is written under a
+temporary name and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.cli import instantiate_class
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose, EnsureTyped, ScaleIntensityd, SelectItemsd
+
+from datamodules import FolderDataModule, MedicalImageDataModule
+from datamodules.folder import LoadImageFile, image_records
+from errors import InputError
+from lightning_modules import LatentDiffusionModule, SimCLRModule
+from memorization import detect_copies, frechet_distance, ms_ssim_diversity
+from memorization.report import check_output_folder, staged_output, write_report
+
+
+def audit_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python cli.py audit",
+        description="Count the copies of training patients in a synthetic dataset before sharing it.",
+    )
+    parser.add_argument(
+        "--embedder", required=True, help="SimCLR embedder checkpoint (trained on the training images)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="folder for summary.json, pairs.csv, train_nn.csv and the plots"
+    )
+    real = parser.add_argument_group("real images: --train and --val, or --data")
+    real.add_argument(
+        "--train", help="folder of training images (.png, .npy, .nii, .nii.gz; subfolder = patient)"
+    )
+    real.add_argument("--val", help="folder of held-out images, of patients not in --train")
+    real.add_argument(
+        "--data", help="a config YAML whose data section gives the DataModule, e.g. configs/mrnet_ldm.yaml"
+    )
+    real.add_argument(
+        "--data-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="override one of the config's data init_args, e.g. root=/data/MRNet-v1.0 (repeatable)",
+    )  # fmt: skip
+    real.add_argument(
+        "--resize", choices=["resize", "crop_or_pad"], default="resize", help="for --train/--val folders"
+    )
+    synthetic = parser.add_argument_group("synthetic images: --synthetic, or --ldm")
+    synthetic.add_argument(
+        "--synthetic", help="folder of synthetic images, each of the embedder's image size"
+    )
+    synthetic.add_argument("--ldm", help="LatentDiffusionModule checkpoint to sample instead")
+    synthetic.add_argument(
+        "--n-samples", type=int, help="samples to draw with --ldm (default: the training-set size)"
+    )
+    synthetic.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i)")
+    synthetic.add_argument("--num-inference-steps", type=int, default=50, help="DDIM steps per sample")
+    parser.add_argument(
+        "--intensity", choices=["minmax", "none"], default="minmax",
+        help="minmax scales each image from a folder to [0, 1] (as FolderDataModule does); none keeps "
+        "values that already lie in [0, 1]. LDM samples are in [0, 1] already and never rescaled",
+    )  # fmt: skip
+    parser.add_argument(
+        "--percentile", type=float, default=95.0, help="τ is this percentile of training→held-out similarity"
+    )
+    parser.add_argument(
+        "--release-dir", help="copy the synthetic files that are not copies here, ready to share"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out and --release-dir if they hold files"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="images per embedding (and sampling) batch"
+    )
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for reading images")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return parser
+
+
+def run_audit(argv: Sequence[str]) -> dict[str, Any]:
+    """Parse `argv` (the words after `audit`), audit, and return the summary written to `OUT/summary.json`."""
+    args = audit_parser().parse_args(list(argv))
+    _check_arguments(args)
+    out = Path(args.out)
+    check_output_folder(out, "--out", args.overwrite)
+    if args.release_dir:
+        check_output_folder(Path(args.release_dir), "--release-dir", args.overwrite)
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    embedder = SimCLRModule.from_checkpoint(args.embedder, "embedder").to(device).eval()
+    size = _embedder_size(embedder, args.embedder)
+    ldm = _load_ldm(args, size, device) if args.ldm else None
+    train, val = _reference_sets(args, size)
+    synthetic = None if ldm else synthetic_folder(Path(args.synthetic), size, args.intensity)
+
+    release = (
+        staged_output(args.release_dir, "--release-dir", args.overwrite)
+        if args.release_dir
+        else nullcontext()
+    )
+    # Both folders move into place only after everything in both is written.
+    with staged_output(out, "--out", args.overwrite) as staging, release as release_staging:
+        if ldm is not None:
+            n_samples = args.n_samples or len(train)
+            synthetic = sample_to_folder(
+                ldm, staging / "samples", n_samples, args.seed, args.num_inference_steps, args.batch_size
+            )
+        embeddings = {
+            name: embed(embedder, dataset, args, device) for name, dataset in [("train", train), ("val", val)]
+        }
+        embeddings["syn"], diversity = embed_and_compare_pairs(embedder, synthetic, args, device)
+        report = detect_copies(
+            embeddings["train"], embeddings["val"], embeddings["syn"], percentile=args.percentile
+        )
+        fd = (
+            frechet_distance(embeddings["syn"], embeddings["val"])
+            if min(len(synthetic), len(val)) >= 2
+            else None
+        )
+        summary = {
+            "n_val": len(val),
+            "fd": fd,
+            "ms_ssim": float(diversity.mean()) if len(diversity) else None,
+            "inputs": _inputs(args),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        if release_staging is not None:
+            summary["release"] = {
+                "dir": args.release_dir,
+                **release_non_copies(synthetic, report.is_copy, release_staging),
+            }
+        write_report(
+            staging, report, dataset_ids(train), dataset_ids(synthetic), summary,
+            train_image=lambda i: train[i]["image"], syn_image=lambda j: synthetic[j]["image"],
+        )  # fmt: skip
+    return {**json.loads((out / "summary.json").read_text()), "out": str(out)}
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    folders, data = args.train is not None or args.val is not None, args.data is not None
+    if folders == data or (folders and (args.train is None or args.val is None)):
+        raise InputError("give the real images as --train DIR --val DIR, or as --data CONFIG.yaml (not both)")
+    if (args.synthetic is None) == (args.ldm is None):
+        raise InputError(
+            "give the synthetic images as --synthetic DIR, or --ldm LDM.ckpt to sample them (not both)"
+        )
+    if args.n_samples is not None and (args.ldm is None or args.n_samples < 1):
+        raise InputError(f"--n-samples {args.n_samples} needs --ldm and must be at least 1")
+    if args.data_arg and not data:
+        raise InputError("--data-arg overrides a --data config: give --data CONFIG.yaml too")
+    if not 0.0 < args.percentile < 100.0:
+        raise InputError(f"--percentile {args.percentile} must lie in (0, 100), e.g. 95")
+    if args.batch_size < 2:
+        raise InputError(f"--batch-size {args.batch_size} must be at least 2")
+
+
+def _embedder_size(embedder: SimCLRModule, path: str) -> tuple[int, ...]:
+    if embedder.image_spatial_size is None:
+        raise InputError(
+            f"--embedder={path} does not record its image size: retrain it with the current memwatch"
+        )
+    return tuple(embedder.image_spatial_size)
+
+
+def _load_ldm(args: argparse.Namespace, size: tuple[int, ...], device: torch.device) -> LatentDiffusionModule:
+    ldm = LatentDiffusionModule.from_checkpoint(args.ldm, "ldm").to(device).eval()
+    if ldm.image_spatial_size is not None and tuple(ldm.image_spatial_size) != size:
+        raise InputError(
+            f"--ldm={args.ldm} makes images of size {list(ldm.image_spatial_size)} but the embedder was trained on "
+            f"{list(size)}: pass the embedder trained on that model's data"
+        )
+    return ldm
+
+
+def _reference_sets(args: argparse.Namespace, size: tuple[int, ...]) -> tuple[Dataset, Dataset]:
+    if args.data:
+        datamodule = datamodule_from_config(Path(args.data), args.data_arg)
+    else:
+        datamodule = FolderDataModule(
+            args.train, args.val, spatial_size=size, resize=args.resize, intensity=args.intensity,
+            batch_size=args.batch_size, num_workers=args.num_workers,
+        )  # fmt: skip
+    if tuple(datamodule.spatial_size) != size:
+        raise InputError(
+            f"the embedder was trained on images of size {list(size)} but --data {args.data} gives "
+            f"{list(datamodule.spatial_size)}: pass the embedder trained on this data, or set --data-arg spatial_size=..."
+        )
+    datamodule.setup("fit")
+    return datamodule.reference_dataloader("train").dataset, datamodule.reference_dataloader("val").dataset
+
+
+def datamodule_from_config(path: Path, overrides: Sequence[str]) -> MedicalImageDataModule:
+    """The DataModule of a memwatch config's `data` section, with `KEY=VALUE` overrides of its init_args."""
+    if not path.is_file():
+        raise InputError(f"--data {path} does not exist: pass a config such as configs/phantom_ldm.yaml")
+    try:
+        config = yaml.safe_load(path.read_text())
+        data = dict(config["data"])
+    except Exception as error:
+        raise InputError(
+            f"--data {path} has no readable data section ({error}): pass a memwatch config YAML"
+        ) from None
+    init_args = dict(data.get("init_args") or {})
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        if not separator or not key:
+            raise InputError(
+                f"--data-arg {override!r} is not KEY=VALUE, e.g. --data-arg root=/data/MRNet-v1.0"
+            )
+        init_args[key] = yaml.safe_load(value)
+    try:
+        return instantiate_class((), {"class_path": data["class_path"], "init_args": init_args})
+    except InputError:
+        raise
+    except (TypeError, ImportError, AttributeError, KeyError) as error:
+        raise InputError(
+            f"--data {path}: cannot build its DataModule ({error}): check the data section and --data-arg"
+        ) from None
+
+
+def synthetic_folder(folder: Path, size: tuple[int, ...], intensity: str) -> Dataset:
+    """The images of a synthetic folder as a Dataset of `{"image": [1, *size], "id"}`; every file checked first."""
+    records = image_records(folder, "--synthetic", len(size))
+    first = records[0]
+    for record in records:
+        if record["shape"] != first["shape"]:
+            raise InputError(
+                f"--synthetic holds images of mixed sizes: {record['image_path']} is {list(record['shape'])}, "
+                f"{first['image_path']} is {list(first['shape'])}: a model's samples share one size, remove the odd files"
+            )
+    if first["shape"] != size:
+        raise InputError(
+            f"the synthetic images are {list(first['shape'])} (e.g. {first['image_path']}) but the embedder was "
+            f"trained on {list(size)}: pass the embedder trained on the generating model's data"
+        )
+    scale = [ScaleIntensityd(keys="image", minv=0.0, maxv=1.0)] if intensity == "minmax" else [_UnitRange()]
+    finish = [
+        EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        SelectItemsd(keys=["image", "id"]),
+    ]
+    dataset = Dataset(records, Compose([LoadImageFile(), *scale, *finish]))
+    dataset.files = [Path(r["image_path"]) for r in records]
+    dataset.relative = [Path(r["image_path"]).relative_to(folder) for r in records]
+    return dataset
+
+
+class _UnitRange:
+    """With `--intensity none`: refuse values outside `[0, 1]` rather than silently clip a patient's image."""
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        low, high = float(record["image"].min()), float(record["image"].max())
+        if low < 0.0 or high > 1.0:
+            raise InputError(
+                f"{record['image_path']} has values in [{low:g}, {high:g}], not [0, 1]: use --intensity minmax"
+            )
+        return record
+
+
+def dataset_ids(dataset: Dataset) -> list[str]:
+    return [record["id"] for record in dataset.data]
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Any]:
+    keys = (
+        "embedder",
+        "train",
+        "val",
+        "data",
+        "data_arg",
+        "synthetic",
+        "ldm",
+        "n_samples",
+        "seed",
+        "num_inference_steps",
+        "intensity",
+    )
+    return {key: getattr(args, key) for key in keys if getattr(args, key) not in (None, [])}
+
+
+# --- work --------------------------------------------------------------------------------
+
+
+def sample_to_folder(
+    ldm: LatentDiffusionModule, folder: Path, n: int, seed: int, num_inference_steps: int, batch_size: int
+) -> Dataset:
+    """Draw `n` samples, write `sample_{i:06d}.npy` (float32 `[*spatial]` in `[0, 1]`) and return them as a Dataset."""
+    folder.mkdir(parents=True)
+    for start in range(0, n, batch_size):
+        images = ldm.sample(
+            min(batch_size, n - start), seed=seed, num_inference_steps=num_inference_steps,
+            sample_batch_size=batch_size, start_index=start,
+        )  # fmt: skip
+        for offset, image in enumerate(images.float().cpu().numpy()):
+            np.save(folder / f"sample_{start + offset:06d}.npy", image[0])
+    return synthetic_folder(folder, tuple(ldm.image_spatial_size), "none")
+
+
+def _loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
+    batch_size = args.batch_size - args.batch_size % 2  # even: pairs (2k, 2k+1) never straddle two batches
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=args.num_workers)
+
+
+def embed(
+    embedder: SimCLRModule, dataset: Dataset, args: argparse.Namespace, device: torch.device
+) -> torch.Tensor:
+    """Embeddings `[N, L]` of a dataset's images, in order."""
+    return torch.cat([embedder.embed(batch["image"].to(device)).cpu() for batch in _loader(dataset, args)])
+
+
+def embed_and_compare_pairs(
+    embedder: SimCLRModule, dataset: Dataset, args: argparse.Namespace, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings `[N, L]` and the MS-SSIM of each pair of samples (2k, 2k+1) `[N // 2]`, in one read of the images."""
+    embeddings, scores = [], []
+    for batch in _loader(dataset, args):
+        images = batch["image"].to(device)
+        embeddings.append(embedder.embed(images).cpu())
+        paired = len(images) - len(images) % 2
+        scores.append(ms_ssim_diversity(images[0:paired:2], images[1:paired:2]).cpu())
+    return torch.cat(embeddings), torch.cat(scores)
+
+
+def release_non_copies(synthetic: Dataset, is_copy: torch.Tensor, folder: Path) -> dict[str, int]:
+    """Copy the synthetic files that are not copies into `folder`, keeping their paths relative to their folder."""
+    kept = 0
+    for path, relative, copy in zip(synthetic.files, synthetic.relative, is_copy.tolist(), strict=True):
+        if not copy:
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, folder / relative)
+            kept += 1
+    return {"n_released": kept, "n_withheld": len(synthetic.files) - kept}

@@ -1,0 +1,193 @@
+"""`python cli.py audit`: planted copies are found and withheld, LDM samples are audited, bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from cli import main
+from datamodules.phantom import render_phantom
+from datamodules.transforms import vary
+from lightning_modules import LatentDiffusionModule
+from memorization.report import REPORT_FILES
+from tests.conftest import MEMORIZATION_SIZE, memorization_phantoms, quiet_trainer, run_cli, tiny_autoencoder
+
+N_PLANTED = 8
+N_NOVEL = 16
+
+
+def save_npy(path: Path, image: torch.Tensor | np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asarray(image, dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    """`train/`, `val/` (the embedder's phantom patients as .npy) and `synthetic/`: 8 varied copies + 16 novel patients."""
+    root = tmp_path_factory.mktemp("audit")
+    data = memorization_phantoms()
+    for split, ids in [("train", data.train_ids), ("val", data.val_ids)]:
+        for image_id in ids:
+            save_npy(root / split / f"{image_id}.npy", render_phantom(image_id, MEMORIZATION_SIZE)[0])
+    planted = data.train_ids[:N_PLANTED]
+    originals = torch.stack([torch.from_numpy(render_phantom(i, MEMORIZATION_SIZE)) for i in planted])
+    for k, image in enumerate(vary(originals, seed=1)):
+        save_npy(root / "synthetic" / f"copy_{k:02d}.npy", image[0])
+    novel = torch.stack([torch.from_numpy(render_phantom(f"novel-{k:04d}", MEMORIZATION_SIZE)) for k in range(N_NOVEL)])
+    for k, image in enumerate(vary(novel, seed=2)):
+        save_npy(root / "synthetic" / f"novel_{k:02d}.npy", image[0])
+    return root
+
+
+def audit_args(embedder_ckpt: Path, folders: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "audit", "--embedder", str(embedder_ckpt), "--train", str(folders / "train"), "--val", str(folders / "val"),
+        "--synthetic", str(folders / "synthetic"), "--out", str(out), "--intensity", "none", *extra,
+    ]  # fmt: skip
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_audit_finds_planted_copies_and_releases_only_the_rest(embedder_ckpt, folders, tmp_path):
+    out, release = tmp_path / "report", tmp_path / "shareable"
+    summary = main(audit_args(embedder_ckpt, folders, out, "--release-dir", str(release)))
+    assert sorted(p.name for p in out.iterdir()) == sorted(REPORT_FILES)
+    written = json.loads((out / "summary.json").read_text())
+    assert written["n_copies"] == summary["n_copies"] and written["n_train"] == 32 and written["n_syn"] == 24
+    flagged = set(written["copy_syn_ids"])
+    planted = {f"copy_{k:02d}" for k in range(N_PLANTED)}
+    assert len(flagged & planted) >= N_PLANTED - 1, flagged
+    assert len(flagged - planted) <= 2, flagged  # novel patients pass τ about 5% of the time
+    assert N_PLANTED - 1 <= written["n_mem"] <= N_PLANTED + 2
+    pairs = read_csv(out / "pairs.csv")
+    assert len(pairs) == 24 and {row["synthetic_id"] for row in pairs if row["is_copy"] == "True"} == flagged
+    assert all(row["nearest_train_id"] in set(memorization_phantoms().train_ids) for row in pairs)
+    copy_00 = next(row for row in pairs if row["synthetic_id"] == "copy_00")
+    assert copy_00["nearest_train_id"] == memorization_phantoms().train_ids[0]
+    train_nn = read_csv(out / "train_nn.csv")
+    assert len(train_nn) == 32 and sum(row["memorized"] == "True" for row in train_nn) == written["n_mem"]
+    released = {p.stem for p in release.iterdir()}
+    assert released == {row["synthetic_id"] for row in pairs} - flagged
+    assert written["release"]["n_released"] == len(released)
+    assert written["fd"] > 0 and 0 < written["ms_ssim"] < 1
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_audit_samples_an_ldm_over_a_config_datamodule(embedder_ckpt, tmp_path):
+    L.seed_everything(0)
+    data = memorization_phantoms(batch_size=8)
+    autoencoder = tiny_autoencoder()
+    trainer = quiet_trainer(max_steps=5)
+    trainer.fit(autoencoder, data)
+    ae_path = tmp_path / "ae.ckpt"
+    trainer.save_checkpoint(ae_path)
+    ldm = LatentDiffusionModule(str(ae_path), channels=(16, 16), norm_num_groups=8, num_head_channels=8)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(ldm, data)
+    ldm_path = tmp_path / "ldm.ckpt"
+    trainer.save_checkpoint(ldm_path)
+
+    out = tmp_path / "report"
+    summary = main([
+        "audit", "--embedder", str(embedder_ckpt), "--data", "configs/phantom_ldm.yaml",
+        "--data-arg", "n_patients=64", "--data-arg", "val_fraction=0.5", "--ldm", str(ldm_path),
+        "--n-samples", "5", "--seed", "3", "--num-inference-steps", "2", "--batch-size", "4", "--out", str(out),
+    ])  # fmt: skip
+    assert summary["n_syn"] == 5 and summary["n_train"] == 32
+    files = sorted((out / "samples").glob("*.npy"))
+    assert [f.name for f in files] == [f"sample_{i:06d}.npy" for i in range(5)]
+    expected = ldm.eval().sample(5, seed=3, num_inference_steps=2)
+    for file, image in zip(files, expected, strict=True):
+        np.testing.assert_allclose(np.load(file), image[0].numpy(), atol=1e-5)
+    assert len(read_csv(out / "pairs.csv")) == 5
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def make_bad_synthetic(folder: Path, case: str) -> Path:
+    synthetic = folder / "synthetic"
+    synthetic.mkdir(parents=True)
+    image = render_phantom("novel-0001", MEMORIZATION_SIZE)[0]
+    if case == "empty":
+        return synthetic
+    save_npy(synthetic / "a.npy", image)
+    if case == "corrupt":
+        (synthetic / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    elif case == "mixed sizes":
+        save_npy(synthetic / "b.npy", render_phantom("novel-0002", (64, 64))[0])
+    elif case == "wrong size":
+        (synthetic / "a.npy").unlink()
+        save_npy(synthetic / "b.npy", render_phantom("novel-0002", (64, 64))[0])
+    elif case == "3D":
+        (synthetic / "a.npy").unlink()
+        save_npy(synthetic / "b.npy", np.zeros((32, 32, 8)))
+    elif case == "NaN":
+        image = image.copy()
+        image[3, 4] = np.nan
+        save_npy(synthetic / "b.npy", image)
+    return synthetic
+
+
+BAD_SYNTHETIC = {
+    "empty": "holds no images",
+    "corrupt": "b.png cannot be read as png",
+    "mixed sizes": "b.npy is [64, 64]",
+    "wrong size": "the synthetic images are [64, 64] (e.g.",
+    "3D": "b.npy has shape (32, 32, 8)",
+    "NaN": "has 1 NaN or infinite pixels",
+}
+
+
+@pytest.mark.parametrize("case", BAD_SYNTHETIC)
+def test_bad_synthetic_folder_is_one_line_and_leaves_no_output(case, embedder_ckpt, folders, tmp_path, capsys):
+    synthetic = make_bad_synthetic(tmp_path, case)
+    out = tmp_path / "report"
+    args = audit_args(embedder_ckpt, folders, out)
+    args[args.index("--synthetic") + 1] = str(synthetic)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error and BAD_SYNTHETIC[case] in error, error
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_bad_arguments_are_one_line_and_an_existing_report_is_kept(embedder_ckpt, folders, tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    without_synthetic = [a for a in audit_args(embedder_ckpt, folders, tmp_path / "o") if "synthetic" not in a]
+    cases = {
+        "exists": (audit_args(embedder_ckpt, folders, out), "already holds files"),
+        "missing embedder": (audit_args(tmp_path / "none.ckpt", folders, tmp_path / "o"), "none.ckpt does not exist"),
+        "no synthetic": (without_synthetic, "--synthetic DIR, or --ldm"),
+        "percentile": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--percentile", "100"], "--percentile 100.0 must lie"),
+        "synthetic and ldm": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--ldm", "x.ckpt"], "not both"),
+        "ldm is an embedder": ([*without_synthetic, "--ldm", str(embedder_ckpt)], "not of LatentDiffusionModule"),
+    }  # fmt: skip
+    for name, (args, message) in cases.items():
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        error = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and error.startswith("error: ") and message in error, (name, error)
+    assert (out / "summary.json").read_text() == "{}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_real_command_exits_2_without_a_traceback(embedder_ckpt, folders, tmp_path):
+    synthetic = make_bad_synthetic(tmp_path, "mixed sizes")
+    args = audit_args(embedder_ckpt, folders, tmp_path / "out")
+    args[args.index("--synthetic") + 1] = str(synthetic)
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().startswith("error: ")

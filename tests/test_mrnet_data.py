@@ -1,0 +1,276 @@
+"""MRNetDataModule on tiny files written in the official MRNet-v1.0 layout and format (uint8 .npy, label CSVs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import zoom
+
+from datamodules import MRNetDataModule
+from errors import InputError
+
+PLANES = ("axial", "coronal", "sagittal")
+TASKS = ("abnormal", "acl", "meniscus")
+
+
+def mrnet_volume(case: int, plane: str, size: tuple[int, int], n_slices: int) -> np.ndarray:
+    """One case's series in one plane, `(slices, H, W)` uint8 as MRNet stores it; a function of its arguments.
+
+    A smooth random texture (something an embedder can tell apart) in `[20, 235]`, so that
+    min-max scaling is not the identity.
+    """
+    rng = np.random.default_rng([case, PLANES.index(plane)])
+    smooth = zoom(rng.random((n_slices, 4, 4)), (1, size[0] / 4, size[1] / 4), order=1, grid_mode=False)
+    return np.round(20 + 215 * np.clip(smooth, 0, 1)).astype(np.uint8)
+
+
+def write_mrnet(
+    root: Path,
+    n_train: int = 10,
+    n_valid: int = 3,
+    size: tuple[int, int] = (36, 28),
+    slices: tuple[int, ...] = (5, 7, 9),
+    first_valid: int = 1130,
+    planes: tuple[str, ...] = PLANES,
+) -> Path:
+    """A tiny MRNet-v1.0: `root/{train,valid}/{plane}/NNNN.npy` (uint8, `(slices, *size)`) and label CSVs.
+
+    Training cases are 0000, 0001, ...; validation cases start at `first_valid` (1130 in the
+    real set). The slice count of case `c` in plane `p` cycles through `slices` (odd, and
+    different between planes, as in the real set). Label files as MRNet's: `NNNN,label`, no header.
+    """
+    for folder, cases in (("train", range(n_train)), ("valid", range(first_valid, first_valid + n_valid))):
+        for p, plane in enumerate(planes):
+            (root / folder / plane).mkdir(parents=True, exist_ok=True)
+            for case in cases:
+                n_slices = slices[(case + p) % len(slices)]
+                np.save(root / folder / plane / f"{case:04d}.npy", mrnet_volume(case, plane, size, n_slices))
+        for task in TASKS:
+            (root / f"{folder}-{task}.csv").write_text("".join(f"{case:04d},{case % 2}\n" for case in cases))
+    return root
+
+
+def centre_pad_or_crop(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """MONAI's ResizeWithPadOrCrop by hand: crop from `n // 2 - t // 2`, zero-pad `(t - n) // 2` before."""
+    for axis, target in enumerate(size):
+        n = array.shape[axis]
+        if n > target:
+            array = np.take(array, range(n // 2 - target // 2, n // 2 - target // 2 + target), axis=axis)
+        elif n < target:
+            pad = [(0, 0)] * array.ndim
+            pad[axis] = ((target - n) // 2, target - n - (target - n) // 2)
+            array = np.pad(array, pad)
+    return array
+
+
+def minmax(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float64)
+    return (array - array.min()) / (array.max() - array.min())
+
+
+def expected(path: Path, size: tuple[int, int, int]) -> np.ndarray:
+    """What a volume should become: slices last, min-max, centre crop/pad, min-max again."""
+    return minmax(centre_pad_or_crop(minmax(np.load(path).transpose(1, 2, 0)), size))
+
+
+def images(data: MRNetDataModule, split: str = "train") -> dict[str, torch.Tensor]:
+    loaded = {}
+    for batch in data.reference_dataloader(split):
+        loaded.update(zip(batch["id"], batch["image"], strict=True))
+    return loaded
+
+
+def input_error(action) -> InputError:
+    """The one-line `InputError` raised by `action()`, also when MONAI's transform chain wrapped it."""
+    with pytest.raises(Exception) as raised:
+        action()
+    error: BaseException | None = raised.value
+    while error is not None and not isinstance(error, InputError):
+        error = error.__cause__
+    assert error is not None, repr(raised.value)
+    assert "\n" not in str(error)
+    return error
+
+
+@pytest.fixture(scope="module")
+def mrnet(tmp_path_factory) -> Path:
+    root = write_mrnet(tmp_path_factory.mktemp("mrnet") / "MRNet-v1.0")
+    (root / "train/sagittal/.DS_Store").write_bytes(b"\0")  # hidden files are not volumes
+    return root
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_volumes_become_slices_last_cropped_or_padded_and_scaled(mrnet, plane):
+    size = (32, 32, 8)  # in-plane 36×28 → rows cropped, columns padded; 5/7/9 slices → padded or cropped
+    data = MRNetDataModule(str(mrnet), plane=plane, split="official", spatial_size=size, batch_size=4)
+    loaded = {**images(data, "train"), **images(data, "val")}
+    assert sorted(loaded) == [f"mrnet-train-{c:04d}" for c in range(10)] + [
+        f"mrnet-valid-{c}" for c in (1130, 1131, 1132)
+    ]
+    for image_id, image in loaded.items():
+        _, folder, case = image_id.split("-")
+        np.testing.assert_allclose(
+            image[0].numpy(), expected(mrnet / folder / plane / f"{case}.npy", size), atol=1e-6
+        )
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"image", "id"} and type(batch["image"]) is torch.Tensor
+    assert batch["image"].shape == (4, 1, *size) and batch["image"].dtype == torch.float32
+    assert torch.all(batch["image"].amin(dim=(1, 2, 3, 4)) == 0.0) and torch.all(
+        batch["image"].amax(dim=(1, 2, 3, 4)) == 1.0
+    )
+
+
+def test_default_plane_is_sagittal_and_the_labels_are_not_needed(tmp_path):
+    root = write_mrnet(tmp_path, n_train=5, n_valid=1)
+    for csv in root.glob("*.csv"):
+        csv.unlink()
+    data = MRNetDataModule(str(root), spatial_size=(16, 16, 4), batch_size=5, cache="memory")
+    image = images(data, "val")[data.val_ids[0]]
+    np.testing.assert_allclose(
+        image[0].numpy(),
+        expected(root / "train/sagittal" / f"{data.val_ids[0][-4:]}.npy", (16, 16, 4)),
+        atol=1e-6,
+    )
+
+
+def test_paper_split_is_five_seeded_disjoint_folds_of_the_training_cases(mrnet):
+    def split(fold: int, seed: int = 0) -> tuple[list[str], list[str]]:
+        data = MRNetDataModule(str(mrnet), fold=fold, split_seed=seed, spatial_size=(8, 8, 4))
+        return data.train_ids, data.val_ids
+
+    cases = [f"mrnet-train-{c:04d}" for c in range(10)]  # the valid/ folder is not used
+    folds = [split(fold) for fold in range(5)]
+    for train, val in folds:
+        assert len(val) == 2 and sorted(train + val) == cases
+    assert sorted(v for _, val in folds for v in val) == cases  # every case is validation exactly once
+    assert split(3) == folds[3]  # same seed, same folds
+    assert [split(fold, seed=1)[1] for fold in range(5)] != [val for _, val in folds]
+
+
+def test_paper_split_of_1130_cases_is_904_train_226_val(tmp_path):
+    folder = tmp_path / "train/sagittal"
+    folder.mkdir(parents=True)
+    for case in range(1130):
+        np.save(folder / f"{case:04d}.npy", np.zeros((1, 2, 2), np.uint8))
+    data = MRNetDataModule(str(tmp_path), spatial_size=(2, 2, 1))
+    data.setup("fit")
+    assert len(data.train_records) == 904 and len(data.val_records) == 226
+
+
+def test_n_train_is_a_subset_of_the_paper_training_fold(mrnet):
+    full = MRNetDataModule(str(mrnet), spatial_size=(8, 8, 4))
+    subset = MRNetDataModule(str(mrnet), spatial_size=(8, 8, 4), n_train=3)
+    assert len(subset.train_ids) == 3 and set(subset.train_ids) <= set(full.train_ids)
+    assert subset.val_ids == full.val_ids
+    too_many = MRNetDataModule(str(mrnet), spatial_size=(8, 8, 4), n_train=9)
+    assert "n_train=9 is larger than the 8 training images" in str(input_error(lambda: too_many.setup("fit")))
+
+
+def test_disk_cache_is_decoded_once_and_keyed_by_spatial_size(mrnet, tmp_path):
+    for size in [(16, 16, 4), (8, 8, 2)]:
+        data = MRNetDataModule(
+            str(mrnet), spatial_size=size, cache="disk", cache_dir=str(tmp_path), batch_size=8
+        )
+        assert all(image.shape == (1, *size) for image in images(data).values())
+    assert len(list(tmp_path.rglob("*.pt"))) == 2 * 8  # one file per training volume and size
+
+
+def _break(root: Path, case: str) -> str:
+    """Damage a fresh tiny MRNet under `root` in one way; the path or text the error must name."""
+    sagittal = root / "MRNet-v1.0/train/sagittal"
+    if case == "missing root":
+        return str(root / "nowhere")
+    write_mrnet(root / "MRNet-v1.0", n_train=5, n_valid=2, size=(8, 8), slices=(3,))
+    if case == "root one level up":
+        return str(root / "MRNet-v1.0")
+    if case == "no sagittal folder":
+        for path in sagittal.iterdir():
+            path.unlink()
+        sagittal.rmdir()
+    elif case == "empty plane folder":
+        for path in sagittal.iterdir():
+            path.unlink()
+    elif case == "stray file":
+        (sagittal / "notes.txt").write_text("not a volume")
+        return str(sagittal / "notes.txt")
+    elif case == "not an npy":
+        (sagittal / "0002.npy").write_bytes(b"PK\x03\x04 a zip, not an array")
+        return str(sagittal / "0002.npy")
+    elif case == "truncated npy":
+        data = (sagittal / "0002.npy").read_bytes()
+        (sagittal / "0002.npy").write_bytes(data[: len(data) // 2])
+        return str(sagittal / "0002.npy")
+    elif case == "2-D array":
+        np.save(sagittal / "0002.npy", np.zeros((8, 8), np.uint8))
+        return str(sagittal / "0002.npy")
+    elif case == "NaN voxels":
+        volume = np.ones((3, 8, 8), np.float32)
+        volume[1, 2, 3] = np.nan
+        np.save(sagittal / "0002.npy", volume)
+        return str(sagittal / "0002.npy")
+    return str(sagittal)
+
+
+BAD_FILES = {
+    "missing root": "is not a folder: download MRNet-v1.0",
+    "root one level up": "holds the dataset one level down: set --data.init_args.root",
+    "no sagittal folder": "is not in the MRNet-v1.0 layout (expected",
+    "empty plane folder": "holds no .npy volumes",
+    "stray file": "is not an MRNet volume (NNNN.npy): move it out of",
+    "not an npy": "cannot be read as .npy",
+    "truncated npy": "cannot be read as .npy",
+    "2-D array": "has shape (8, 8), but an MRNet volume is a 3-D array (slices, 256, 256)",
+    "NaN voxels": "has 1 NaN or infinite pixels",
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, case):
+    named = _break(tmp_path, case)
+    root = (
+        str(tmp_path / "nowhere")
+        if case == "missing root"
+        else str(tmp_path if case == "root one level up" else tmp_path / "MRNet-v1.0")
+    )
+    data = None
+
+    def load():
+        nonlocal data
+        data = MRNetDataModule(root, spatial_size=(8, 8, 4), batch_size=8)
+        images(data, "train"), images(data, "val")
+
+    error = str(input_error(load))
+    assert BAD_FILES[case] in error and named in error, error
+    if case in ("missing root", "no sagittal folder"):
+        assert "train/sagittal/0000.npy" in error  # the message shows the expected layout
+
+
+def test_official_split_needs_the_valid_folder(tmp_path):
+    root = write_mrnet(tmp_path, n_train=5, n_valid=1, size=(8, 8), slices=(3,), planes=("sagittal",))
+    MRNetDataModule(str(root), spatial_size=(8, 8, 4)).setup("fit")  # the paper split does not
+    for path in (root / "valid/sagittal").iterdir():
+        path.unlink()
+    (root / "valid/sagittal").rmdir()
+    error = str(
+        input_error(lambda: MRNetDataModule(str(root), split="official", spatial_size=(8, 8, 4)).setup("fit"))
+    )
+    assert f"{root}/valid/sagittal is not a folder" in error and "valid/sagittal/1130.npy" in error
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"plane": "lateral"}, "plane='lateral' must be one of axial, coronal, sagittal"),
+        ({"split": "random"}, "split='random' must be paper"),
+        ({"fold": 5}, "fold=5 must be 0 to 4"),
+        ({"spatial_size": (256, 256)}, "MRNet volumes are 3D, give 3 sizes"),
+        ({"split_file": "split.csv"}, "remove split_file"),
+    ],
+    ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
+)
+def test_bad_arguments_are_refused(tmp_path, arguments, message):
+    error = input_error(lambda: MRNetDataModule(str(tmp_path), **{"spatial_size": (8, 8, 4), **arguments}))
+    assert message in str(error)
