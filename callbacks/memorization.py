@@ -10,6 +10,7 @@ N_mem is the same on 1 or N processes.
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,24 @@ def shard(n: int, rank: int, world_size: int) -> range:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
+
+
+class Stopwatch:
+    """Seconds between laps, waiting for queued GPU work so that each lap is charged to the right step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        elapsed, self.last = now - self.last, now
+        return round(elapsed, 4)
 
 
 def paired_shard(n: int, rank: int, world_size: int) -> range:
@@ -212,6 +231,7 @@ class MemorizationCallback(Callback):
         return {f"memorization/{key}": float(row[key]) for key in SCALAR_KEYS if row.get(key) is not None}
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        clock = Stopwatch(pl_module.device)
         n_samples = self.n_samples or len(self._train)
         mine = paired_shard(n_samples, pl_module.global_rank, trainer.world_size)
         generator = self._generator(trainer, pl_module)
@@ -223,14 +243,16 @@ class MemorizationCallback(Callback):
             sample_batch_size=self.sample_batch_size,
             start_index=mine.start,
         ).to(pl_module.device)
+        sampling = clock.lap()
         if len(mine):
             local = self.embedder.embed(local_samples)
         else:
             local = self._train.new_zeros((0, self._train.shape[1]))
         synthetic = gather_rows(pl_module, local)
+        report = detect_copies(self._train, self._val, synthetic, percentile=self.percentile)
+        embed_detect = clock.lap()
         paired = len(local_samples) - len(local_samples) % 2
         pair_scores = gather_rows(pl_module, ms_ssim_diversity(local_samples[0:paired:2], local_samples[1:paired:2]))
-        report = detect_copies(self._train, self._val, synthetic, percentile=self.percentile)
         row = {
             "check": check_index,
             "epoch": trainer.current_epoch,
@@ -239,6 +261,8 @@ class MemorizationCallback(Callback):
             "fd": frechet_distance(synthetic, self._val) if min(len(synthetic), len(self._val)) >= 2 else None,
             "ms_ssim": float(pair_scores.double().mean()) if len(pair_scores) else None,
         }
+        # What a check costs this rank, in seconds (the CSV shows it; bench/callback_overhead.py reads it).
+        row |= {"seconds_sampling": sampling, "seconds_embed_detect": embed_detect, "seconds_quality": clock.lap()}
         self.history.append(row)
         for logger in trainer.loggers:
             logger.log_metrics(self._scalars(row), step=trainer.global_step)
@@ -311,7 +335,8 @@ class MemorizationCallback(Callback):
     def _write_history(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / "memorization_history.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.history[0]))
+            columns = dict.fromkeys(key for row in self.history for key in row)  # rows resumed from older runs may lack some
+            writer = csv.DictWriter(handle, fieldnames=list(columns))
             writer.writeheader()
             writer.writerows(self.history)
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from callbacks import MemorizationCallback
 from cli import main
 from datamodules import PhantomDataModule
 from errors import InputError
+from memorization.report import REPORT_FILES
 from tests.conftest import MEMORIZATION_SIZE, N_TRAIN, memorization_phantoms, quiet_trainer, run_cli
 from tests.doubles import ScriptedGenerator
 
@@ -190,3 +194,44 @@ def test_early_stopping_listed_before_the_callback_is_refused(embedder_ckpt):
     trainer = quiet_trainer(max_epochs=1, callbacks=[stopper, callback])
     with pytest.raises(InputError, match="list it after the callback"):
         trainer.fit(ScriptedGenerator(), phantoms())
+
+
+def test_quality_metrics_layout_copy_pairs_and_reports_reach_tensorboard_and_disk(embedder_ckpt, tmp_path):
+    copied = phantoms().train_ids[:4]
+    callback = MemorizationCallback(
+        str(embedder_ckpt), n_samples=8, num_inference_steps=1, log_images=True, output_dir=str(tmp_path / "reports")
+    )
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run")
+    fit_with_callback(ScriptedGenerator(copied_ids=copied), callback, epochs=2, logger=logger)
+    (first, second) = callback.history
+    assert first["fd"] > 0 and 0 < first["ms_ssim"] <= 1
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"memorization/fd", "memorization/ms_ssim", "memorization/n_mem"} <= set(tags["scalars"])
+    assert [e.value for e in events.Scalars("memorization/fd")] == pytest.approx([first["fd"], second["fd"]])
+    assert "memorization/copies" in tags["images"]
+    (image,) = [e for e in events.Images("memorization/copies") if e.step == first["step"]][:1]
+    # TensorBoard tiles the pairs 8 to a row; each pair is a training image beside its copy
+    assert image.height == SIZE[0] and image.width == 2 * SIZE[1] * min(8, first["n_copies"])
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert any("memorization/n_mem" in tags_ and len(tags_) > 1 for tags_ in charts.values())
+    assert any(tags_ == ["memorization/fd"] for tags_ in charts.values())
+    for check in ("check_000", "check_001"):
+        folder = tmp_path / "reports" / check
+        assert sorted(p.name for p in folder.iterdir()) == sorted(REPORT_FILES), check
+    summary = json.loads((tmp_path / "reports" / "check_001" / "summary.json").read_text())
+    assert summary["n_mem"] == second["n_mem"] and summary["step"] == second["step"]
+    assert set(summary["memorized_train_ids"]) <= set(copied)
+
+
+def test_without_log_images_no_patient_pixels_are_written(embedder_ckpt, tmp_path):
+    callback = MemorizationCallback(str(embedder_ckpt), n_samples=4, num_inference_steps=1, output_dir=str(tmp_path / "r"))
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run")
+    fit_with_callback(ScriptedGenerator(copied_ids=phantoms().train_ids[:2]), callback, epochs=1, logger=logger)
+    assert "copies.png" not in {p.name for p in (tmp_path / "r" / "check_000").iterdir()}
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert not events.Tags()["images"]

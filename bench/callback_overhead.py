@@ -1,0 +1,337 @@
+"""What the memorization checks cost a fit of the demo LDM, on 1 and on 2 processes. Prints one JSON object.
+
+    python bench/callback_overhead.py --ldm-steps 400
+
+Trains the demo's autoencoder and SimCLR embedder (configs/phantom_ae.yaml, phantom_simclr.yaml)
+into a temporary directory, then fits configs/phantom_ldm.yaml three times, each through the CLI
+(`cli.main`, what `python cli.py` runs) in its own subprocess:
+
+- `baseline`: the callback removed from `trainer.callbacks` (EMA kept): fit time without checks;
+- `one_process`: the config as it is (1 process);
+- `two_processes`: `--trainer.devices 2 --trainer.strategy ddp --trainer.accelerator cpu` (gloo).
+
+The LDM runs `--ldm-steps` steps instead of the demo's 1500; the callback keeps the demo's
+`every_n_epochs: 100` (one epoch is one step: 16 training patients, batch 16), so a check runs
+after steps 1, 101, 201, ...
+
+Each process (every DDP rank) measures itself in-process and writes its own JSON file:
+
+- `fit_seconds`: wall time of `Trainer.fit` (with DDP: includes launching and joining the ranks);
+- `train_loop_seconds`: Lightning's `Timer` callback (appended to the config), on_train_start → on_train_end;
+- `check_seconds`: wall time of every `MemorizationCallback._check` (sampling, embedding, detection,
+  quality metrics, logging, CSV), beside the callback's own per-check `seconds_sampling`,
+  `seconds_embed_detect` (embedding the samples + gathering + `detect_copies`) and `seconds_quality`;
+- `reference_seconds`: wall time of `on_fit_start` (training and validation embeddings, once per fit);
+- `reference_embeddings_computed` (the callback's counter) and the number of `_embed_split` calls.
+
+Fit share of the checks = Σ check_seconds / fit_seconds. CPU time of other processes on the
+machine during each run is estimated as (busy CPU time in /proc/stat) − (CPU time of our processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EMA = {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.995, "use_buffers": False}}
+# Timer's default `interval` is an enum the CLI cannot write to config.yaml; "step" is the same default.
+TIMER = {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}}
+DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+
+
+# --- worker: one fit, measured from inside (every DDP rank runs this) ---------------------------
+
+
+def worker(result_dir: Path, cli_args: list[str]) -> None:
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import Timer
+
+    import cli
+    from callbacks.memorization import MemorizationCallback
+
+    seconds: dict[str, list[float]] = {"fit": [], "check": [], "reference": []}
+    embed_split_calls = 0
+
+    def timed(name: str, method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                seconds[name].append(time.perf_counter() - start)
+
+        return wrapper
+
+    def counted(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            nonlocal embed_split_calls
+            embed_split_calls += 1
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    # Instrumentation only: the wrapped methods run unchanged.
+    Trainer.fit = timed("fit", Trainer.fit)
+    MemorizationCallback._check = timed("check", MemorizationCallback._check)
+    MemorizationCallback.on_fit_start = timed("reference", MemorizationCallback.on_fit_start)
+    MemorizationCallback._embed_split = counted(MemorizationCallback._embed_split)
+
+    trainer = cli.main(cli_args).trainer
+    memorization = [c for c in trainer.callbacks if isinstance(c, MemorizationCallback)]
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "torch_threads": torch.get_num_threads(),
+        "global_step": trainer.global_step,
+        "fit_seconds": seconds["fit"][0],
+        "train_loop_seconds": timer.time_elapsed("train"),
+        "check_seconds": seconds["check"],
+        "reference_seconds": seconds["reference"],
+        "embed_split_calls": embed_split_calls,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime,
+        "log_dir": trainer.log_dir,
+    }
+    if memorization:
+        result["reference_embeddings_computed"] = memorization[0].reference_embeddings_computed
+        result["history"] = memorization[0].history
+    result_dir.mkdir(parents=True, exist_ok=True)
+    (result_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+# --- driver --------------------------------------------------------------------------------------
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time spent by all processes on the machine since boot (user, nice, system, irq, softirq)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def run(command: list[str], log: Path) -> tuple[float, float]:
+    """Run `command` from the repository root, output to `log`; return (wall seconds, busy CPU seconds)."""
+    busy, start = busy_cpu_seconds(), time.perf_counter()
+    with log.open("w") as handle:
+        done = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    wall, busy = time.perf_counter() - start, busy_cpu_seconds() - busy
+    if done.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise SystemExit(f"{' '.join(command)} failed with exit status {done.returncode}:\n{tail}")
+    return wall, busy
+
+
+def train_stage(config: str, tmp: Path, extra: list[str]) -> tuple[Path, float]:
+    command = [sys.executable, "cli.py", "fit", "--config", f"configs/{config}.yaml",
+               "--trainer.logger.init_args.save_dir", str(tmp), "--trainer.logger.init_args.version", "bench",
+               "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+    wall, _ = run(command, tmp / f"{config}.log")
+    return tmp / config / "bench" / "checkpoints" / "last.ckpt", wall
+
+
+def ldm_fit(name: str, tmp: Path, autoencoder: Path, embedder: Path, steps: int, extra: list[str]) -> dict:
+    """One LDM fit in a worker subprocess; the per-rank measurements and the machine's CPU use around it."""
+    result_dir = tmp / f"result_{name}"
+    callbacks = (
+        [f"--trainer.callbacks={json.dumps([EMA, TIMER])}"]
+        if name == "baseline"
+        else ["--trainer.callbacks.init_args.embedder_ckpt", str(embedder),
+              f"--trainer.callbacks+={TIMER['class_path']}", "--trainer.callbacks.init_args.interval=step"]
+    )  # fmt: skip
+    command = [sys.executable, __file__, "--worker", str(result_dir),
+               "fit", "--config", "configs/phantom_ldm.yaml",
+               "--model.init_args.autoencoder_ckpt", str(autoencoder), *callbacks,
+               "--trainer.max_steps", str(steps),
+               "--trainer.logger.init_args.save_dir", str(tmp), "--trainer.logger.init_args.version", name,
+               *extra]  # fmt: skip
+    load_before = os.getloadavg()
+    wall, busy = run(command, tmp / f"ldm_{name}.log")
+    world_size = 2 if "ddp" in extra else 1
+    for _ in range(600):  # rank 0 may exit before the other ranks have written their files
+        if len(list(result_dir.glob("rank*.json"))) == world_size:
+            break
+        time.sleep(0.1)
+    ranks = [json.loads((result_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
+    own_cpu = sum(r["cpu_seconds"] for r in ranks)
+    return {
+        "command": " ".join(["python", "cli.py", *command[4:]]),
+        "subprocess_wall_seconds": wall,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "cpu_seconds_ours": own_cpu,
+        "cpu_seconds_other_processes": max(0.0, busy - own_cpu),
+        "ranks": ranks,
+    }
+
+
+def summarize(run_: dict) -> dict:
+    """The figures of one fit with the callback; per check, the slowest rank."""
+    ranks = run_["ranks"]
+    zero = ranks[0]
+    n_checks = len(zero["check_seconds"])
+    check = [max(r["check_seconds"][k] for r in ranks) for k in range(n_checks)]
+    fit = max(r["fit_seconds"] for r in ranks)
+    loop = max(r["train_loop_seconds"] for r in ranks)
+    reference = max(r["reference_seconds"][0] for r in ranks)
+    per_rank = []
+    for r in ranks:
+        rows = r["history"]
+        total = sum(r["check_seconds"])
+        phases = {key: sum(row[f"seconds_{key}"] for row in rows) for key in ("sampling", "embed_detect", "quality")}
+        per_rank.append({
+            "rank": r["rank"],
+            "torch_threads": r["torch_threads"],
+            "check_seconds": [round(s, 3) for s in r["check_seconds"]],
+            "sampling_seconds": [row["seconds_sampling"] for row in rows],
+            "embed_detect_seconds": [row["seconds_embed_detect"] for row in rows],
+            "quality_seconds": [row["seconds_quality"] for row in rows],
+            "share_sampling": phases["sampling"] / total,
+            "share_embed_detect": phases["embed_detect"] / total,
+            "share_quality": phases["quality"] / total,
+            "share_untimed_by_callback": 1 - sum(phases.values()) / total,
+            "worst_check_share_embed_detect": max(
+                row["seconds_embed_detect"] / s for row, s in zip(rows, r["check_seconds"], strict=True)
+            ),
+            "reference_embeddings_computed": r["reference_embeddings_computed"],
+            "embed_split_calls": r["embed_split_calls"],
+            "fit_seconds": r["fit_seconds"],
+        })  # fmt: skip
+    return {
+        "global_step": zero["global_step"],
+        "n_checks": n_checks,
+        "check_steps": [row["step"] for row in zero["history"]],
+        "fit_seconds": fit,
+        "train_loop_seconds": loop,
+        "reference_seconds": reference,
+        "check_seconds_slowest_rank": [round(s, 3) for s in check],
+        "mean_check_seconds": sum(check) / n_checks,
+        "mean_check_seconds_after_first": sum(check[1:]) / max(1, n_checks - 1),
+        "share_of_fit_in_checks": sum(check) / fit,
+        "share_of_fit_in_checks_and_reference": (sum(check) + reference) / fit,
+        "share_of_train_loop_in_checks": sum(check) / loop,
+        "n_mem": [row["n_mem"] for row in zero["history"]],
+        "n_copies": [row["n_copies"] for row in zero["history"]],
+        "tau": zero["history"][0]["tau"],
+        "reference_embeddings_computed_once_per_rank": all(
+            r["reference_embeddings_computed"] == 1 and r["embed_split_calls"] == 2 for r in ranks
+        ),
+        "per_rank": per_rank,
+    }
+
+
+def csv_agrees(run_: dict) -> bool:
+    """Rank 0's memorization_history.csv holds the same per-check timings as the callback's history."""
+    path = Path(run_["ranks"][0]["log_dir"]) / "memorization_history.csv"
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    history = run_["ranks"][0]["history"]
+    keys = ("seconds_sampling", "seconds_embed_detect", "seconds_quality")
+    return len(rows) == len(history) and all(
+        float(row[k]) == float(h[k]) for row, h in zip(rows, history, strict=True) for k in keys
+    )
+
+
+def machine() -> dict:
+    import torch
+
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor())  # fmt: skip
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def main(opts: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    result: dict = {
+        "benchmark": "callback_overhead",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "settings": {"ldm_steps": opts.ldm_steps, "prep_steps": opts.prep_steps, "baseline": not opts.no_baseline},
+        "load_avg_at_start": os.getloadavg(),
+    }
+    with tempfile.TemporaryDirectory(prefix="memwatch-bench-") as name:
+        tmp = Path(name)
+        prep = ["--trainer.max_steps", str(opts.prep_steps)] if opts.prep_steps else []
+        autoencoder, ae_wall = train_stage("phantom_ae", tmp, prep)
+        embedder, simclr_wall = train_stage("phantom_simclr", tmp, prep)
+        result["prep_wall_seconds"] = {"autoencoder": ae_wall, "embedder": simclr_wall}
+        print(json.dumps({"done": "autoencoder and embedder", "seconds": ae_wall + simclr_wall}), file=sys.stderr)
+        runs = {}
+        plan = [("one_process", []), ("two_processes", DDP)]
+        if not opts.no_baseline:
+            plan.insert(0, ("baseline", []))
+        for key, extra in plan:
+            runs[key] = ldm_fit(key, tmp, autoencoder, embedder, opts.ldm_steps, extra)
+            print(json.dumps({"done": key, "seconds": runs[key]["subprocess_wall_seconds"]}), file=sys.stderr)
+        for key in ("one_process", "two_processes"):
+            result[key] = {**summarize(runs[key]), "history_csv_matches": csv_agrees(runs[key])}
+        for key, run_ in runs.items():
+            result.setdefault(key, {}).update(
+                {k: v for k, v in run_.items() if k != "ranks"}
+                | ({"fit_seconds": run_["ranks"][0]["fit_seconds"],
+                    "train_loop_seconds": run_["ranks"][0]["train_loop_seconds"]} if key == "baseline" else {})
+            )  # fmt: skip
+    one, two = result["one_process"], result["two_processes"]
+    ranks_one = one["per_rank"][0]
+    result["figures"] = {
+        "share_of_fit_in_checks_1proc": one["share_of_fit_in_checks"],
+        "share_of_check_sampling_1proc": ranks_one["share_sampling"],
+        "share_of_check_embed_detect_1proc": ranks_one["share_embed_detect"],
+        "worst_check_share_embed_detect_1proc": ranks_one["worst_check_share_embed_detect"],
+        "target_embed_detect_le_10pct_met": ranks_one["worst_check_share_embed_detect"] <= 0.10
+        and all(r["share_embed_detect"] <= 0.10 for r in one["per_rank"] + two["per_rank"]),
+        "reference_embeddings_once_per_fit": one["reference_embeddings_computed_once_per_rank"]
+        and two["reference_embeddings_computed_once_per_rank"],
+        "mean_check_seconds_1proc": one["mean_check_seconds"],
+        "mean_check_seconds_2proc_slowest_rank": two["mean_check_seconds"],
+        "check_time_ratio_2proc_over_1proc": two["mean_check_seconds"] / one["mean_check_seconds"],
+        "same_n_mem_1proc_and_2proc": one["n_mem"] == two["n_mem"] and one["n_copies"] == two["n_copies"],
+    }
+    if "baseline" in result:
+        base = result["baseline"]["fit_seconds"]
+        result["figures"]["fit_seconds_without_callback"] = base
+        result["figures"]["share_of_fit_added_by_callback_vs_baseline"] = (one["fit_seconds"] - base) / one["fit_seconds"]
+    result["load_avg_at_end"] = os.getloadavg()
+    result["total_wall_seconds"] = time.perf_counter() - started
+    print(json.dumps(result, indent=2))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ldm-steps", type=int, default=400, help="LDM max_steps (the demo: 1500); a check every 100")
+    parser.add_argument(
+        "--prep-steps", type=int, default=0, help="max_steps of the autoencoder and embedder (0: the configs' own)"
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip the fit without the callback")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:  # DDP re-runs this script with the same arguments on every rank
+        worker(Path(sys.argv[2]), sys.argv[3:])
+    else:
+        main(parse_args())
