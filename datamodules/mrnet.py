@@ -162,8 +162,6 @@ class MRNetDataModule(MedicalImageDataModule):
                     "image": str(path),
                     "image_path": str(path),
                     "format": "npy",
-                    # Part of the disk cache key: a cached volume is only reused at the same size.
-                    "spatial_size": list(self.spatial_size),
                 }
             )
         if not records:

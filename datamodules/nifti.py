@@ -129,11 +129,6 @@ def read_centers(path: Path) -> dict[str, list[tuple[int, int, int]]]:
     return centers
 
 
-class LoadVolume(LoadImageFile, Transform):
-    """`LoadImageFile` as a MONAI `Transform`: MONAI's `CacheDataset` and `PersistentDataset`
-    cache a chain of transforms only up to its first one that is not a `Transform`."""
-
-
 class CropAroundPoint(Transform):
     """`image` `[C, X, Y, Z]` → `[C, *size]` with `record["center"]` at index `size // 2`, zero-padded past the edges.
 
@@ -269,26 +264,15 @@ class NiftiDataModule(MedicalImageDataModule):
                     )
                 seen[volume_id] = path
                 shape = check_volume_file(path)
-                stat = path.stat()
                 volumes.append(
                     {"id": volume_id, "patient": relative.parts[0], "image": str(path), "image_path": str(path),
-                     "format": "nifti", "shape": shape,
-                     # cache: disk names a cached patch by its record: a changed file or option is a new name
-                     "cache_key": f"{stat.st_size}:{stat.st_mtime_ns}:{self._preprocessing()}"}
+                     "format": "nifti", "shape": shape}
                 )  # fmt: skip
         if not volumes:
             raise InputError(
                 f"root={self.root} holds no NIfTI volumes: add .nii or .nii.gz files as {LAYOUT}"
             )
         return volumes
-
-    def _preprocessing(self) -> str:
-        scale = (
-            f"window {self.hu_min:g} {self.hu_max:g}"
-            if self.intensity == "window"
-            else f"percentile {self.percentiles}"
-        )
-        return f"RAS {self.crop} {list(self.spatial_size)} {scale}"
 
     def list_records(self) -> list[dict[str, Any]]:
         volumes = self._volumes()
@@ -344,4 +328,4 @@ class NiftiDataModule(MedicalImageDataModule):
             crop = [CropAroundPoint(self.spatial_size)]
         # Scaled before cropping, so that zero padding is the lowest intensity and percentiles
         # describe the whole volume, not the patch.
-        return [LoadVolume(), Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS), scale, *crop]
+        return [LoadImageFile(), Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS), scale, *crop]

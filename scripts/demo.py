@@ -58,13 +58,17 @@ def print_history(path: Path) -> None:
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
     table = Table(title="Memorization during LDM training (N_train = N_syn)")
-    for column in ("step", "N_mem", "frac_mem", "N_copies", "frac_copies", "τ"):
+    for column in ("step", "N_mem", "frac_mem", "N_copies", "frac_copies", "τ", "FD", "MS-SSIM", "check s"):
         table.add_column(column, justify="right")
     for row in rows:
+        seconds = sum(float(row[k]) for k in ("seconds_sampling", "seconds_embed_detect", "seconds_quality"))
         table.add_row(
             row["step"], row["n_mem"], f"{float(row['frac_mem']):.1%}", row["n_copies"],
             f"{float(row['frac_copies']):.1%}", f"{float(row['tau']):.3f}",
+            f"{float(row['fd']):.3g}", f"{float(row['ms_ssim']):.3f}", f"{seconds:.1f}",
         )  # fmt: skip
+    console.print("FD (Fréchet distance of synthetic vs validation embeddings) and MS-SSIM (between samples) "
+                  "are the quality metrics that, in the paper, do not reveal memorization.")
     console.print(table)
 
 
