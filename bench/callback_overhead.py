@@ -45,7 +45,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EMA = {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.995, "use_buffers": False}}
+EMA = {
+    "class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+    "init_args": {"decay": 0.995, "use_buffers": False},
+}
 # Timer's default `interval` is an enum the CLI cannot write to config.yaml; "step" is the same default.
 TIMER = {"class_path": "lightning.pytorch.callbacks.Timer", "init_args": {"interval": "step"}}
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
@@ -190,11 +193,18 @@ def summarize(run_: dict) -> dict:
     fit = max(r["fit_seconds"] for r in ranks)
     loop = max(r["train_loop_seconds"] for r in ranks)
     reference = max(r["reference_seconds"][0] for r in ranks)
+    # The ranks enter a check together (the step before ends with the gradient all-reduce) and meet
+    # again in the gather after embedding, so a rank that finishes sampling early waits there, inside
+    # its `seconds_embed_detect`. Estimate of that wait: slowest rank's sampling minus its own.
+    slowest_sampling = [max(r["history"][k]["seconds_sampling"] for r in ranks) for k in range(n_checks)]
     per_rank = []
     for r in ranks:
         rows = r["history"]
         total = sum(r["check_seconds"])
-        phases = {key: sum(row[f"seconds_{key}"] for row in rows) for key in ("sampling", "embed_detect", "quality")}
+        phases = {
+            key: sum(row[f"seconds_{key}"] for row in rows) for key in ("sampling", "embed_detect", "quality")
+        }
+        waits = [s - row["seconds_sampling"] for s, row in zip(slowest_sampling, rows, strict=True)]
         per_rank.append({
             "rank": r["rank"],
             "torch_threads": r["torch_threads"],
@@ -206,6 +216,8 @@ def summarize(run_: dict) -> dict:
             "share_embed_detect": phases["embed_detect"] / total,
             "share_quality": phases["quality"] / total,
             "share_untimed_by_callback": 1 - sum(phases.values()) / total,
+            "gather_wait_seconds_estimate": [round(w, 4) for w in waits],
+            "share_embed_detect_without_wait": max(0.0, phases["embed_detect"] - sum(waits)) / total,
             "worst_check_share_embed_detect": max(
                 row["seconds_embed_detect"] / s for row, s in zip(rows, r["check_seconds"], strict=True)
             ),
@@ -226,6 +238,8 @@ def summarize(run_: dict) -> dict:
         "share_of_fit_in_checks": sum(check) / fit,
         "share_of_fit_in_checks_and_reference": (sum(check) + reference) / fit,
         "share_of_train_loop_in_checks": sum(check) / loop,
+        # The 1- and 2-process fits train different weights (other batches and noise per rank), so
+        # their counts need not agree; only the same weights give the same counts on any world size.
         "n_mem": [row["n_mem"] for row in zero["history"]],
         "n_copies": [row["n_copies"] for row in zero["history"]],
         "tau": zero["history"][0]["tau"],
@@ -270,7 +284,11 @@ def main(opts: argparse.Namespace) -> None:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
-        "settings": {"ldm_steps": opts.ldm_steps, "prep_steps": opts.prep_steps, "baseline": not opts.no_baseline},
+        "settings": {
+            "ldm_steps": opts.ldm_steps,
+            "prep_steps": opts.prep_steps,
+            "baseline": not opts.no_baseline,
+        },
         "load_avg_at_start": os.getloadavg(),
     }
     with tempfile.TemporaryDirectory(prefix="memwatch-bench-") as name:
@@ -279,7 +297,10 @@ def main(opts: argparse.Namespace) -> None:
         autoencoder, ae_wall = train_stage("phantom_ae", tmp, prep)
         embedder, simclr_wall = train_stage("phantom_simclr", tmp, prep)
         result["prep_wall_seconds"] = {"autoencoder": ae_wall, "embedder": simclr_wall}
-        print(json.dumps({"done": "autoencoder and embedder", "seconds": ae_wall + simclr_wall}), file=sys.stderr)
+        print(
+            json.dumps({"done": "autoencoder and embedder", "seconds": ae_wall + simclr_wall}),
+            file=sys.stderr,
+        )
         runs = {}
         plan = [("one_process", []), ("two_processes", DDP)]
         if not opts.no_baseline:
@@ -302,19 +323,26 @@ def main(opts: argparse.Namespace) -> None:
         "share_of_check_sampling_1proc": ranks_one["share_sampling"],
         "share_of_check_embed_detect_1proc": ranks_one["share_embed_detect"],
         "worst_check_share_embed_detect_1proc": ranks_one["worst_check_share_embed_detect"],
-        "target_embed_detect_le_10pct_met": ranks_one["worst_check_share_embed_detect"] <= 0.10
-        and all(r["share_embed_detect"] <= 0.10 for r in one["per_rank"] + two["per_rank"]),
+        "share_of_check_embed_detect_2proc_per_rank": [r["share_embed_detect"] for r in two["per_rank"]],
+        "share_of_check_embed_detect_2proc_without_wait": [
+            r["share_embed_detect_without_wait"] for r in two["per_rank"]
+        ],
+        "share_of_fit_in_checks_2proc": two["share_of_fit_in_checks"],
+        # Target: embedding + detection ≤ 10% of a check, summed over the checks of a fit, on every rank.
+        "target_embed_detect_le_10pct_met": all(
+            r["share_embed_detect"] <= 0.10 for r in one["per_rank"] + two["per_rank"]
+        ),
         "reference_embeddings_once_per_fit": one["reference_embeddings_computed_once_per_rank"]
         and two["reference_embeddings_computed_once_per_rank"],
         "mean_check_seconds_1proc": one["mean_check_seconds"],
         "mean_check_seconds_2proc_slowest_rank": two["mean_check_seconds"],
         "check_time_ratio_2proc_over_1proc": two["mean_check_seconds"] / one["mean_check_seconds"],
-        "same_n_mem_1proc_and_2proc": one["n_mem"] == two["n_mem"] and one["n_copies"] == two["n_copies"],
     }
     if "baseline" in result:
         base = result["baseline"]["fit_seconds"]
         result["figures"]["fit_seconds_without_callback"] = base
-        result["figures"]["share_of_fit_added_by_callback_vs_baseline"] = (one["fit_seconds"] - base) / one["fit_seconds"]
+        added = (one["fit_seconds"] - base) / one["fit_seconds"]
+        result["figures"]["share_of_fit_added_by_callback_vs_baseline"] = added
     result["load_avg_at_end"] = os.getloadavg()
     result["total_wall_seconds"] = time.perf_counter() - started
     print(json.dumps(result, indent=2))
@@ -322,9 +350,14 @@ def main(opts: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ldm-steps", type=int, default=400, help="LDM max_steps (the demo: 1500); a check every 100")
     parser.add_argument(
-        "--prep-steps", type=int, default=0, help="max_steps of the autoencoder and embedder (0: the configs' own)"
+        "--ldm-steps", type=int, default=400, help="LDM max_steps (the demo: 1500); a check every 100"
+    )
+    parser.add_argument(
+        "--prep-steps",
+        type=int,
+        default=0,
+        help="max_steps of the autoencoder and embedder (0: the configs' own)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the fit without the callback")
     return parser.parse_args(argv)

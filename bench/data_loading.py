@@ -114,7 +114,7 @@ def worker(spec: dict) -> None:
             handle.write(f"{os.getpid()}\n")
         return decode(self, record)
 
-    folder.LoadImageFile.__call__ = counted  # inherited by nifti.LoadVolume; forked workers see it too
+    folder.LoadImageFile.__call__ = counted  # both datasets decode through it; forked workers see it too
 
     def decodes() -> int:
         return len(counter.read_text().splitlines())
@@ -210,7 +210,9 @@ def machine() -> dict:
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                   if ln.startswith("model name")), platform.processor())  # fmt: skip
     mem_kib = next(
-        int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")
+        int(ln.split()[1])
+        for ln in Path("/proc/meminfo").read_text().splitlines()
+        if ln.startswith("MemTotal")
     )
     return {
         "cpu_count": os.cpu_count(),
@@ -232,8 +234,20 @@ def main(opts: argparse.Namespace) -> None:
         "machine": machine(),
         "settings": {
             k: getattr(opts, k)
-            for k in ("mrnet_cases", "mrnet_slices", "mrnet_size", "nifti_volumes", "nifti_shape", "nifti_size",
-                      "batch_size", "reuse_batch_size", "workers", "epochs", "seed", "datasets")
+            for k in (
+                "mrnet_cases",
+                "mrnet_slices",
+                "mrnet_size",
+                "nifti_volumes",
+                "nifti_shape",
+                "nifti_size",
+                "batch_size",
+                "reuse_batch_size",
+                "workers",
+                "epochs",
+                "seed",
+                "datasets",
+            )
         },  # fmt: skip
         "load_1min_at_start": os.getloadavg()[0],
         "data": {},
@@ -283,14 +297,26 @@ def main(opts: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", choices=["mrnet", "nifti"], default=["mrnet", "nifti"])
-    parser.add_argument("--mrnet-cases", type=int, default=50, help="sagittal training cases (paper split: 4/5 train)")
-    parser.add_argument("--mrnet-slices", type=int, nargs=2, default=[20, 50], help="slice count range per case")
-    parser.add_argument("--mrnet-size", type=int, nargs=3, default=[256, 256, 32], help="spatial_size (paper's)")
-    parser.add_argument("--nifti-volumes", type=int, default=30, help="one volume per patient; 20%% validation")
-    parser.add_argument("--nifti-shape", type=int, nargs=3, default=[256, 256, 128], help="voxels of each file")
+    parser.add_argument(
+        "--mrnet-cases", type=int, default=50, help="sagittal training cases (paper split: 4/5 train)"
+    )
+    parser.add_argument(
+        "--mrnet-slices", type=int, nargs=2, default=[20, 50], help="slice count range per case"
+    )
+    parser.add_argument(
+        "--mrnet-size", type=int, nargs=3, default=[256, 256, 32], help="spatial_size (paper's)"
+    )
+    parser.add_argument(
+        "--nifti-volumes", type=int, default=30, help="one volume per patient; 20%% validation"
+    )
+    parser.add_argument(
+        "--nifti-shape", type=int, nargs=3, default=[256, 256, 128], help="voxels of each file"
+    )
     parser.add_argument("--nifti-size", type=int, nargs=3, default=[64, 64, 64], help="spatial_size (patch)")
     parser.add_argument("--batch-size", type=int, default=2, help="as configs/*_ae.yaml")
-    parser.add_argument("--reuse-batch-size", type=int, default=4, help="batch size of the disk_reuse process")
+    parser.add_argument(
+        "--reuse-batch-size", type=int, default=4, help="batch size of the disk_reuse process"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

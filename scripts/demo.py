@@ -1,7 +1,8 @@
 """`make demo`: the three-stage workflow on the built-in phantoms, through the real CLI.
 
 autoencoder → embedder → latent diffusion, each `python cli.py fit --config configs/phantom_*.yaml`,
-then a grid of generated samples beside real training images, saved as a PNG.
+then a grid of generated samples beside real training images, saved as a PNG, and
+`python cli.py audit` of the trained LDM, which writes the report and the shareable samples.
 """
 
 from __future__ import annotations
@@ -93,6 +94,17 @@ def main() -> None:
     grid = ROOT / "runs" / "phantom_ldm" / version / "samples.png"
     save_grid(torch.cat([samples, training]), grid)
     console.print(f"Samples (top two rows) and training patients (bottom two rows): [bold]{grid}")
+
+    console.rule("[bold]audit before sharing")
+    audit = ROOT / "runs" / "phantom_audit" / version
+    command = [
+        sys.executable, "cli.py", "audit", "--embedder", str(embedder), "--data", "configs/phantom_ldm.yaml",
+        "--ldm", str(ldm_ckpt), "--seed", "1", "--out", str(audit / "report"), "--release-dir", str(audit / "shareable"),
+    ]  # fmt: skip
+    console.print(" ".join(command[1:]), style="dim")
+    subprocess.run(command, cwd=ROOT, check=True)
+    console.print(f"Report: [bold]{audit / 'report'}[/bold] (summary.json, pairs.csv, copies.png, ...); "
+                  f"the samples that are not copies: [bold]{audit / 'shareable'}")
     console.print(f"Whole demo: {time.perf_counter() - started:.0f} s")
     console.print("TensorBoard logs: [bold]tensorboard --logdir runs[/bold]  (then open http://localhost:6006)")
 
