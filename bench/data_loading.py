@@ -16,7 +16,8 @@ might use) opens the same `cache_dir`. Before every process the dataset files (a
 `disk_reuse`, the cache files) are dropped from the OS page cache (`posix_fadvise(DONTNEED)`), so
 epoch 1 reads from the disk as a fresh training run would. Each process counts how often a file is
 decoded (`LoadImageFile` calls, in the main process and in the loader workers), which shows what
-each mode caches. Prints one JSON object.
+each mode caches, and reports the bytes each cache holds per image beside the image's own size.
+Prints one JSON object.
 
     python bench/data_loading.py
 """
@@ -155,11 +156,17 @@ def worker(spec: dict) -> None:
              "decodes": decodes() - before}
         )  # fmt: skip
     result["image_shape"] = shape
-    if spec["cache"] == "memory":
-        cached = [item for item in data._train_base._cache if item is not None]
-        result["train_cache_mib"] = sum(item["image"].nbytes for item in cached) / 2**20
+    result["image_mib"] = 4 * int(np.prod(shape)) / 2**20  # one float32 image as the batch holds it
+    if spec["cache"] == "memory":  # what the cache holds: a tensor keeps its whole storage alive
+        images = [item["image"] for item in data._train_base._cache if item is not None]
+        storages = {image.untyped_storage().data_ptr(): image.untyped_storage().nbytes() for image in images}
+        result["train_cache_tensor_mib"] = sum(image.nbytes for image in images) / 2**20
+        result["train_cache_storage_mib"] = sum(storages.values()) / 2**20
     if spec["cache"] == "disk":
-        result["cache_dir_mib"] = folder_bytes(Path(spec["cache_dir"]), "*.pt") / 2**20
+        files = list(Path(spec["cache_dir"]).rglob("*.pt"))
+        result["cache_files"] = len(files)
+        result["cache_dir_mib"] = sum(f.stat().st_size for f in files) / 2**20
+        result["cache_file_mib_per_image"] = result["cache_dir_mib"] / max(1, len(files))
     del loader  # stops persistent workers before their peak RSS is read
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_rss_children_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -42,6 +42,17 @@ def record_hash(record: dict[str, Any]) -> bytes:
     return pickle_hashing({**record, "file_stat": (stat.st_size, stat.st_mtime_ns) if stat else None})
 
 
+class OwnStorage(Transform):
+    """`image` copied into storage of its own size.
+
+    A crop is a view of the whole decoded volume; cached as it is, it keeps (in memory) or
+    writes (`torch.save` in the disk cache) the whole volume's storage with every patch.
+    """
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "image": record["image"].clone(memory_format=torch.contiguous_format)}
+
+
 class MedicalImageDataModule(LightningDataModule):
     """Shared base of every memwatch DataModule.
 
@@ -135,7 +146,11 @@ class MedicalImageDataModule(LightningDataModule):
         self.train_records, self.val_records = train, val
         # MONAI's caching datasets cache a chain only up to its first non-`Transform`: wrap plain callables.
         base = [t if isinstance(t, Transform) else Lambda(t) for t in self.load_transforms()]
-        finish = [EnsureTyped(keys="image", dtype=torch.float32, track_meta=False), SelectItemsd(keys=["image", "id"])]
+        finish = [
+            EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+            OwnStorage(),
+            SelectItemsd(keys=["image", "id"]),
+        ]
         self._train_base = self._decoded(train, [*base, *finish], "train")
         self._val_base = self._decoded(val, [*base, *finish], "val")
         augment = augmentation_transforms(self.spatial_dims) if self.augment else []

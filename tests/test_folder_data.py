@@ -260,3 +260,4 @@ def test_disk_cache_follows_the_preprocessing_and_the_file(tmp_path):
     np.save(path, np.rot90(gradient((12, 12), 1.0)).copy())  # the file is edited in place
     edited = first_image(spatial_size=(12, 12))
     torch.testing.assert_close(edited[0], torch.rot90(original[0]), atol=1e-5, rtol=0)
+

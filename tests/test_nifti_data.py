@@ -316,3 +316,16 @@ def test_bad_options_fail_at_construction():
     for phrase, kwargs in cases.items():
         with pytest.raises(InputError, match=phrase.replace("[", r"\[").replace("]", r"\]")):
             NiftiDataModule(**{"root": "data/nifti", **kwargs})
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_a_cached_patch_keeps_only_its_own_voxels(cache, tmp_path):
+    for name in ("a", "b"):
+        write_nifti(tmp_path / f"data/{name}.nii.gz", np.full((40, 40, 8), 100.0, dtype=np.float32))
+    data = NiftiDataModule(
+        str(tmp_path / "data"), spatial_size=(8, 8, 8), val_fraction=0.5, cache=cache, cache_dir=str(tmp_path / "cache")
+    )
+    patch = data.reference_dataloader("train").dataset[0]["image"]
+    assert patch.untyped_storage().nbytes() == 8 * 8 * 8 * 4  # not the 40×40×8 volume behind a view
+    if cache == "disk":
+        assert all(f.stat().st_size < 40 * 40 * 8 * 4 / 4 for f in (tmp_path / "cache").rglob("*.pt"))
