@@ -20,9 +20,12 @@ Each process (every DDP rank) measures itself in-process and writes its own JSON
 - `train_loop_seconds`: Lightning's `Timer` callback (appended to the config), on_train_start → on_train_end;
 - `check_seconds`: wall time of every `MemorizationCallback._check` (sampling, embedding, detection,
   quality metrics, logging, CSV), beside the callback's own per-check `seconds_sampling`,
-  `seconds_embed_detect` (embedding the samples + gathering + `detect_copies`) and `seconds_quality`;
+  `seconds_gather` (waiting in the gather for the other ranks), `seconds_embed_detect` (embedding the
+  samples + `detect_copies`) and `seconds_quality`;
 - `reference_seconds`: wall time of `on_fit_start` (training and validation embeddings, once per fit);
-- `reference_embeddings_computed` (the callback's counter) and the number of `_embed_split` calls.
+- `reference_embeddings_computed` (the callback's counter) and the number of `_embed_split` calls;
+- the wall time between the ends of two training steps (stamped by the EMA callback's batch-end hook,
+  in the baseline too), and the time of the callback's epoch-end hooks outside the checks.
 
 Fit share of the checks = Σ check_seconds / fit_seconds. CPU time of other processes on the
 machine during each run is estimated as (busy CPU time in /proc/stat) − (CPU time of our processes).
@@ -38,6 +41,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,11 +66,13 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
     import torch
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import Timer
+    from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 
     import cli
     from callbacks.memorization import MemorizationCallback
 
-    seconds: dict[str, list[float]] = {"fit": [], "check": [], "reference": []}
+    seconds: dict[str, list[float]] = {"fit": [], "check": [], "reference": [], "hooks": []}
+    step_ends: list[float] = []
     embed_split_calls = 0
 
     def timed(name: str, method):
@@ -89,8 +95,21 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
 
         return wrapper
 
+    def stamped(method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            result = method(*args, **kwargs)
+            step_ends.append(time.perf_counter())
+            return result
+
+        return wrapper
+
     # Instrumentation only: the wrapped methods run unchanged.
     Trainer.fit = timed("fit", Trainer.fit)
+    # The EMA callback is in every run (the baseline too): its batch-end hook stamps the end of each step.
+    WeightAveraging.on_train_batch_end = stamped(WeightAveraging.on_train_batch_end)
+    for hook in ("on_train_epoch_end", "on_validation_epoch_end"):
+        setattr(MemorizationCallback, hook, timed("hooks", getattr(MemorizationCallback, hook)))
     MemorizationCallback._check = timed("check", MemorizationCallback._check)
     MemorizationCallback.on_fit_start = timed("reference", MemorizationCallback.on_fit_start)
     MemorizationCallback._embed_split = counted(MemorizationCallback._embed_split)
@@ -110,6 +129,8 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
         "check_seconds": seconds["check"],
         "reference_seconds": seconds["reference"],
         "embed_split_calls": embed_split_calls,
+        "hook_seconds_outside_checks": sum(seconds["hooks"]) - sum(seconds["check"]),
+        "step_intervals": [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)],
         "cpu_seconds": usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime,
         "log_dir": trainer.log_dir,
     }
@@ -184,6 +205,18 @@ def ldm_fit(name: str, tmp: Path, autoencoder: Path, embedder: Path, steps: int,
     }
 
 
+def step_stats(rank: dict, every: int = 100) -> dict:
+    """Training-step wall time between two EMA batch-end hooks; the intervals that hold a check (after
+    steps 1, 101, ...) or a validation (after steps 100, 200, ...) are left out of the mean."""
+    intervals = rank["step_intervals"]
+    ordinary = [t for i, t in enumerate(intervals) if i % every not in (0, every - 1)]
+    return {
+        "median_step_seconds": statistics.median(intervals),
+        "mean_step_seconds_without_check_or_validation": statistics.fmean(ordinary),
+        "memorization_hooks_seconds_outside_checks": rank.get("hook_seconds_outside_checks"),
+    }
+
+
 def summarize(run_: dict) -> dict:
     """The figures of one fit with the callback; per check, the slowest rank."""
     ranks = run_["ranks"]
@@ -194,8 +227,8 @@ def summarize(run_: dict) -> dict:
     loop = max(r["train_loop_seconds"] for r in ranks)
     reference = max(r["reference_seconds"][0] for r in ranks)
     # The ranks enter a check together (the step before ends with the gradient all-reduce) and meet
-    # again in the gather after embedding, so a rank that finishes sampling early waits there, inside
-    # its `seconds_embed_detect`. Estimate of that wait: slowest rank's sampling minus its own.
+    # again in the gather after embedding, so a rank that finishes sampling early waits there (the
+    # callback's `seconds_gather`). Estimate of that wait: slowest rank's sampling minus its own.
     slowest_sampling = [max(r["history"][k]["seconds_sampling"] for r in ranks) for k in range(n_checks)]
     per_rank = []
     for r in ranks:
@@ -246,6 +279,7 @@ def summarize(run_: dict) -> dict:
         "reference_embeddings_computed_once_per_rank": all(
             r["reference_embeddings_computed"] == 1 and r["embed_split_calls"] == 2 for r in ranks
         ),
+        "steps_rank0": step_stats(zero),
         "per_rank": per_rank,
     }
 
@@ -314,7 +348,8 @@ def main(opts: argparse.Namespace) -> None:
             result.setdefault(key, {}).update(
                 {k: v for k, v in run_.items() if k != "ranks"}
                 | ({"fit_seconds": run_["ranks"][0]["fit_seconds"],
-                    "train_loop_seconds": run_["ranks"][0]["train_loop_seconds"]} if key == "baseline" else {})
+                    "train_loop_seconds": run_["ranks"][0]["train_loop_seconds"],
+                    "steps_rank0": step_stats(run_["ranks"][0])} if key == "baseline" else {})
             )  # fmt: skip
     one, two = result["one_process"], result["two_processes"]
     ranks_one = one["per_rank"][0]
@@ -328,10 +363,19 @@ def main(opts: argparse.Namespace) -> None:
             r["share_embed_detect_without_wait"] for r in two["per_rank"]
         ],
         "share_of_fit_in_checks_2proc": two["share_of_fit_in_checks"],
-        # Target: embedding + detection ≤ 10% of a check, summed over the checks of a fit, on every rank.
-        "target_embed_detect_le_10pct_met": all(
-            r["share_embed_detect"] <= 0.10 for r in one["per_rank"] + two["per_rank"]
+        # Target: embedding + detection ≤ 10% of a check, summed over the checks of a fit. On 2 processes,
+        # as the callback records it (its `seconds_embed_detect` includes waiting in the gather for the
+        # rank that samples slowest) and without that wait; on every rank.
+        "target_embed_detect_le_10pct_1proc_met": ranks_one["share_embed_detect"] <= 0.10,
+        "target_embed_detect_le_10pct_2proc_as_recorded_met": all(
+            r["share_embed_detect"] <= 0.10 for r in two["per_rank"]
         ),
+        "target_embed_detect_le_10pct_2proc_without_gather_wait_met": all(
+            r["share_embed_detect_without_wait"] <= 0.10 for r in two["per_rank"]
+        ),
+        "memorization_hooks_seconds_outside_checks_1proc": one["steps_rank0"][
+            "memorization_hooks_seconds_outside_checks"
+        ],
         "reference_embeddings_once_per_fit": one["reference_embeddings_computed_once_per_rank"]
         and two["reference_embeddings_computed_once_per_rank"],
         "mean_check_seconds_1proc": one["mean_check_seconds"],
@@ -343,6 +387,9 @@ def main(opts: argparse.Namespace) -> None:
         result["figures"]["fit_seconds_without_callback"] = base
         added = (one["fit_seconds"] - base) / one["fit_seconds"]
         result["figures"]["share_of_fit_added_by_callback_vs_baseline"] = added
+        steps_base, steps_one = result["baseline"]["steps_rank0"], one["steps_rank0"]
+        key = "mean_step_seconds_without_check_or_validation"
+        result["figures"]["step_time_ratio_with_over_without_callback"] = steps_one[key] / steps_base[key]
     result["load_avg_at_end"] = os.getloadavg()
     result["total_wall_seconds"] = time.perf_counter() - started
     print(json.dumps(result, indent=2))

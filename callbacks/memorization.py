@@ -248,9 +248,11 @@ class MemorizationCallback(Callback):
             local = self.embedder.embed(local_samples)
         else:
             local = self._train.new_zeros((0, self._train.shape[1]))
-        synthetic = gather_rows(pl_module, local)
+        embedding = clock.lap()
+        synthetic = gather_rows(pl_module, local)  # waits for the slowest rank's sampling
+        gathering = clock.lap()
         report = detect_copies(self._train, self._val, synthetic, percentile=self.percentile)
-        embed_detect = clock.lap()
+        embed_detect = embedding + clock.lap()
         paired = len(local_samples) - len(local_samples) % 2
         pair_scores = gather_rows(pl_module, ms_ssim_diversity(local_samples[0:paired:2], local_samples[1:paired:2]))
         row = {
@@ -262,7 +264,12 @@ class MemorizationCallback(Callback):
             "ms_ssim": float(pair_scores.double().mean()) if len(pair_scores) else None,
         }
         # What a check costs this rank, in seconds (the CSV shows it; bench/callback_overhead.py reads it).
-        row |= {"seconds_sampling": sampling, "seconds_embed_detect": embed_detect, "seconds_quality": clock.lap()}
+        row |= {
+            "seconds_sampling": sampling,
+            "seconds_gather": gathering,
+            "seconds_embed_detect": round(embed_detect, 4),
+            "seconds_quality": clock.lap(),
+        }
         self.history.append(row)
         for logger in trainer.loggers:
             logger.log_metrics(self._scalars(row), step=trainer.global_step)

@@ -62,7 +62,7 @@ def print_history(path: Path) -> None:
     for column in ("step", "N_mem", "frac_mem", "N_copies", "frac_copies", "τ", "FD", "MS-SSIM", "check s"):
         table.add_column(column, justify="right")
     for row in rows:
-        seconds = sum(float(row[k]) for k in ("seconds_sampling", "seconds_embed_detect", "seconds_quality"))
+        seconds = sum(float(value) for key, value in row.items() if key.startswith("seconds_"))
         table.add_row(
             row["step"], row["n_mem"], f"{float(row['frac_mem']):.1%}", row["n_copies"],
             f"{float(row['frac_copies']):.1%}", f"{float(row['tau']):.3f}",
