@@ -135,6 +135,14 @@ def test_all_three_stages_train_through_the_cli(dataset, tmp_path, request):
         assert checkpoint["memwatch"]["image_spatial_size"] == list(cli.datamodule.spatial_size)
     samples = ldm.model.sample(2, seed=0, num_inference_steps=2)
     assert samples.shape == (2, 1, *ldm.datamodule.spatial_size)
+    if (ROOT / "configs" / f"{dataset}_ldm_aug.yaml").is_file():  # the paper's augmentation experiment
+        augmented = fit(
+            f"{dataset}_ldm_aug.yaml", tmp_path, *extra, *smaller.get("ldm", []),
+            "--model.init_args.autoencoder_ckpt", str(last_ckpt(ae)),
+            *embedder_overrides(f"{dataset}_ldm_aug.yaml", last_ckpt(simclr)),
+        )  # fmt: skip
+        assert augmented.datamodule.augment and not ldm.datamodule.augment
+        assert augmented.trainer.global_step == 2
 
 
 def test_command_line_overrides_reach_the_model_and_the_saved_config(tmp_path):
