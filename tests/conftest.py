@@ -65,6 +65,28 @@ def folder_dataset(tmp_path_factory) -> Path:
     return root
 
 
+def reference_images(data, split: str = "train") -> dict:
+    """id → image `[C, *spatial]` of every image of `split`, through the DataModule's reference loader."""
+    loaded = {}
+    for batch in data.reference_dataloader(split):
+        loaded.update(zip(batch["id"], batch["image"], strict=True))
+    return loaded
+
+
+def input_error(action):
+    """The one-line `InputError` raised by `action()`, also when MONAI's transform chain wrapped it."""
+    from errors import InputError
+
+    with pytest.raises(Exception) as raised:
+        action()
+    error = raised.value
+    while error is not None and not isinstance(error, InputError):
+        error = error.__cause__
+    assert error is not None, repr(raised.value)
+    assert "\n" not in str(error)
+    return error
+
+
 MEMORIZATION_SIZE = (32, 32)
 N_TRAIN = 32  # and as many validation patients: N_syn = N_train = N_val makes τ's 95% exact
 

@@ -13,6 +13,7 @@ from PIL import Image
 from datamodules import ChestXray14DataModule
 from datamodules.phantom import render_phantom
 from errors import InputError
+from tests.conftest import input_error
 
 # The real table's header: the last two column names hold commas and are not quoted, so a CSV
 # reader sees 11 names; NIH's file also ends every line with a comma.
@@ -91,18 +92,6 @@ def images(data: ChestXray14DataModule, split: str = "train") -> dict[str, torch
 
 def patients(ids: list[str]) -> set[str]:
     return {image_id[:8] for image_id in ids}
-
-
-def input_error(action) -> InputError:
-    """The `InputError` raised by `action()`, also when MONAI's transform chain wrapped it."""
-    with pytest.raises(Exception) as raised:
-        action()
-    error: BaseException | None = raised.value
-    while error is not None and not isinstance(error, InputError):
-        error = error.__cause__
-    assert error is not None, repr(raised.value)
-    assert "\n" not in str(error)
-    return error
 
 
 def test_every_png_mode_becomes_one_channel_in_unit_range(dataset):

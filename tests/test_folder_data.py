@@ -12,6 +12,8 @@ from PIL import Image
 
 from datamodules import FolderDataModule
 from errors import InputError
+from tests.conftest import input_error
+from tests.conftest import reference_images as images
 
 
 def write_png(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:
@@ -41,25 +43,6 @@ def gradient(shape: tuple[int, ...], high: float) -> np.ndarray:
 def minmax(array: np.ndarray) -> np.ndarray:
     array = array.astype(np.float64)
     return (array - array.min()) / (array.max() - array.min())
-
-
-def images(data: FolderDataModule, split: str = "train") -> dict[str, torch.Tensor]:
-    images = {}
-    for batch in data.reference_dataloader(split):
-        images.update(zip(batch["id"], batch["image"], strict=True))
-    return images
-
-
-def input_error(action) -> InputError:
-    """The `InputError` raised by `action()`, also when MONAI's transform chain wrapped it in a RuntimeError."""
-    with pytest.raises(Exception) as raised:
-        action()
-    error: BaseException | None = raised.value
-    while error is not None and not isinstance(error, InputError):
-        error = error.__cause__
-    assert error is not None, repr(raised.value)
-    assert "\n" not in str(error)
-    return error
 
 
 def test_every_2d_format_becomes_one_channel_in_unit_range_at_spatial_size(tmp_path):

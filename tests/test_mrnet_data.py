@@ -10,7 +10,8 @@ import torch
 from scipy.ndimage import zoom
 
 from datamodules import MRNetDataModule
-from errors import InputError
+from tests.conftest import input_error
+from tests.conftest import reference_images as images
 
 PLANES = ("axial", "coronal", "sagittal")
 TASKS = ("abnormal", "acl", "meniscus")
@@ -74,25 +75,6 @@ def minmax(array: np.ndarray) -> np.ndarray:
 def expected(path: Path, size: tuple[int, int, int]) -> np.ndarray:
     """What a volume should become: slices last, min-max, centre crop/pad, min-max again."""
     return minmax(centre_pad_or_crop(minmax(np.load(path).transpose(1, 2, 0)), size))
-
-
-def images(data: MRNetDataModule, split: str = "train") -> dict[str, torch.Tensor]:
-    loaded = {}
-    for batch in data.reference_dataloader(split):
-        loaded.update(zip(batch["id"], batch["image"], strict=True))
-    return loaded
-
-
-def input_error(action) -> InputError:
-    """The one-line `InputError` raised by `action()`, also when MONAI's transform chain wrapped it."""
-    with pytest.raises(Exception) as raised:
-        action()
-    error: BaseException | None = raised.value
-    while error is not None and not isinstance(error, InputError):
-        error = error.__cause__
-    assert error is not None, repr(raised.value)
-    assert "\n" not in str(error)
-    return error
 
 
 @pytest.fixture(scope="module")

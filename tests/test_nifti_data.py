@@ -11,6 +11,7 @@ import torch
 
 from datamodules import NiftiDataModule
 from errors import InputError
+from tests.conftest import input_error
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Voxel axis 0 runs Superior, axis 1 Left, axis 2 Anterior (2 mm voxels, shifted origin).
@@ -39,18 +40,6 @@ def images(data: NiftiDataModule, split: str = "train") -> dict[str, np.ndarray]
         assert batch["image"].dtype == torch.float32
         found.update((i, image[0].numpy()) for i, image in zip(batch["id"], batch["image"], strict=True))
     return found
-
-
-def input_error(action) -> InputError:
-    """The one-line `InputError` raised by `action()`, also when MONAI's Compose wrapped it."""
-    with pytest.raises(Exception) as raised:
-        action()
-    error: BaseException | None = raised.value
-    while error is not None and not isinstance(error, InputError):
-        error = error.__cause__
-    assert error is not None, repr(raised.value)
-    assert "\n" not in str(error)
-    return error
 
 
 @pytest.mark.parametrize(
