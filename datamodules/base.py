@@ -31,9 +31,6 @@ from monai.transforms import Compose, EnsureTyped, Lambda, SelectItemsd, Transfo
 from datamodules.transforms import augmentation_transforms
 from errors import InputError
 
-# Options that change which images are loaded or how, but not what one image becomes.
-LOADER_ONLY_OPTIONS = ("batch_size", "num_workers", "n_train", "val_fraction", "split_seed", "split_file", "augment", "cache", "cache_dir")
-
 
 def record_hash(record: dict[str, Any]) -> bytes:
     """Disk-cache key of a record: its contents and, for a file, its size and modification time (an edited file is re-read)."""
@@ -71,6 +68,12 @@ class MedicalImageDataModule(LightningDataModule):
             or decode on every access (`none`).
         cache_dir: folder for `cache: disk`.
     """
+
+    #: options that choose which images are used or how they are batched, not what one image becomes:
+    #: the disk cache is shared across their values (subclasses add their own, e.g. a fold)
+    split_options: tuple[str, ...] = (
+        "batch_size", "num_workers", "n_train", "val_fraction", "split_seed", "split_file", "augment", "cache", "cache_dir",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -206,7 +209,7 @@ class MedicalImageDataModule(LightningDataModule):
             return CacheDataset(records, transform, num_workers=self.num_workers or None, progress=False)
         if self.cache == "disk":
             # One folder per preprocessing: changing spatial_size, a window... never reads stale images.
-            options = {k: v for k, v in self.hparams.items() if k not in LOADER_ONLY_OPTIONS}
+            options = {k: v for k, v in self.hparams.items() if k not in self.split_options}
             folder = Path(self.cache_dir) / type(self).__name__ / pickle_hashing(options).decode()[:16] / name
             folder.mkdir(parents=True, exist_ok=True)
             return PersistentDataset(records, transform, cache_dir=folder, hash_func=record_hash)

@@ -90,6 +90,8 @@ class ChestXray14DataModule(MedicalImageDataModule):
         batch_size, num_workers, n_train, augment, cache, ...: see `MedicalImageDataModule`.
     """
 
+    split_options = (*MedicalImageDataModule.split_options, "split", "n_val")
+
     def __init__(
         self,
         root: str = "data/ChestX-ray14",

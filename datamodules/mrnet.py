@@ -90,6 +90,8 @@ class MRNetDataModule(MedicalImageDataModule):
             out) and `split_file` is refused (use `split` and `fold`).
     """
 
+    split_options = (*MedicalImageDataModule.split_options, "split", "fold")
+
     def __init__(
         self,
         root: str,

@@ -160,6 +160,17 @@ def test_disk_cache_is_decoded_once_and_keyed_by_spatial_size(mrnet, tmp_path):
     assert len(list(tmp_path.rglob("*.pt"))) == 2 * 8  # one file per training volume and size
 
 
+def test_the_five_folds_share_one_disk_cache(mrnet, tmp_path):
+    for fold in range(5):
+        data = MRNetDataModule(str(mrnet), spatial_size=(8, 8, 2), fold=fold, cache="disk", cache_dir=str(tmp_path))
+        images(data, "train")
+        images(data, "val")
+    cases = len(list((mrnet / "train" / "sagittal").glob("*.npy")))
+    # Every fold caches all cases; separate caches per fold would hold 5 files per case. Shared, a
+    # case has at most one file in the training cache and one in the validation cache.
+    assert len(list(tmp_path.rglob("*.pt"))) <= 2 * cases
+
+
 def _break(root: Path, case: str) -> str:
     """Damage a fresh tiny MRNet under `root` in one way; the path or text the error must name."""
     sagittal = root / "MRNet-v1.0/train/sagittal"
