@@ -35,7 +35,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd, SelectItemsd
 
 from datamodules import FolderDataModule, MedicalImageDataModule
-from datamodules.folder import LoadImageFile, image_records
+from datamodules.folder import CheckUnitRange, LoadImageFile, image_records
 from errors import InputError
 from lightning_modules import LatentDiffusionModule, SimCLRModule
 from memorization import detect_copies, frechet_distance, ms_ssim_diversity
@@ -260,7 +260,7 @@ def synthetic_folder(folder: Path, size: tuple[int, ...], intensity: str) -> Dat
             f"the synthetic images are {list(first['shape'])} (e.g. {first['image_path']}) but the embedder was "
             f"trained on {list(size)}: pass the embedder trained on the generating model's data"
         )
-    scale = [ScaleIntensityd(keys="image", minv=0.0, maxv=1.0)] if intensity == "minmax" else [_UnitRange()]
+    scale = [ScaleIntensityd(keys="image", minv=0.0, maxv=1.0)] if intensity == "minmax" else [CheckUnitRange("--intensity")]
     finish = [
         EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
         SelectItemsd(keys=["image", "id"]),
@@ -269,18 +269,6 @@ def synthetic_folder(folder: Path, size: tuple[int, ...], intensity: str) -> Dat
     dataset.files = [Path(r["image_path"]) for r in records]
     dataset.relative = [Path(r["image_path"]).relative_to(folder) for r in records]
     return dataset
-
-
-class _UnitRange:
-    """With `--intensity none`: refuse values outside `[0, 1]` rather than silently clip a patient's image."""
-
-    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-        low, high = float(record["image"].min()), float(record["image"].max())
-        if low < 0.0 or high > 1.0:
-            raise InputError(
-                f"{record['image_path']} has values in [{low:g}, {high:g}], not [0, 1]: use --intensity minmax"
-            )
-        return record
 
 
 def dataset_ids(dataset: Dataset) -> list[str]:

@@ -39,7 +39,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -47,6 +46,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe_machine  # bench/machine.py: scripts run from bench/ on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 EMA = {
@@ -296,28 +297,13 @@ def csv_agrees(run_: dict) -> bool:
     )
 
 
-def machine() -> dict:
-    import torch
-
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor())  # fmt: skip
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
 def main(opts: argparse.Namespace) -> None:
     started = time.perf_counter()
     result: dict = {
         "benchmark": "callback_overhead",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        "machine": describe_machine(("torch", "lightning", "monai")),
         "settings": {
             "ldm_steps": opts.ldm_steps,
             "prep_steps": opts.prep_steps,

@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe_machine  # bench/machine.py: scripts run from bench/ on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("none", "memory", "disk", "disk_reuse")
@@ -210,35 +210,12 @@ def speedups(runs: dict) -> dict:
     return out
 
 
-def machine() -> dict:
-    import monai
-    import torch
-
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor())  # fmt: skip
-    mem_kib = next(
-        int(ln.split()[1])
-        for ln in Path("/proc/meminfo").read_text().splitlines()
-        if ln.startswith("MemTotal")
-    )
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gib": round(mem_kib / 2**20, 1),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
 def main(opts: argparse.Namespace) -> None:
     result = {
         "benchmark": "data_loading",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        "machine": describe_machine(("torch", "monai", "numpy")),
         "settings": {
             k: getattr(opts, k)
             for k in (

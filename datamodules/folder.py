@@ -201,14 +201,21 @@ class LoadImageFile:
 
 
 class CheckUnitRange:
-    """Raise `InputError` unless every pixel already lies in `[0, 1]` (for `intensity: none`)."""
+    """Raise `InputError` unless every pixel already lies in `[0, 1]` (for `intensity: none`).
+
+    Args:
+        option: the argument that chose `intensity: none`, named in the error with its fix.
+    """
+
+    def __init__(self, option: str = "--data.init_args.intensity") -> None:
+        self.option = option
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         low, high = float(record["image"].min()), float(record["image"].max())
         if low < 0.0 or high > 1.0:
             raise InputError(
                 f"image {record['id']} ({record['image_path']}) has intensities in [{low:g}, {high:g}], not [0, 1], "
-                "and intensity is none: set --data.init_args.intensity minmax or rescale the file"
+                f"and intensity is none: set {self.option} minmax or rescale the file"
             )
         return record
 

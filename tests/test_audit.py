@@ -131,6 +131,8 @@ def make_bad_synthetic(folder: Path, case: str) -> Path:
     elif case == "3D":
         (synthetic / "a.npy").unlink()
         save_npy(synthetic / "b.npy", np.zeros((32, 32, 8)))
+    elif case == "outside [0, 1]":
+        save_npy(synthetic / "b.npy", image * 4.0)
     elif case == "NaN":
         image = image.copy()
         image[3, 4] = np.nan
@@ -145,6 +147,7 @@ BAD_SYNTHETIC = {
     "wrong size": "the synthetic images are [64, 64] (e.g.",
     "3D": "b.npy has shape (32, 32, 8)",
     "NaN": "has 1 NaN or infinite pixels",
+    "outside [0, 1]": "not [0, 1], and intensity is none: set --intensity minmax",
 }
 
 
