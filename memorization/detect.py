@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from errors import InputError
+from memorization.checks import as_real_tensor, check_finite
 
 
 @dataclass(frozen=True)
@@ -254,29 +255,14 @@ def _standardise(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def _as_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """`x` as a floating-point torch tensor, checked to be a non-empty finite 2-D matrix."""
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(np.asarray(x))
-        except (TypeError, ValueError) as err:
-            raise InputError(
-                f"`{name}` is not a numeric matrix ({err}); pass a tensor or array of shape [N, L]"
-            ) from err
-    x = x.detach()
+    x = as_real_tensor(x, name, "matrix", "[N, L]")
     if x.ndim != 2:
         raise InputError(f"`{name}` has shape {tuple(x.shape)}; expected a 2-D embedding matrix [N, L]")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise InputError(f"`{name}` has shape {tuple(x.shape)}; it needs at least one row and one column")
-    if x.dtype == torch.bool or x.is_complex():
-        raise InputError(f"`{name}` has dtype {x.dtype}; expected real-valued embeddings")
     if not x.is_floating_point():
         x = x.to(torch.float32)
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        row = int(bad.any(dim=1).nonzero()[0, 0])
-        raise InputError(
-            f"`{name}` has {int(bad.sum())} NaN/inf entries (first in row {row}); "
-            "remove or fix those samples before detecting copies"
-        )
+    check_finite(x, name)
     return x
 
 

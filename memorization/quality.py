@@ -14,6 +14,7 @@ import torch
 from monai.metrics import compute_ms_ssim
 
 from errors import InputError
+from memorization.checks import as_real_tensor, check_finite
 
 # MONAI's (Wang et al.'s) MS-SSIM weights, finest scale first; fewer scales use a renormalised prefix.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -166,7 +167,7 @@ def diversity_pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _as_embeddings(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """`x` as a float64 torch tensor, checked to be a finite 2-D matrix with at least 2 rows."""
-    x = _as_real_tensor(x, name, "embeddings [N, L]")
+    x = as_real_tensor(x, name, "embedding matrix", "[N, L]")
     if x.ndim != 2:
         raise InputError(f"`{name}` has shape {tuple(x.shape)}; expected a 2-D embedding matrix [N, L]")
     if x.shape[0] < 2 or x.shape[1] == 0:
@@ -174,13 +175,13 @@ def _as_embeddings(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
             f"`{name}` has shape {tuple(x.shape)}; a Gaussian fit needs at least 2 rows and 1 column"
         )
     x = x.to(torch.float64)
-    _check_finite(x, name)
+    check_finite(x, name)
     return x
 
 
 def _as_images(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """`x` as a floating-point torch tensor `[P, C, *spatial]` (2 or 3 spatial axes), finite and in `[0, 1]`."""
-    x = _as_real_tensor(x, name, "images [P, C, *spatial]")
+    x = as_real_tensor(x, name, "image batch", "[P, C, *spatial]")
     if x.ndim not in (4, 5) or x.shape[1] == 0:
         raise InputError(
             f"`{name}` has shape {tuple(x.shape)}; expected images [P, C, H, W] or [P, C, H, W, D] with C >= 1"
@@ -188,7 +189,7 @@ def _as_images(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     if not x.is_floating_point():
         x = x.to(torch.float32)
     if x.numel():
-        _check_finite(x, name)
+        check_finite(x, name)
         low, high = float(x.min()), float(x.max())
         if low < 0.0 or high > 1.0:
             raise InputError(
@@ -197,24 +198,3 @@ def _as_images(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     return x
 
 
-def _as_real_tensor(x: torch.Tensor | np.ndarray, name: str, expected: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        try:
-            x = torch.as_tensor(np.asarray(x))
-        except (TypeError, ValueError) as err:
-            raise InputError(
-                f"`{name}` is not numeric ({err}); pass a tensor or array of {expected}"
-            ) from err
-    if x.dtype == torch.bool or x.is_complex():
-        raise InputError(f"`{name}` has dtype {x.dtype}; expected real-valued {expected}")
-    return x.detach()
-
-
-def _check_finite(x: torch.Tensor, name: str) -> None:
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        first = int(bad.reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
-        raise InputError(
-            f"`{name}` has {int(bad.sum())} NaN/inf entries (first in row {first}); "
-            "remove or fix those samples first"
-        )
