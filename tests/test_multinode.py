@@ -1,0 +1,176 @@
+"""Several machines: torchrun with 2 "nodes" × 1 process on localhost (gloo) counts copies as 1 process does.
+
+Also keeps the launch scripts in `examples/` from rotting: they parse as bash, and the sbatch
+script's `cli.py` arguments parse as a memwatch configuration.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import MEMORIZATION_SIZE, N_TRAIN, ROOT, memorization_phantoms
+
+EXAMPLES = ROOT / "examples"
+SBATCH = EXAMPLES / "slurm" / "memwatch_ldm.sbatch"
+TIMEOUT = 600  # generous: the machine is shared; quiet, the whole test takes about a minute
+
+
+def scripted_config(tmp_path: Path, embedder_ckpt: Path) -> Path:
+    """A YAML run of the scripted generator (it copies 12 training patients) with the callback, checked every epoch."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2,
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "scripted"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "callbacks.MemorizationCallback",
+                    "init_args": {
+                        "embedder_ckpt": str(embedder_ckpt),
+                        "every_n_epochs": 1,
+                        "num_inference_steps": 1,
+                    },
+                }
+            ],
+        },
+        "model": {
+            "class_path": "tests.doubles.ScriptedGenerator",
+            "init_args": {
+                "copied_ids": memorization_phantoms().train_ids[:12],
+                "copy_from_epoch": 0,
+                "spatial_size": list(MEMORIZATION_SIZE),
+            },
+        },
+        "data": {
+            "class_path": "datamodules.PhantomDataModule",
+            "init_args": {
+                "spatial_size": list(MEMORIZATION_SIZE),
+                "n_patients": 2 * N_TRAIN,
+                "val_fraction": 0.5,
+                "batch_size": 16,
+            },
+        },
+    }
+    path = tmp_path / "scripted.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(command: list[str], log: Path) -> subprocess.Popen:
+    """`command` in its own session (so its whole process group can be killed), output to `log`."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def history(save_dir: Path) -> list[dict[str, str]]:
+    (run_dir,) = save_dir.glob("scripted/version_*")
+    with (run_dir / "memorization_history.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_torchrun_nodes_count_the_same_copies_as_one_process(embedder_ckpt, tmp_path):
+    config = scripted_config(tmp_path, embedder_ckpt)
+    port = free_port()
+
+    def fit(save_dir: Path, *extra: str) -> list[str]:
+        return [str(ROOT / "cli.py"), "fit", "--config", str(config),
+                "--trainer.logger.init_args.save_dir", str(save_dir), *extra]  # fmt: skip
+
+    def node(rank: int) -> list[str]:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
+        return torchrun + fit(tmp_path / "nodes", "--trainer.num_nodes", "2", "--trainer.devices", "1",
+                              "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")  # fmt: skip
+
+    logs = {name: tmp_path / f"{name}.log" for name in ("node0", "node1", "single")}
+    processes = {}
+    try:
+        processes["node0"] = launch(node(0), logs["node0"])
+        processes["node1"] = launch(node(1), logs["node1"])
+        processes["single"] = launch([sys.executable, *fit(tmp_path / "single")], logs["single"])
+        deadline = time.monotonic() + TIMEOUT
+        for name, process in processes.items():
+            returncode = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert returncode == 0, f"{name} exited with {returncode}:\n{logs[name].read_text()[-3000:]}"
+    finally:
+        for process in processes.values():
+            if process.poll() is None:  # torchrun's agent and its worker share the process group
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    # Lightning's TorchElasticEnvironment really joined the two nodes into one gloo group of 2
+    node0, node1 = logs["node0"].read_text(), logs["node1"].read_text()
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in node0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in node1, node0[-2000:]
+    assert "distributed_backend=gloo" in node0 and "Starting with 2 processes" in node0, node0[-2000:]
+    assert "MEMBER" not in logs["single"].read_text()
+
+    single, nodes = history(tmp_path / "single"), history(tmp_path / "nodes")
+    keys = ("check", "epoch", "n_mem", "n_copies", "tau")
+    assert len(single) >= 1
+    assert [[r[k] for k in keys] for r in nodes] == [[r[k] for k in keys] for r in single]
+    assert all(int(r["n_mem"]) > 0 for r in single), single  # the comparison counts real copies
+
+
+# --- the launch scripts in examples/ -----------------------------------------------------
+
+
+SCRIPTS = sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".sh", ".sbatch"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[str(p.relative_to(EXAMPLES)) for p in SCRIPTS])
+def test_example_scripts_are_valid_bash(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_sbatch_scripts_cli_arguments_parse(tmp_path):
+    """Run the sbatch script with a stand-in `srun` that appends `--print_config` to the command it launches."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    srun = fake_bin / "srun"
+    srun.write_text('#!/bin/bash\n# stand-in srun: drop srun options, print the configuration\n'
+                    'while [[ "$1" == -* ]]; do shift; done\nexec "$@" --print_config\n')  # fmt: skip
+    srun.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONWARNINGS": "ignore",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+    }
+    result = subprocess.run(
+        ["bash", str(SBATCH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = yaml.safe_load(result.stdout[result.stdout.index("# lightning.pytorch==") :])
+    trainer = printed["trainer"]
+    assert (trainer["num_nodes"], str(trainer["devices"]), trainer["strategy"]) == (2, "4", "ddp")
+    assert trainer["accelerator"] == "gpu"
+    assert printed["model"]["class_path"] == "lightning_modules.LatentDiffusionModule"
