@@ -9,6 +9,7 @@ conv encoder to 4×4×4×8, then dense layers → 32 (`encoder="conv"`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -43,11 +44,24 @@ def top1_retrieval(queries: torch.Tensor, references: torch.Tensor) -> torch.Ten
     return (similarity.argmax(dim=1) == torch.arange(len(queries), device=queries.device)).float().mean()
 
 
+def _id_key(image_id: str) -> int:
+    """A 63-bit key of an image id, equal on every process (Python's `hash` of a str is not)."""
+    return int.from_bytes(hashlib.blake2b(str(image_id).encode(), digest_size=8).digest(), "little") >> 1
+
+
 class SimCLRModule(MemwatchModule):
     """Contrastive embedder: `embed(images [B, C, *spatial]) -> [B, embedding_dim]`.
 
-    Negatives come from the batch on each process only (no gather across ranks), as in
-    the paper's single-GPU training: the batch size sets the number of negatives.
+    Negatives come from the whole global batch: under DDP each process's embeddings (of
+    both views) are all-gathered with their gradients before NT-Xent (`gather_negatives`),
+    so N processes × `batch_size` images train like one process with N × `batch_size`
+    images, the paper's single-GPU batch (the same loss and gradient, checked in
+    tests/test_ddp_training.py; the ResNet's BatchNorm statistics stay per process unless
+    `--trainer.sync_batchnorm true`). Images that DistributedSampler repeats to pad the last
+    batches of an epoch are counted once (by `id`), so no image is its own negative, and
+    processes may hold batches of different sizes. Validation keeps each process's own
+    batch as negatives (no collectives in `validation_step`): `val/loss` is the mean over
+    processes of the per-batch NT-Xent, which depends on the per-process batch size.
 
     Args:
         spatial_dims: 2 or 3; must match the data.
@@ -64,6 +78,8 @@ class SimCLRModule(MemwatchModule):
         temperature: NT-Xent temperature, at least 0.02.
         lr: Adam learning rate, the peak of the cosine schedule.
         weight_decay: Adam weight decay.
+        gather_negatives: under DDP, take the negatives from every process's batch (default);
+            `False` uses each process's own batch only.
     """
 
     train_command = "python cli.py fit --config configs/phantom_simclr.yaml"
@@ -81,12 +97,19 @@ class SimCLRModule(MemwatchModule):
         temperature: float = 0.07,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
+        gather_negatives: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if spatial_dims not in (2, 3):
-            raise InputError(f"spatial_dims={spatial_dims} must be 2 or 3: set --model.init_args.spatial_dims")
-        for name, value in (("in_channels", in_channels), ("embedding_dim", embedding_dim), ("hidden_dim", hidden_dim)):
+            raise InputError(
+                f"spatial_dims={spatial_dims} must be 2 or 3: set --model.init_args.spatial_dims"
+            )
+        for name, value in (
+            ("in_channels", in_channels),
+            ("embedding_dim", embedding_dim),
+            ("hidden_dim", hidden_dim),
+        ):
             if value < 1:
                 raise InputError(f"{name}={value} must be at least 1: set --model.init_args.{name}")
         if not temperature >= MIN_TEMPERATURE:
@@ -117,9 +140,13 @@ class SimCLRModule(MemwatchModule):
         if block not in ("basic", "bottleneck"):
             raise InputError(f"resnet_block={block!r} must be 'basic' or 'bottleneck'")
         if len(layers) != 4 or min(layers) < 1:
-            raise InputError(f"resnet_layers={layers} must be 4 positive block counts, e.g. [3, 4, 6, 3] (ResNet-50)")
+            raise InputError(
+                f"resnet_layers={layers} must be 4 positive block counts, e.g. [3, 4, 6, 3] (ResNet-50)"
+            )
         if len(channels) != 4 or min(channels) < 1:
-            raise InputError(f"channels={channels} must be 4 positive ResNet stage widths, e.g. [64, 128, 256, 512]")
+            raise InputError(
+                f"channels={channels} must be 4 positive ResNet stage widths, e.g. [64, 128, 256, 512]"
+            )
         return ResNet(
             block=block,
             layers=layers,
@@ -132,23 +159,34 @@ class SimCLRModule(MemwatchModule):
 
     # --- the interface the memorization callback and audit use -------------------------
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Raw (not normalised) embeddings `[B, embedding_dim]` float32 of images `[B, C, *spatial]` in `[0, 1]`.
 
-        Runs in eval mode without grad on the module's device, then restores each
-        submodule's train/eval state.
+        Runs in eval mode without grad on the module's device, `batch_size` images at a time
+        (the images may stay on the CPU: each chunk is moved on its own), then restores each
+        submodule's train/eval state. The result is on the module's device.
         """
         if images.ndim != self.spatial_dims + 2 or images.shape[1] != self.in_channels:
             raise InputError(
                 f"images of shape {list(images.shape)} cannot be embedded by a {self.spatial_dims}D embedder "
                 f"with {self.in_channels} channel(s): pass [B, {self.in_channels}, *spatial]"
             )
+        if batch_size < 1:
+            raise InputError(f"batch_size={batch_size} must be at least 1")
         modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
             parameter = next(self.encoder.parameters())
             with torch.no_grad():
-                return self.encoder(images.to(device=parameter.device, dtype=parameter.dtype)).float()
+                chunks = [
+                    self.encoder(
+                        images[start : start + batch_size].to(device=parameter.device, dtype=parameter.dtype)
+                    ).float()
+                    for start in range(0, len(images), batch_size)
+                ]
+            if not chunks:
+                return torch.empty(0, self.hparams.embedding_dim, device=parameter.device)
+            return torch.cat(chunks)
         finally:
             for module, training in modes:
                 module.training = training
@@ -161,23 +199,70 @@ class SimCLRModule(MemwatchModule):
         embeddings = self.encoder(torch.cat([images, variations])).float()
         return embeddings[: len(images)], embeddings[len(images) :]
 
+    def _gathered(self, originals: torch.Tensor, variations: torch.Tensor, ids: list[str] | None):
+        """Both views' embeddings of the global batch, `[N, L]` each, with gradients; the local ones without DDP.
+
+        Sizes may differ across processes (padded before `all_gather`, as gloo needs equal
+        sizes); a repeated `id` (DistributedSampler's padding) keeps its first occurrence.
+        """
+        if not self.hparams.gather_negatives or self._trainer is None or self.trainer.world_size < 2:
+            return originals, variations
+        length = originals.shape[1]
+        sizes = self.all_gather(torch.tensor(len(originals), device=originals.device)).flatten()
+        padding = int(sizes.max()) - len(originals)
+        pairs = F.pad(torch.cat([originals, variations], dim=1), (0, 0, 0, padding))
+        pairs = self.all_gather(pairs, sync_grads=True)  # [world_size, longest, 2L]
+        valid = torch.arange(pairs.shape[1], device=pairs.device) < sizes[:, None]
+        pairs = pairs[valid]
+        if ids is not None:
+            keys = torch.tensor([_id_key(i) for i in ids], dtype=torch.int64, device=originals.device)
+            keys = self.all_gather(F.pad(keys, (0, padding)))[valid]
+            _, inverse = torch.unique(keys, return_inverse=True)
+            order = torch.arange(len(keys), device=keys.device)
+            first = torch.full((int(inverse.max()) + 1,), len(keys), device=keys.device)
+            pairs = pairs[first.scatter_reduce(0, inverse, order, "amin").sort().values]
+        return pairs[:, :length], pairs[:, length:]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        originals, variations = self._embed_pairs(batch["image"], seed=None)
+        # vary() draws its seed from torch's global generator, which seed_everything makes equal on
+        # every rank; the rank is added so that processes vary their images independently (no
+        # change on one process).
+        seed = (int(torch.randint(0, 2**31 - 1, ())) + self.global_rank) % (2**31 - 1)
+        originals, variations = self._embed_pairs(batch["image"], seed=seed)
+        # Gradient scale under DDP: every rank computes this same loss over the gathered batch, and
+        # all_gather's backward sums the world_size copies of dL/d(own embeddings), so each rank holds
+        # world_size × its share of the gradient; DDP's mean over ranks then gives exactly the sum of the
+        # shares, the one-process gradient over the concatenated batch. Hence no rescaling.
+        originals, variations = self._gathered(originals, variations, batch.get("id"))
         loss = self.nt_xent(originals, variations)
         batch_size = len(originals)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/embedding_std", embedding_std(torch.cat([originals, variations]).detach()), batch_size=batch_size)
+        self.log(
+            "train/embedding_std",
+            embedding_std(torch.cat([originals, variations]).detach()),
+            batch_size=batch_size,
+        )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # A fixed seed per batch keeps the validation views, and so val/loss, comparable across epochs.
         originals, variations = self._embed_pairs(batch["image"], seed=batch_idx)
         batch_size = len(originals)
-        self.log("val/loss", self.nt_xent(originals, variations), prog_bar=True, sync_dist=True, batch_size=batch_size)
-        self.log("val/top1_retrieval", top1_retrieval(variations, originals), sync_dist=True, batch_size=batch_size)
+        self.log(
+            "val/loss",
+            self.nt_xent(originals, variations),
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=batch_size,
+        )
+        self.log(
+            "val/top1_retrieval", top1_retrieval(variations, originals), sync_dist=True, batch_size=batch_size
+        )
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.Adam(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
         steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(steps):
             raise InputError(

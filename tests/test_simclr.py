@@ -12,14 +12,21 @@ from errors import InputError
 from lightning_modules.simclr import SimCLRModule, embedding_std, top1_retrieval
 from tests.conftest import quiet_trainer
 
-TINY_RESNET = {"resnet_block": "basic", "resnet_layers": (1, 1, 1, 1), "channels": (8, 8, 16, 16), "embedding_dim": 16}
+TINY_RESNET = {
+    "resnet_block": "basic",
+    "resnet_layers": (1, 1, 1, 1),
+    "channels": (8, 8, 16, 16),
+    "embedding_dim": 16,
+}
 
 
 def pearson_top1(queries: torch.Tensor, references: torch.Tensor) -> float:
     """Fraction of queries whose highest-Pearson-correlation reference has the same index."""
     queries = queries - queries.mean(dim=1, keepdim=True)
     references = references - references.mean(dim=1, keepdim=True)
-    correlation = (queries / queries.norm(dim=1, keepdim=True)) @ (references / references.norm(dim=1, keepdim=True)).T
+    correlation = (queries / queries.norm(dim=1, keepdim=True)) @ (
+        references / references.norm(dim=1, keepdim=True)
+    ).T
     return (correlation.argmax(dim=1) == torch.arange(len(queries))).float().mean().item()
 
 
@@ -27,10 +34,22 @@ EMBED_CASES = [
     # (arguments, input shape, output shape)
     ({}, (1, 1, 64, 64), (1, 128)),  # the paper's 2D embedder: ResNet-50, 1-channel stem, L = 128
     ({"spatial_dims": 2, **TINY_RESNET}, (2, 1, 32, 32), (2, 16)),
-    ({"spatial_dims": 2, "in_channels": 2, "resnet_layers": (1, 1, 1, 1), "channels": (8, 8, 8, 8)}, (3, 2, 16, 16), (3, 128)),
+    (
+        {"spatial_dims": 2, "in_channels": 2, "resnet_layers": (1, 1, 1, 1), "channels": (8, 8, 8, 8)},
+        (3, 2, 16, 16),
+        (3, 128),
+    ),
     ({"spatial_dims": 3, **TINY_RESNET}, (2, 1, 16, 16, 16), (2, 16)),
-    ({"spatial_dims": 3, "encoder": "conv", "channels": (8, 16), "hidden_dim": 16, "embedding_dim": 32}, (2, 1, 16, 16, 8), (2, 32)),
-    ({"spatial_dims": 2, "encoder": "conv", "channels": (8,), "hidden_dim": 16, "embedding_dim": 8}, (1, 1, 32, 32), (1, 8)),
+    (
+        {"spatial_dims": 3, "encoder": "conv", "channels": (8, 16), "hidden_dim": 16, "embedding_dim": 32},
+        (2, 1, 16, 16, 8),
+        (2, 32),
+    ),
+    (
+        {"spatial_dims": 2, "encoder": "conv", "channels": (8,), "hidden_dim": 16, "embedding_dim": 8},
+        (1, 1, 32, 32),
+        (1, 8),
+    ),
 ]
 
 
@@ -50,13 +69,45 @@ def test_embed_runs_in_eval_mode_and_restores_modes() -> None:
     # In eval mode batch norm uses running statistics, so one image embeds alike alone or in a batch.
     torch.testing.assert_close(embeddings[1:2], module.embed(images[1:2]))
     assert module.training and module.encoder.training and not module.encoder.layer1.training
-    assert not torch.allclose(embeddings.norm(dim=1), torch.ones(4)), "embed must return raw, not normalised, vectors"
+    assert not torch.allclose(embeddings.norm(dim=1), torch.ones(4)), (
+        "embed must return raw, not normalised, vectors"
+    )
 
 
+@pytest.mark.parametrize("batch_size", [64, 1])
 @pytest.mark.parametrize("shape", [(2, 1, 16, 16, 16), (2, 3, 32, 32)])
-def test_embed_refuses_images_of_the_wrong_shape(shape: tuple) -> None:
+def test_embed_refuses_images_of_the_wrong_shape(shape: tuple, batch_size: int) -> None:
     with pytest.raises(InputError, match="cannot be embedded"):
-        SimCLRModule(spatial_dims=2, **TINY_RESNET).embed(torch.rand(shape))
+        SimCLRModule(spatial_dims=2, **TINY_RESNET).embed(torch.rand(shape), batch_size=batch_size)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"spatial_dims": 2, **TINY_RESNET},
+        {"spatial_dims": 3, "encoder": "conv", "channels": (8,), "hidden_dim": 16},
+    ],
+)
+def test_embed_in_chunks_equals_one_pass(arguments: dict) -> None:
+    module = SimCLRModule(**arguments)
+    images = torch.rand(11, 1, *(16,) * arguments["spatial_dims"], dtype=torch.float64)
+    whole = module.embed(images, batch_size=len(images))
+    for batch_size in (1, 4, 64):
+        chunked = module.embed(images, batch_size=batch_size)
+        assert chunked.shape == whole.shape and chunked.dtype == torch.float32 and not chunked.requires_grad
+        assert chunked.device == next(module.parameters()).device
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert module.embed(images[:0]).shape == (0, module.hparams.embedding_dim)
+    with pytest.raises(InputError, match="batch_size=0"):
+        module.embed(images, batch_size=0)
+
+
+def test_embed_runs_the_encoder_one_chunk_at_a_time() -> None:
+    module = SimCLRModule(spatial_dims=2, **TINY_RESNET)
+    seen = []
+    module.encoder.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape[0]))
+    module.embed(torch.rand(10, 1, 16, 16), batch_size=4)
+    assert seen == [4, 4, 2]
 
 
 @pytest.mark.parametrize(
@@ -105,7 +156,12 @@ def test_fit_logs_losses_health_signal_and_retrieval_with_a_cosine_schedule() ->
     assert 0 < metrics["train/embedding_std"] <= 1
     assert metrics["val/loss"] > 0 and 0 <= metrics["val/top1_retrieval"] <= 1
     assert trainer.lr_scheduler_configs[0].interval == "step"
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12), "cosine decays to 0 at the last step"
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12), (
+        "cosine decays to 0 at the last step"
+    )
+    assert (
+        module.hparams.gather_negatives is True
+    )  # a no-op on one process (tests/test_ddp_training.py for 2)
 
 
 def test_endless_run_is_refused_by_the_cosine_schedule() -> None:
@@ -135,8 +191,12 @@ def test_variation_of_a_training_image_retrieves_its_own_patient_after_training(
     L.seed_everything(0)
     data = PhantomDataModule(spatial_size=(32, 32), n_patients=40, batch_size=16)
     module = SimCLRModule(
-        spatial_dims=2, resnet_block="basic", resnet_layers=(1, 1, 1, 1), channels=(16, 32, 64, 128),
-        embedding_dim=32, lr=1e-3,
+        spatial_dims=2,
+        resnet_block="basic",
+        resnet_layers=(1, 1, 1, 1),
+        channels=(16, 32, 64, 128),
+        embedding_dim=32,
+        lr=1e-3,
     )
     data.setup("fit")
     training_images = torch.cat([batch["image"] for batch in data.reference_dataloader("train")])
