@@ -24,7 +24,9 @@ from lightning_modules.autoencoder import AutoencoderModule
 from lightning_modules.base import MemwatchModule, nearest_multiple
 
 
-def sample_generator(seed: int | Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Generator:
+def sample_generator(
+    seed: int | Sequence[int], index: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A generator seeded from `(seed..., index)` through NumPy's SeedSequence (no collisions between pairs)."""
     entropy = [*(seed if isinstance(seed, Sequence) else [seed]), index]
     state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2, dtype=np.uint32)
@@ -41,6 +43,11 @@ class LatentDiffusionModule(MemwatchModule):
         attention_levels: self-attention per UNet level; default none.
         num_res_blocks: residual blocks per UNet level.
         num_head_channels: channels per attention head.
+        use_flash_attention: compute the UNet's attention with torch's `scaled_dot_product_attention`
+            (flash / memory-efficient kernels on CUDA) instead of MONAI's explicit attention
+            matrix; same result to float tolerance. `None` (default) means "where CUDA is
+            available", resolved when the module is built, so a checkpoint trained on a GPU
+            reloads on a CPU.
         norm_num_groups: GroupNorm groups; must divide every entry of `channels`.
         num_train_timesteps: DDPM steps (1000 as in the paper; its VQ-GAN variant used 300).
         schedule, beta_start, beta_end: noise schedule (MONAI's LDM tutorials' defaults).
@@ -61,6 +68,7 @@ class LatentDiffusionModule(MemwatchModule):
         attention_levels: Sequence[bool] | None = None,
         num_res_blocks: int = 1,
         num_head_channels: int = 32,
+        use_flash_attention: bool | None = None,
         norm_num_groups: int = 32,
         num_train_timesteps: int = 1000,
         schedule: str = "scaled_linear_beta",
@@ -77,8 +85,12 @@ class LatentDiffusionModule(MemwatchModule):
         if autoencoder_config is not None:
             autoencoder = AutoencoderModule.from_hparams(autoencoder_config)
         elif autoencoder_ckpt:
-            autoencoder = AutoencoderModule.from_checkpoint(autoencoder_ckpt, "model.init_args.autoencoder_ckpt")
-            self.hparams["autoencoder_config"] = {k: v for k, v in autoencoder.hparams.items() if not k.startswith("_")}
+            autoencoder = AutoencoderModule.from_checkpoint(
+                autoencoder_ckpt, "model.init_args.autoencoder_ckpt"
+            )
+            self.hparams["autoencoder_config"] = {
+                k: v for k, v in autoencoder.hparams.items() if not k.startswith("_")
+            }
         else:
             raise InputError(
                 "model.init_args.autoencoder_ckpt is not set: pass the autoencoder's checkpoints/last.ckpt "
@@ -87,7 +99,9 @@ class LatentDiffusionModule(MemwatchModule):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"prediction_type={prediction_type!r} must be 'epsilon' or 'v_prediction'")
         if any(c % norm_num_groups for c in channels):
-            raise InputError(f"channels={list(channels)} must all be multiples of norm_num_groups={norm_num_groups}")
+            raise InputError(
+                f"channels={list(channels)} must all be multiples of norm_num_groups={norm_num_groups}"
+            )
         self.spatial_dims = autoencoder.spatial_dims
         self.autoencoder_downsample = autoencoder.downsample_factor
         self.latent_channels = autoencoder.latent_channels
@@ -102,6 +116,9 @@ class LatentDiffusionModule(MemwatchModule):
             num_res_blocks=num_res_blocks,
             num_head_channels=num_head_channels,
             norm_num_groups=norm_num_groups,
+            use_flash_attention=torch.cuda.is_available()
+            if use_flash_attention is None
+            else use_flash_attention,
         )
         self.scheduler = self._make_scheduler("ddpm")
         # 0 means "not yet computed"; set from the first training batch, then saved in checkpoints.
@@ -149,21 +166,32 @@ class LatentDiffusionModule(MemwatchModule):
         return z * self.scale_factor
 
     def _set_scale_factor(self, z: torch.Tensor) -> None:
-        stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device)]).double()
+        stats = torch.stack(
+            [z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device)]
+        ).double()
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         mean = stats[0] / stats[2]
         std = torch.sqrt(stats[1] / stats[2] - mean**2)
         self.scale_factor.fill_(float(1.0 / std))
 
     def _diffusion_loss(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else z.device).to(z)
+        noise = torch.randn(
+            z.shape, generator=generator, device=generator.device if generator else z.device
+        ).to(z)
         timesteps = torch.randint(
-            0, self.scheduler.num_train_timesteps, (z.shape[0],), generator=generator,
+            0,
+            self.scheduler.num_train_timesteps,
+            (z.shape[0],),
+            generator=generator,
             device=generator.device if generator else z.device,
         ).to(z.device)
         noisy = self.scheduler.add_noise(original_samples=z, noise=noise, timesteps=timesteps)
         prediction = self.unet(noisy, timesteps=timesteps)
-        target = noise if self.hparams.prediction_type == "epsilon" else self.scheduler.get_velocity(z, noise, timesteps)
+        target = (
+            noise
+            if self.hparams.prediction_type == "epsilon"
+            else self.scheduler.get_velocity(z, noise, timesteps)
+        )
         return F.mse_loss(prediction.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -200,6 +228,11 @@ class LatentDiffusionModule(MemwatchModule):
         depend on `sample_batch_size`, on the other samples, on the rank or the world size.
         `seed` may be a tuple, e.g. `(seed, check)`, to draw fresh samples per check.
         DDIM (eta 0) is deterministic given the initial noise.
+
+        Under autocast (e.g. Lightning's `trainer.precision_plugin.forward_context()` with
+        `bf16-mixed`) only the UNet and decoder forwards run in low precision: the initial and
+        per-step noise, the latents and the scheduler's arithmetic stay float32, and the
+        images come back float32.
         """
         if self.image_spatial_size is None:
             raise InputError(
@@ -209,12 +242,21 @@ class LatentDiffusionModule(MemwatchModule):
             raise InputError("this LDM has no latent scale factor yet: it has not seen a training batch")
         steps = num_inference_steps or self.hparams.num_inference_steps
         batch_size = sample_batch_size or self.hparams.sample_batch_size
-        latent_shape = (self.latent_channels, *(s // self.autoencoder_downsample for s in self.image_spatial_size))
+        latent_shape = (
+            self.latent_channels,
+            *(s // self.autoencoder_downsample for s in self.image_spatial_size),
+        )
         was_training = self.training
         self.eval()
         try:
             chunks = [
-                self._sample_indices(range(first, min(first + batch_size, start_index + n)), seed, steps, scheduler, latent_shape)
+                self._sample_indices(
+                    range(first, min(first + batch_size, start_index + n)),
+                    seed,
+                    steps,
+                    scheduler,
+                    latent_shape,
+                )
                 for first in range(start_index, start_index + n, batch_size)
             ]
         finally:
@@ -228,16 +270,27 @@ class LatentDiffusionModule(MemwatchModule):
             raise InputError(f"scheduler={kind!r} must be 'ddim' or 'ddpm'")
         scheduler = self._make_scheduler(kind)
         scheduler.set_timesteps(num_inference_steps=steps, device=self.device)
-        x = torch.stack([torch.randn(latent_shape, generator=sample_generator(seed, i)) for i in indices]).to(self.device)
+        # The scheduler's steps run in float32, whatever autocast the caller has on.
+        float32 = torch.autocast(self.device.type, enabled=False)
+        x = torch.stack(
+            [
+                torch.randn(latent_shape, generator=sample_generator(seed, i), dtype=torch.float32)
+                for i in indices
+            ]
+        ).to(self.device)
         step_generators = [sample_generator(seed, i, self.device) for i in indices] if kind == "ddpm" else []
         for t in scheduler.timesteps:
             timesteps = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
-            prediction = self.unet(x, timesteps=timesteps).float()
-            if kind == "ddim":
-                x, _ = scheduler.step(prediction, int(t), x)
-            else:
-                x = torch.cat(
-                    [scheduler.step(prediction[k : k + 1], int(t), x[k : k + 1], generator=g)[0] for k, g in enumerate(step_generators)]
-                )
+            prediction = self.unet(x, timesteps=timesteps).float()  # the UNet in the caller's precision
+            with float32:
+                if kind == "ddim":
+                    x, _ = scheduler.step(prediction, int(t), x)
+                else:
+                    x = torch.cat(
+                        [
+                            scheduler.step(prediction[k : k + 1], int(t), x[k : k + 1], generator=g)[0]
+                            for k, g in enumerate(step_generators)
+                        ]
+                    )
         images = self.autoencoder.decode_stage_2_outputs(x / self.scale_factor)
         return images.float().clamp(0.0, 1.0)

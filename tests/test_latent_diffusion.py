@@ -12,7 +12,9 @@ from lightning_modules import LatentDiffusionModule
 from lightning_modules.latent_diffusion import sample_generator
 from tests.conftest import quiet_trainer
 
-TINY_UNET = dict(channels=(16, 32), norm_num_groups=8, num_head_channels=8, num_train_timesteps=100, num_inference_steps=6)
+TINY_UNET = dict(
+    channels=(16, 32), norm_num_groups=8, num_head_channels=8, num_train_timesteps=100, num_inference_steps=6
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,9 @@ def test_scale_factor_is_one_over_latent_std(autoencoder_ckpt):
 
 def test_v_prediction_trains(autoencoder_ckpt):
     data = PhantomDataModule(spatial_size=(16, 16), n_patients=20, batch_size=8)
-    model = LatentDiffusionModule(autoencoder_ckpt=str(autoencoder_ckpt), prediction_type="v_prediction", **TINY_UNET)
+    model = LatentDiffusionModule(
+        autoencoder_ckpt=str(autoencoder_ckpt), prediction_type="v_prediction", **TINY_UNET
+    )
     quiet_trainer(max_steps=2, limit_val_batches=1).fit(model, data)
     assert model.sample(2, seed=0).shape == (2, 1, 16, 16)
 
@@ -98,7 +102,9 @@ def test_autoencoder_stays_frozen(trained_ldm):
 def test_bad_checkpoints_and_sizes(autoencoder_ckpt, trained_ldm, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         LatentDiffusionModule(autoencoder_ckpt=str(tmp_path / "missing.ckpt"))
-    with pytest.raises(InputError, match="is a checkpoint of LatentDiffusionModule, not of AutoencoderModule"):
+    with pytest.raises(
+        InputError, match="is a checkpoint of LatentDiffusionModule, not of AutoencoderModule"
+    ):
         LatentDiffusionModule(autoencoder_ckpt=str(trained_ldm[1]))
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
@@ -111,3 +117,57 @@ def test_bad_checkpoints_and_sizes(autoencoder_ckpt, trained_ldm, tmp_path):
         model.check_data(PhantomDataModule(spatial_size=(18, 18)))
     with pytest.raises(InputError, match="never fitted|image size"):
         model.sample(1, seed=0)
+
+
+def test_flash_attention_is_an_argument_with_the_same_output(autoencoder_ckpt):
+    from monai.networks.blocks.selfattention import SABlock
+
+    def attention_flags(model):
+        return {m.use_flash_attention for m in model.unet.modules() if isinstance(m, SABlock)}
+
+    unet = {**TINY_UNET, "attention_levels": (False, True)}
+    default = LatentDiffusionModule(autoencoder_ckpt=str(autoencoder_ckpt), **unet)
+    # Saved unresolved, so the hparams of a GPU run reload on a CPU.
+    assert default.hparams.use_flash_attention is None
+    assert attention_flags(default) == {torch.cuda.is_available()}
+    flash = LatentDiffusionModule.from_hparams({**default.hparams, "use_flash_attention": True})
+    explicit = LatentDiffusionModule.from_hparams({**default.hparams, "use_flash_attention": False})
+    assert attention_flags(flash) == {True} and attention_flags(explicit) == {False}
+    explicit.load_state_dict(flash.state_dict())  # the flag changes no parameter
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 2, 8, 8), torch.tensor([0, 50, 99])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            flash.unet(x, timesteps=t), explicit.unet(x, timesteps=t), atol=1e-5, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_samples_under_bf16_autocast(trained_ldm, scheduler, monkeypatch):
+    model, _ = trained_ldm
+    seen = {"unet": set(), "step": set()}
+    hook = model.unet.register_forward_hook(lambda module, args, output: seen["unet"].add(output.dtype))
+    scheduler_class = type(model._make_scheduler(scheduler))
+    step = scheduler_class.step
+
+    def recording_step(self, model_output, timestep, sample, *args, **kwargs):
+        seen["step"].add((model_output.dtype, sample.dtype, torch.is_autocast_enabled("cpu")))
+        return step(self, model_output, timestep, sample, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler_class, "step", recording_step)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            five = model.sample(5, seed=3, scheduler=scheduler, sample_batch_size=5)
+            ones = model.sample(5, seed=3, scheduler=scheduler, sample_batch_size=1)
+            shifted = model.sample(2, seed=3, scheduler=scheduler, sample_batch_size=2, start_index=3)
+    finally:
+        hook.remove()
+    assert seen["unet"] == {torch.bfloat16}  # the UNet did run in bf16
+    assert seen["step"] == {(torch.float32, torch.float32, False)}  # the scheduler did not
+    assert five.dtype == torch.float32 and five.shape == (5, 1, 16, 16)
+    assert torch.isfinite(five).all() and five.min() >= 0.0 and five.max() <= 1.0
+    # bf16 convolutions of a batch of 5 and of 1 may round differently; the noise is the same.
+    torch.testing.assert_close(ones, five, atol=2e-2, rtol=0)
+    torch.testing.assert_close(shifted, five[3:], atol=2e-2, rtol=0)
+    full = model.sample(5, seed=3, scheduler=scheduler, sample_batch_size=5)
+    torch.testing.assert_close(five, full, atol=5e-2, rtol=0)  # bf16 sampling stays close to float32
