@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.strategies import DDPStrategy
 from monai.losses import PatchAdversarialLoss, PerceptualLoss
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 
@@ -39,6 +40,10 @@ class AutoencoderModule(MemwatchModule):
         latent_channels: latent channels (KL), or the codebook vector size (VQ).
         num_res_blocks: residual blocks per level.
         attention_levels: self-attention per level (KL only); default none.
+        use_flash_attention: compute that attention with torch's `scaled_dot_product_attention`
+            (flash / memory-efficient kernels) instead of MONAI's explicit attention matrix
+            (KL only); `None` (default) means "where CUDA is available". Resolved when the
+            module is built, so a checkpoint trained on a GPU reloads on a CPU.
         norm_num_groups: GroupNorm groups (KL only); must divide every entry of `channels`.
         num_embeddings: codebook size (VQ only).
         kl_weight: weight of the KL term (KL only).
@@ -53,6 +58,9 @@ class AutoencoderModule(MemwatchModule):
             or a torch.hub folder holding the RadImageNet/MedicalNet repository and weights).
         lr: generator learning rate (Adam).
         disc_lr: discriminator learning rate (Adam).
+
+    Under DDP (`--trainer.strategy ddp`) the module turns on DDP's unused-parameter
+    detection itself when it has a discriminator (see `setup`); nothing to add to a config.
     """
 
     train_command = "python cli.py fit --config configs/phantom_ae.yaml"
@@ -66,6 +74,7 @@ class AutoencoderModule(MemwatchModule):
         latent_channels: int = 3,
         num_res_blocks: int = 1,
         attention_levels: Sequence[bool] | None = None,
+        use_flash_attention: bool | None = None,
         norm_num_groups: int = 32,
         num_embeddings: int = 256,
         kl_weight: float = 1e-6,
@@ -90,7 +99,9 @@ class AutoencoderModule(MemwatchModule):
         channels = tuple(channels)
         if kind == "kl":
             if any(c % norm_num_groups for c in channels):
-                raise InputError(f"channels={list(channels)} must all be multiples of norm_num_groups={norm_num_groups}")
+                raise InputError(
+                    f"channels={list(channels)} must all be multiples of norm_num_groups={norm_num_groups}"
+                )
             self.autoencoder = AutoencoderKL(
                 spatial_dims=spatial_dims,
                 in_channels=in_channels,
@@ -102,6 +113,9 @@ class AutoencoderModule(MemwatchModule):
                 norm_num_groups=norm_num_groups,
                 with_encoder_nonlocal_attn=False,
                 with_decoder_nonlocal_attn=False,
+                use_flash_attention=torch.cuda.is_available()
+                if use_flash_attention is None
+                else use_flash_attention,
             )
             self.downsample_factor = 2 ** (len(channels) - 1)
         elif kind == "vq":
@@ -124,7 +138,10 @@ class AutoencoderModule(MemwatchModule):
         self.latent_channels = latent_channels
         self.discriminator = (
             PatchDiscriminator(
-                spatial_dims=spatial_dims, channels=disc_channels, in_channels=in_channels, num_layers_d=disc_layers
+                spatial_dims=spatial_dims,
+                channels=disc_channels,
+                in_channels=in_channels,
+                num_layers_d=disc_layers,
             )
             if adv_weight > 0
             else None
@@ -155,6 +172,23 @@ class AutoencoderModule(MemwatchModule):
             ) from None
         return loss.eval().requires_grad_(False)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        strategy = self.trainer.strategy
+        if stage == "fit" and self.discriminator is not None and isinstance(strategy, DDPStrategy):
+            # Each backward pass leaves the other network's parameters unused (the discriminator before
+            # warm-up and in the generator pass, the generator in the discriminator pass): DDP must find
+            # them or it waits for their gradients. Set here, before the strategy wraps the model; Lightning
+            # has no public setter for the DDP arguments of a strategy already built.
+            if strategy._ddp_kwargs.get("find_unused_parameters") is False or strategy._ddp_kwargs.get(
+                "static_graph"
+            ):
+                raise InputError(
+                    "the autoencoder's discriminator needs DDP's unused-parameter detection, which this strategy "
+                    "turns off: use --trainer.strategy ddp (the module turns it on itself)"
+                )
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+
     def check_data(self, datamodule: LightningDataModule) -> None:
         super().check_data(datamodule)
         size = list(datamodule.spatial_size)
@@ -164,10 +198,10 @@ class AutoencoderModule(MemwatchModule):
                 f"data spatial_size={size} is not divisible by {self.downsample_factor}, the autoencoder's "
                 f"downsampling factor: set --data.init_args.spatial_size {fixed}"
             )
-        if self.discriminator is not None and min(size) < 4 * 2 ** self.hparams.disc_layers:
+        if self.discriminator is not None and min(size) < 4 * 2**self.hparams.disc_layers:
             raise InputError(
                 f"data spatial_size={size} is too small for a {self.hparams.disc_layers}-layer patch discriminator "
-                f"(needs at least {4 * 2 ** self.hparams.disc_layers} per axis): lower --model.init_args.disc_layers"
+                f"(needs at least {4 * 2**self.hparams.disc_layers} per axis): lower --model.init_args.disc_layers"
             )
 
     # --- the interface the LDM uses ----------------------------------------------------
@@ -194,7 +228,10 @@ class AutoencoderModule(MemwatchModule):
     # --- training ----------------------------------------------------------------------
 
     def _adversarial_active(self) -> bool:
-        return self.discriminator is not None and self.trainer.fit_loop.total_batch_idx >= self.hparams.adv_warmup_steps
+        return (
+            self.discriminator is not None
+            and self.trainer.fit_loop.total_batch_idx >= self.hparams.adv_warmup_steps
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["image"]
@@ -202,11 +239,16 @@ class AutoencoderModule(MemwatchModule):
         opt_g, opt_d = optimizers if isinstance(optimizers, list) else (optimizers, None)
         adversarial = self._adversarial_active()
 
+        # Toggling makes each pass compute gradients for its own optimizer's parameters only: the
+        # generator pass leaves the discriminator's weights without gradients, and vice versa.
+        self.toggle_optimizer(opt_g)
         reconstruction, regularisation = self.reconstruct(images)
         l1 = F.l1_loss(reconstruction.float(), images.float())
         loss_g = l1 + regularisation
         if self.perceptual_loss is not None:
-            loss_g = loss_g + self.hparams.perceptual_weight * self.perceptual_loss(reconstruction.float(), images.float())
+            loss_g = loss_g + self.hparams.perceptual_weight * self.perceptual_loss(
+                reconstruction.float(), images.float()
+            )
         if adversarial:
             logits_fake = self.discriminator(reconstruction.contiguous().float())[-1]
             generator_adv = self.adversarial_loss(logits_fake, target_is_real=True, for_discriminator=False)
@@ -215,8 +257,10 @@ class AutoencoderModule(MemwatchModule):
         opt_g.zero_grad()
         self.manual_backward(loss_g)
         opt_g.step()
+        self.untoggle_optimizer(opt_g)
 
         if adversarial:
+            self.toggle_optimizer(opt_d)
             logits_fake = self.discriminator(reconstruction.contiguous().detach().float())[-1]
             logits_real = self.discriminator(images.contiguous().detach().float())[-1]
             loss_d = 0.5 * (
@@ -228,6 +272,7 @@ class AutoencoderModule(MemwatchModule):
             # Stepped through the strategy, not `opt_d.step()`, so that global_step counts
             # batches rather than optimizer calls (Lightning issue #17958).
             self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None, model=self)
+            self.untoggle_optimizer(opt_d)
             self.log("train/adv_d", loss_d, batch_size=len(images))
 
         self.log("train/l1", l1, prog_bar=True, batch_size=len(images))
