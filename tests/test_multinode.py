@@ -22,7 +22,17 @@ from tests.conftest import MEMORIZATION_SIZE, N_TRAIN, ROOT, memorization_phanto
 
 EXAMPLES = ROOT / "examples"
 SBATCH = EXAMPLES / "slurm" / "memwatch_ldm.sbatch"
-TIMEOUT = 600  # generous: the machine is shared; quiet, the whole test takes about a minute
+TIMEOUT = 600  # generous: the machine is shared; quiet, the three runs take about 40 s together
+LAUNCHER_VARIABLES = (
+    "MASTER_",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_",
+    "GROUP_",
+    "NODE_RANK",
+    "TORCHELASTIC_",
+    "SLURM_",
+)
 
 
 def scripted_config(tmp_path: Path, embedder_ckpt: Path) -> Path:
@@ -79,12 +89,33 @@ def free_port() -> int:
 
 
 def launch(command: list[str], log: Path) -> subprocess.Popen:
-    """`command` in its own session (so its whole process group can be killed), output to `log`."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    """`command` in its own session (so its whole process group can be killed), output to `log`.
+
+    Launcher variables of the calling shell (a SLURM job, an outer torchrun) are left out: each
+    run sees only what its own launcher sets.
+    """
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARIABLES)}
+    env = {**inherited, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     with log.open("w") as handle:
         return subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+
+def wait_all(processes: dict[str, subprocess.Popen], logs: dict[str, Path]) -> None:
+    """Wait for every process to succeed; fail as soon as one fails (the others are killed by the caller)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        codes = {name: process.poll() for name, process in processes.items()}
+        for name, code in codes.items():
+            assert code in (None, 0), f"{name} exited with {code}:\n{logs[name].read_text()[-3000:]}"
+        if all(code == 0 for code in codes.values()):
+            return
+        running = [name for name, code in codes.items() if code is None]
+        assert time.monotonic() < deadline, f"{running} still running after {TIMEOUT} s:\n" + "\n".join(
+            f"--- {name}\n{logs[name].read_text()[-1500:]}" for name in running
+        )
+        time.sleep(0.5)
 
 
 def history(save_dir: Path) -> list[dict[str, str]]:
@@ -113,10 +144,7 @@ def test_two_torchrun_nodes_count_the_same_copies_as_one_process(embedder_ckpt, 
         processes["node0"] = launch(node(0), logs["node0"])
         processes["node1"] = launch(node(1), logs["node1"])
         processes["single"] = launch([sys.executable, *fit(tmp_path / "single")], logs["single"])
-        deadline = time.monotonic() + TIMEOUT
-        for name, process in processes.items():
-            returncode = process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            assert returncode == 0, f"{name} exited with {returncode}:\n{logs[name].read_text()[-3000:]}"
+        wait_all(processes, logs)
     finally:
         for process in processes.values():
             if process.poll() is None:  # torchrun's agent and its worker share the process group
