@@ -22,7 +22,7 @@ import argparse
 import datetime
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,9 @@ from datamodules import FolderDataModule, MedicalImageDataModule
 from datamodules.folder import CheckUnitRange, LoadImageFile, image_records
 from errors import InputError
 from lightning_modules import LatentDiffusionModule, SimCLRModule
-from memorization import detect_copies, frechet_distance, ms_ssim_diversity
+from memorization import detect_copies, frechet_distance
 from memorization.report import check_output_folder, staged_output, write_report
+from memorization.stream import EmbeddedStream, chunked, embed_stream
 
 
 def audit_parser() -> argparse.ArgumentParser:
@@ -125,14 +126,22 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
     # Both folders move into place only after everything in both is written.
     with staged_output(out, "--out", args.overwrite) as staging, release as release_staging:
         if ldm is not None:
-            n_samples = args.n_samples or len(train)
-            synthetic = sample_to_folder(
-                ldm, staging / "samples", n_samples, args.seed, args.num_inference_steps, args.batch_size
+            samples = staging / "samples"
+            chunks = sample_chunks(
+                ldm, samples, args.n_samples or len(train), args.seed, args.num_inference_steps, args.batch_size
             )
+            # Embedded while sampled: one pass, never all samples in memory.
+            syn = embed_stream(
+                chunks, embedder.embed, score_pairs=True, require_finite=f"--ldm {args.ldm}", device=device
+            )
+            synthetic = synthetic_folder(samples, tuple(ldm.image_spatial_size), "none")
+        else:
+            syn = embed(embedder, synthetic, args, device, score_pairs=True)
         embeddings = {
-            name: embed(embedder, dataset, args, device) for name, dataset in [("train", train), ("val", val)]
+            "train": embed(embedder, train, args, device).embeddings,
+            "val": embed(embedder, val, args, device).embeddings,
+            "syn": syn.embeddings,
         }
-        embeddings["syn"], diversity = embed_and_compare_pairs(embedder, synthetic, args, device)
         report = detect_copies(
             embeddings["train"], embeddings["val"], embeddings["syn"], percentile=args.percentile
         )
@@ -144,7 +153,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
         summary = {
             "n_val": len(val),
             "fd": fd,
-            "ms_ssim": float(diversity.mean()) if len(diversity) else None,
+            "ms_ssim": float(syn.pair_scores.mean()) if len(syn.pair_scores) else None,
             "inputs": _inputs(args),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
@@ -295,44 +304,30 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
 # --- work --------------------------------------------------------------------------------
 
 
-def sample_to_folder(
+def sample_chunks(
     ldm: LatentDiffusionModule, folder: Path, n: int, seed: int, num_inference_steps: int, batch_size: int
-) -> Dataset:
-    """Draw `n` samples, write `sample_{i:06d}.npy` (float32 `[*spatial]` in `[0, 1]`) and return them as a Dataset."""
+) -> Iterator[torch.Tensor]:
+    """Draw `n` samples in chunks of `batch_size`, writing `sample_{i:06d}.npy` (float32 `[*spatial]` in `[0, 1]`) as they come."""
     folder.mkdir(parents=True)
-    for start in range(0, n, batch_size):
+
+    def draw(indices: range) -> torch.Tensor:
         images = ldm.sample(
-            min(batch_size, n - start), seed=seed, num_inference_steps=num_inference_steps,
-            sample_batch_size=batch_size, start_index=start,
+            len(indices), seed=seed, num_inference_steps=num_inference_steps,
+            sample_batch_size=batch_size, start_index=indices.start,
         )  # fmt: skip
         for offset, image in enumerate(images.float().cpu().numpy()):
-            np.save(folder / f"sample_{start + offset:06d}.npy", image[0])
-    return synthetic_folder(folder, tuple(ldm.image_spatial_size), "none")
+            np.save(folder / f"sample_{indices.start + offset:06d}.npy", image[0])
+        return images
 
-
-def _loader(dataset: Dataset, args: argparse.Namespace) -> DataLoader:
-    batch_size = args.batch_size - args.batch_size % 2  # even: pairs (2k, 2k+1) never straddle two batches
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=args.num_workers)
+    return chunked(draw, range(n), batch_size)
 
 
 def embed(
-    embedder: SimCLRModule, dataset: Dataset, args: argparse.Namespace, device: torch.device
-) -> torch.Tensor:
-    """Embeddings `[N, L]` of a dataset's images, in order."""
-    return torch.cat([embedder.embed(batch["image"].to(device)).cpu() for batch in _loader(dataset, args)])
-
-
-def embed_and_compare_pairs(
-    embedder: SimCLRModule, dataset: Dataset, args: argparse.Namespace, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings `[N, L]` and the MS-SSIM of each pair of samples (2k, 2k+1) `[N // 2]`, in one read of the images."""
-    embeddings, scores = [], []
-    for batch in _loader(dataset, args):
-        images = batch["image"].to(device)
-        embeddings.append(embedder.embed(images).cpu())
-        paired = len(images) - len(images) % 2
-        scores.append(ms_ssim_diversity(images[0:paired:2], images[1:paired:2]).cpu())
-    return torch.cat(embeddings), torch.cat(scores)
+    embedder: SimCLRModule, dataset: Dataset, args: argparse.Namespace, device: torch.device, score_pairs: bool = False
+) -> EmbeddedStream:
+    """Embeddings `[N, L]` of a dataset's images in order (and the MS-SSIM of pairs (2k, 2k+1)), in one read."""
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    return embed_stream((batch["image"].to(device) for batch in loader), embedder.embed, score_pairs=score_pairs, device=device)
 
 
 def release_non_copies(synthetic: Dataset, is_copy: torch.Tensor, folder: Path) -> dict[str, int]:

@@ -19,9 +19,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from datamodules import MedicalImageDataModule
-from errors import InputError
+from errors import InputError, SharedFailure, TrainingFailure
 from lightning_modules import MemwatchModule
 
 TRAINER_DEFAULTS = {
@@ -62,6 +63,8 @@ class MemwatchCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if hasattr(callback, "check_data"):
                 callback.check_data(self.datamodule)
+            if hasattr(callback, "check_trainer"):
+                callback.check_trainer(self.trainer)
 
     before_validate = before_test = before_predict = _load_checkpoints_safely
 
@@ -144,11 +147,30 @@ def main(args: list[str] | None = None) -> MemwatchCLI | dict:
             args=argv,
         )
     except Exception as error:
-        cause = user_mistake(error)
+        cause, status = one_line_failure(error)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
+        # All ranks stop together (memorization.distributed.fail_together); the message is printed once.
+        if rank_zero_only.rank == 0:
+            print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(status) from None
+
+
+def one_line_failure(error: BaseException) -> tuple[BaseException | None, int]:
+    """The failure behind `error` that is reported on one line, and the exit status: 2 for a user's
+    mistake, 1 for a failed run (a diverged model, or a failure on another rank); `None` for a bug."""
+    cause = user_mistake(error)
+    if cause is not None:
+        return cause, 2
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, SharedFailure):
+            return error, 2 if error.kind == "input" else 1
+        if isinstance(error, TrainingFailure):
+            return error, 1
+        error = error.__cause__ or error.__context__
+    return None, 1
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """Memorization as a training metric: sample the LDM every few epochs and count copies of training patients.
 
-Lightning glue around `memorization.detect_copies` (Dar et al., arXiv 2402.01054,
-Algorithm 1). The reference embeddings (training and validation images) and the
-threshold τ are computed once per fit; each check samples, embeds and compares only the
-new synthetic images. Every rank computes the same report from gathered tensors, so
-N_mem is the same on 1 or N processes.
+Lightning glue around `memorization/` (Dar et al., arXiv 2402.01054, Algorithm 1). The
+reference embeddings (training and validation images) are computed once per fit; each check
+streams the new synthetic images through `memorization.stream.embed_stream` chunk by chunk,
+so its memory does not grow with `n_samples`. Every rank computes the same report from
+gathered tensors, so N_mem is the same on 1 or N processes. A check leaves every random
+stream as it found it: training with and without the callback ends with the same weights.
 """
 
 from __future__ import annotations
 
 import csv
-import time
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,17 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, Subset
+from lightning.pytorch.trainer.states import TrainerFn
+from monai.data import DataLoader
+from torch.utils.data import Subset
 
 from errors import InputError
 from lightning_modules.simclr import SimCLRModule
-from memorization import detect_copies, frechet_distance, ms_ssim_diversity
+from memorization import detect_copies, frechet_distance
+from memorization.detect import CopyReport, nearest_correlation
+from memorization.distributed import fail_together, gather_rows, paired_shard, shard
 from memorization.report import copy_order, staged_output, viewable, write_report
+from memorization.stream import Stopwatch, chunked, embed_stream, rng_preserved
 
 SCALAR_KEYS = ("n_mem", "n_copies", "frac_mem", "frac_copies", "tau", "fd", "ms_ssim")
 MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
@@ -45,62 +51,23 @@ TENSORBOARD_LAYOUT = {
 }
 
 
-def shard(n: int, rank: int, world_size: int) -> range:
-    """The contiguous block of `range(n)` that `rank` handles (blocks differ in length by at most 1)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
-
-
-class Stopwatch:
-    """Seconds between laps, waiting for queued GPU work so that each lap is charged to the right step."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self.last = self._now()
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def lap(self) -> float:
-        now = self._now()
-        elapsed, self.last = now - self.last, now
-        return round(elapsed, 4)
-
-
-def paired_shard(n: int, rank: int, world_size: int) -> range:
-    """Like `shard`, but every block starts at an even index, so pairs `(2k, 2k + 1)` are never split."""
-    pairs = shard((n + 1) // 2, rank, world_size)
-    return range(min(2 * pairs.start, n), min(2 * pairs.stop, n))
-
-
-def gather_rows(pl_module: LightningModule, local: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows `[n_rank, ...]`, concatenated in rank order, on every rank.
-
-    Padded to equal length before `all_gather` (unequal tensors abort gloo), unpadded after.
-    """
-    world_size = pl_module.trainer.world_size
-    if world_size == 1:
-        return local
-    counts = pl_module.all_gather(torch.tensor([len(local)], device=local.device)).flatten().tolist()
-    padded = local.new_zeros((max(counts), *local.shape[1:]))
-    padded[: len(local)] = local
-    gathered = pl_module.all_gather(padded)
-    return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
-
-
 class MemorizationCallback(Callback):
-    """Every `every_n_epochs` epochs: sample the LDM, embed, count copies, log `memorization/*`.
+    """Every `every_n_epochs` epochs: sample the generator, embed, count copies, log `memorization/*`.
+
+    A check runs at the end of every epoch `e` with `(e + 1) % every_n_epochs == 0`, the epochs
+    at which Lightning validates and saves checkpoints with the same period: at the end of that
+    epoch's validation when there is one (before EarlyStopping and ModelCheckpoint read it),
+    otherwise at the end of the training epoch. A checkpoint saved then carries the check's
+    history row.
 
     Args:
         embedder_ckpt: checkpoint of a trained `SimCLRModule` (trained on the training images).
-        every_n_epochs: epochs between checks; the first check ends the first epoch, so the
-            logged keys exist whenever `EarlyStopping` looks.
+        every_n_epochs: epochs between checks.
+        check_at_start: also check before the first training step (the chance-level baseline);
+            off by default, since at the paper's scale a check costs 15–30 minutes.
         n_samples: synthetic images per check; default the training-set size (the paper's N_syn = N_train).
         num_inference_steps: DDIM steps per sample.
-        sample_batch_size: images per sampling forward pass.
+        sample_batch_size: images per sampling and embedding pass; a check holds O(this) images.
         percentile: τ is this percentile of the training→validation nearest-neighbour correlations.
         seed: sample `i` of check `k` is seeded by `(seed, k, i)`.
         log_images: also log the most similar copy pairs (training image | synthetic copy) to
@@ -108,17 +75,20 @@ class MemorizationCallback(Callback):
             leave the dataset only when asked.
         output_dir: write the audit files (`summary.json`, `pairs.csv`, `train_nn.csv`,
             `histogram.png`, with `log_images` also `copies.png`) of every check to
-            `output_dir/check_NNN/`.
+            `output_dir/check_NNN/`. Checked for writing on every rank at start-up.
 
     Besides the counts it logs two quality metrics that, in the paper, do not reveal
     memorization: `memorization/fd`, the Fréchet distance between synthetic and validation
     embeddings, and `memorization/ms_ssim`, the mean MS-SSIM of sample pairs `(2k, 2k + 1)`.
+    Sampling and embedding run under the trainer's precision (bf16 autocast under
+    `bf16-mixed`). A failure on any rank during a check stops every rank at once.
     """
 
     def __init__(
         self,
         embedder_ckpt: str,
         every_n_epochs: int = 1,
+        check_at_start: bool = False,
         n_samples: int | None = None,
         num_inference_steps: int = 50,
         sample_batch_size: int = 16,
@@ -132,10 +102,13 @@ class MemorizationCallback(Callback):
             raise InputError(f"every_n_epochs={every_n_epochs} must be at least 1")
         if n_samples is not None and n_samples < 1:
             raise InputError(f"n_samples={n_samples} must be at least 1 (or null for the training-set size)")
+        if sample_batch_size < 1:
+            raise InputError(f"sample_batch_size={sample_batch_size} must be at least 1")
         if not 0.0 < percentile < 100.0:
             raise InputError(f"percentile={percentile} must lie in (0, 100), e.g. 95")
         self.embedder = SimCLRModule.from_checkpoint(embedder_ckpt, "embedder_ckpt").eval().requires_grad_(False)
         self.every_n_epochs = every_n_epochs
+        self.check_at_start = check_at_start
         self.n_samples = n_samples
         self.num_inference_steps = num_inference_steps
         self.sample_batch_size = sample_batch_size
@@ -160,40 +133,77 @@ class MemorizationCallback(Callback):
                 f"{list(size)}: train the embedder on this data (python cli.py fit --config configs/<dataset>_simclr.yaml)"
             )
 
+    def check_trainer(self, trainer: Trainer) -> None:
+        """Raise `InputError` for an EarlyStopping on `memorization/*` that would read an old check or none."""
+        for stopper in trainer.callbacks:
+            if isinstance(stopper, EarlyStopping) and stopper.monitor.startswith("memorization/"):
+                problem = stale_early_stopping(stopper, trainer, self.every_n_epochs)
+                if problem:
+                    raise InputError(problem)
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "sample", None)):
             raise InputError(f"MemorizationCallback needs a model with sample(); {type(pl_module).__name__} has none")
         if trainer.datamodule is not None:
             self.check_data(trainer.datamodule)
-        position = next(i for i, callback in enumerate(trainer.callbacks) if callback is self)
-        for callback in trainer.callbacks[:position]:
-            if isinstance(callback, EarlyStopping) and callback.monitor.startswith("memorization/"):
-                raise InputError(
-                    f"EarlyStopping(monitor={callback.monitor}) comes before MemorizationCallback in "
-                    "trainer.callbacks and would read last epoch's value: list it after the callback"
-                )
+        self.check_trainer(trainer)
+        with fail_together(trainer.strategy.root_device, "checking output_dir"):
+            if self.output_dir is not None:
+                check_writable(self.output_dir)
 
     # --- reference embeddings, once per fit --------------------------------------------
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.embedder.to(pl_module.device)
-        datamodule = trainer.datamodule
-        self._train = self._embed_split(pl_module, datamodule.reference_dataloader("train"))
-        self._val = self._embed_split(pl_module, datamodule.reference_dataloader("val"))
+        with rng_preserved(pl_module.device), fail_together(pl_module.device, "embedding the reference images"):
+            self.embedder.to(pl_module.device)
+            self._train = self._embed_reference(trainer, pl_module, "train")
+            self._val = self._embed_reference(trainer, pl_module, "val")
         self.reference_embeddings_computed += 1
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
 
-    def _embed_split(self, pl_module: LightningModule, loader: DataLoader) -> torch.Tensor:
-        mine = shard(len(loader.dataset), pl_module.global_rank, pl_module.trainer.world_size)
-        local_loader = DataLoader(
-            Subset(loader.dataset, mine), batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn
+    def _embed_reference(self, trainer: Trainer, pl_module: LightningModule, split: str) -> torch.Tensor:
+        datamodule = trainer.datamodule
+        dataset = datamodule.reference_dataset(split)
+        mine = shard(len(dataset), trainer.global_rank, trainer.world_size)
+        loader = DataLoader(
+            Subset(dataset, mine), batch_size=self.sample_batch_size, num_workers=getattr(datamodule, "num_workers", 0)
         )
-        embeddings = [self.embedder.embed(batch["image"].to(pl_module.device)) for batch in local_loader]
-        local = torch.cat(embeddings) if embeddings else torch.empty(0, self.embedder.hparams.embedding_dim, device=pl_module.device)
-        return gather_rows(pl_module, local)
+        local = embed_stream(
+            (batch["image"].to(pl_module.device) for batch in loader),
+            self.embedder.embed,
+            autocast=trainer.precision_plugin.forward_context,
+            device=pl_module.device,
+        ).embeddings
+        return gather_rows(self._as_embeddings(local, pl_module.device))
+
+    def _as_embeddings(self, local: torch.Tensor, device: torch.device) -> torch.Tensor:
+        # An empty shard (more ranks than images) still has the embedding length, for the gather.
+        return local.to(device) if len(local) else torch.zeros(0, self.embedder.hparams.embedding_dim, device=device)
+
+    # --- when to check -----------------------------------------------------------------
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.check_at_start and not self._already_checked(trainer):
+            self._check(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Only the validation that ends a training epoch; before EarlyStopping and ModelCheckpoint read it.
+        at_epoch_end = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and trainer.is_last_batch
+        if at_epoch_end and self._due(trainer):
+            self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._due(trainer):
+            self._check(trainer, pl_module)
+
+    def _due(self, trainer: Trainer) -> bool:
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not self._already_checked(trainer)
+
+    def _already_checked(self, trainer: Trainer) -> bool:
+        return bool(self.history) and self.history[-1]["step"] == trainer.global_step
 
     # --- checks ------------------------------------------------------------------------
 
@@ -206,55 +216,43 @@ class MemorizationCallback(Callback):
                 return averaged.module
         return pl_module
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.current_epoch % self.every_n_epochs == 0 and not self._already_checked(trainer):
-            self._check(trainer, pl_module)
-        self._log_latest(pl_module)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._log_latest(pl_module)
-
-    def _already_checked(self, trainer: Trainer) -> bool:
-        return bool(self.history) and self.history[-1]["step"] == trainer.global_step
-
-    def _log_latest(self, pl_module: LightningModule) -> None:
-        # Keeps the monitored keys in callback_metrics (what EarlyStopping reads) every epoch;
-        # the loggers get a point per check only (`_check`).
-        if self.history:
-            for key, value in self._scalars(self.history[-1]).items():
-                pl_module.log(key, value, logger=False, sync_dist=False)
-
-    @staticmethod
-    def _scalars(row: dict[str, Any]) -> dict[str, float]:
-        # fd and ms_ssim are None when there are too few samples to compute them.
-        return {f"memorization/{key}": float(row[key]) for key in SCALAR_KEYS if row.get(key) is not None}
-
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        clock = Stopwatch(pl_module.device)
-        n_samples = self.n_samples or len(self._train)
-        mine = paired_shard(n_samples, pl_module.global_rank, trainer.world_size)
-        generator = self._generator(trainer, pl_module)
+        with rng_preserved(pl_module.device):
+            self._check_without_randomness(trainer, pl_module)
+
+    def _check_without_randomness(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        device = pl_module.device
         check_index = len(self.history)
-        local_samples = generator.sample(
-            len(mine),
-            seed=(self.seed, check_index),
-            num_inference_steps=self.num_inference_steps,
-            sample_batch_size=self.sample_batch_size,
-            start_index=mine.start,
-        ).to(pl_module.device)
-        sampling = clock.lap()
-        if len(mine):
-            local = self.embedder.embed(local_samples)
-        else:
-            local = self._train.new_zeros((0, self._train.shape[1]))
-        embedding = clock.lap()
-        synthetic = gather_rows(pl_module, local)  # waits for the slowest rank's sampling
+        where = f"check {check_index} (epoch {trainer.current_epoch}, step {trainer.global_step})"
+        n_samples = self.n_samples or len(self._train)
+        mine = paired_shard(n_samples, trainer.global_rank, trainer.world_size)
+        generator = self._generator(trainer, pl_module)
+
+        def draw(indices: range) -> torch.Tensor:
+            return generator.sample(
+                len(indices), seed=(self.seed, check_index), num_inference_steps=self.num_inference_steps,
+                sample_batch_size=self.sample_batch_size, start_index=indices.start,
+            )  # fmt: skip
+
+        with fail_together(device, "sampling"):
+            local = embed_stream(
+                chunked(draw, mine, self.sample_batch_size),
+                self.embedder.embed,
+                first_index=mine.start,
+                score_pairs=True,
+                # twice the pairs shown: the running ranking and detect_copies may round near-ties differently
+                keep=2 * MAX_PAIRS if self.log_images else 0,
+                rank_by=lambda embeddings: nearest_correlation(embeddings, self._train),
+                autocast=trainer.precision_plugin.forward_context,
+                require_finite=f"training failed at {where}",
+                device=device,
+            )
+        clock = Stopwatch(device)
+        synthetic = gather_rows(self._as_embeddings(local.embeddings, device))  # waits for the slowest rank
+        pair_scores = gather_rows(local.pair_scores.to(device))
         gathering = clock.lap()
         report = detect_copies(self._train, self._val, synthetic, percentile=self.percentile)
-        embed_detect = embedding + clock.lap()
-        paired = len(local_samples) - len(local_samples) % 2
-        pair_scores = gather_rows(pl_module, ms_ssim_diversity(local_samples[0:paired:2], local_samples[1:paired:2]))
+        detecting = clock.lap()
         row = {
             "check": check_index,
             "epoch": trainer.current_epoch,
@@ -265,62 +263,75 @@ class MemorizationCallback(Callback):
         }
         # What a check costs this rank, in seconds (the CSV shows it; bench/callback_overhead.py reads it).
         row |= {
-            "seconds_sampling": sampling,
-            "seconds_gather": gathering,
-            "seconds_embed_detect": round(embed_detect, 4),
-            "seconds_quality": clock.lap(),
+            "seconds_sampling": round(local.seconds["images"], 4),
+            "seconds_gather": round(gathering, 4),
+            "seconds_embed_detect": round(local.seconds["embed"] + detecting, 4),
+            "seconds_quality": round(local.seconds["pairs"] + clock.lap(), 4),
         }
         self.history.append(row)
+        for key, value in self._scalars(row).items():
+            # Into callback_metrics, where EarlyStopping and ModelCheckpoint read it; loggers get it below.
+            pl_module.log(key, value, logger=False, sync_dist=False)
         for logger in trainer.loggers:
             logger.log_metrics(self._scalars(row), step=trainer.global_step)
-        shown = copy_order(report)[:MAX_PAIRS] if self.log_images else []
-        copies = self._gather_samples(pl_module, local_samples, mine, shown) if self.log_images else {}
+        copies = self._gather_shown(trainer, report, local.kept, device) if self.log_images else {}
         # trainer.log_dir is a broadcast: every rank must ask. Without a logger, no files.
         log_dir = Path(trainer.log_dir) if trainer.loggers else None
-        if not trainer.is_global_zero:
-            return
-        if log_dir is not None:
-            self._write_history(log_dir)
-            self._log_histograms(trainer, report)
-        if self.log_images:
-            self._log_copy_pairs(trainer, report, shown, copies)
-        if self.output_dir is not None:
-            self._write_report(trainer, report, row, n_samples, copies)
+        with fail_together(device, f"writing the results of {where}"):
+            if trainer.is_global_zero:
+                if log_dir is not None:
+                    self._write_history(log_dir)
+                    self._log_histograms(trainer, report)
+                if self.log_images:
+                    self._log_copy_pairs(trainer, report, copies)
+                if self.output_dir is not None:
+                    self._write_report(trainer, report, row, n_samples, copies)
 
-    def _gather_samples(
-        self, pl_module: LightningModule, local_samples: torch.Tensor, mine: range, indices: list[int]
+    @staticmethod
+    def _scalars(row: dict[str, Any]) -> dict[str, float]:
+        # fd and ms_ssim are None when there are too few samples to compute them.
+        return {f"memorization/{key}": float(row[key]) for key in SCALAR_KEYS if row.get(key) is not None}
+
+    def _gather_shown(
+        self, trainer: Trainer, report: CopyReport, kept: dict[int, torch.Tensor], device: torch.device
     ) -> dict[int, torch.Tensor]:
-        """Synthetic images `indices` (global), from whichever rank drew them, on every rank."""
-        held = [i for i in sorted(indices) if i in mine]
-        local = local_samples[[i - mine.start for i in held]] if held else local_samples[:0]
-        gathered = gather_rows(pl_module, local.contiguous())
-        return dict(zip(sorted(indices), gathered.cpu(), strict=True))
+        """The most similar copies (at most `MAX_PAIRS`) among the images the ranks kept, in that order, on every rank."""
+        held = gather_rows(torch.tensor(sorted(kept), dtype=torch.long, device=device))
+        shown = [j for j in copy_order(report) if j in set(held.tolist())][:MAX_PAIRS]
+        mine = [j for j in shown if j in kept]
+        shape = (self.embedder.in_channels, *trainer.datamodule.spatial_size)
+        local = torch.stack([kept[j] for j in mine]) if mine else torch.zeros(0, *shape)
+        images = gather_rows(local.to(device))
+        owners = gather_rows(torch.tensor(mine, dtype=torch.long, device=device))
+        by_index = dict(zip(owners.tolist(), images.cpu(), strict=True))
+        return {j: by_index[j] for j in shown}
 
     def _training_image(self, trainer: Trainer, index: int) -> torch.Tensor:
-        return trainer.datamodule.reference_dataloader("train").dataset[index]["image"]
+        # From the dataset itself: a new DataLoader would reseed torch's global generator.
+        return trainer.datamodule.reference_dataset("train")[index]["image"]
 
     # --- outputs -----------------------------------------------------------------------
 
-    def _log_histograms(self, trainer: Trainer, report: Any) -> None:
+    def _log_histograms(self, trainer: Trainer, report: CopyReport) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_histogram("memorization/rho_nn_val", report.nn_val_corr.cpu(), trainer.global_step)
                 logger.experiment.add_histogram("memorization/rho_nn_syn", report.nn_syn_corr.cpu(), trainer.global_step)
 
-    def _log_copy_pairs(self, trainer: Trainer, report: Any, shown: list[int], copies: dict[int, torch.Tensor]) -> None:
-        if not shown:
+    def _log_copy_pairs(self, trainer: Trainer, report: CopyReport, copies: dict[int, torch.Tensor]) -> None:
+        if not copies:
             return
         pairs = []
-        for j in shown:
+        for j, copy in copies.items():
             train = torch.from_numpy(viewable(self._training_image(trainer, int(report.nn_train_index[j]))))
-            pairs.append(torch.cat([train, torch.from_numpy(viewable(copies[j]))], dim=1).clamp(0, 1))
+            pairs.append(torch.cat([train, torch.from_numpy(viewable(copy))], dim=1).clamp(0, 1))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 images = torch.stack(pairs)[:, None]  # [pairs, 1, H, 2W]: training image | synthetic copy
                 logger.experiment.add_images("memorization/copies", images, trainer.global_step, dataformats="NCHW")
 
     def _write_report(
-        self, trainer: Trainer, report: Any, row: dict[str, Any], n_samples: int, copies: dict[int, torch.Tensor]
+        self, trainer: Trainer, report: CopyReport, row: dict[str, Any], n_samples: int, copies: dict[int, torch.Tensor]
     ) -> None:
         check = row["check"]
         summary = {
@@ -336,7 +347,7 @@ class MemorizationCallback(Callback):
                 summary,
                 train_image=(lambda i: self._training_image(trainer, i)) if self.log_images else None,
                 syn_image=copies.__getitem__ if self.log_images else None,
-                max_pairs=MAX_PAIRS,
+                max_pairs=len(copies),
             )
 
     def _write_history(self, folder: Path) -> None:
@@ -354,3 +365,54 @@ class MemorizationCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(row) for row in state_dict.get("history", [])]
+
+
+def check_writable(folder: Path) -> None:
+    """Raise `InputError` unless this process can create files in `folder` (created if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".memwatch-write-test-"):
+            pass
+    except OSError as error:
+        raise InputError(
+            f"output_dir={folder} is not writable ({error.strerror or type(error).__name__}): choose a folder "
+            "that every rank can write, or leave output_dir unset"
+        ) from None
+
+
+def stale_early_stopping(stopper: EarlyStopping, trainer: Trainer, every_n_epochs: int) -> str | None:
+    """Why `stopper` (monitoring `memorization/*`) would not read the check that just ran, or `None` if it would.
+
+    Checks end the epochs `e` with `(e + 1) % every_n_epochs == 0`, at validation end when that
+    epoch validates. EarlyStopping reads at train epoch end (after every non-monitoring callback,
+    whatever the list order) or at validation end; the latter is current only if every check
+    epoch validates at its end.
+    """
+    name = f"EarlyStopping(monitor={stopper.monitor})"
+    on_train_epoch_end = stopper._check_on_train_epoch_end
+    if on_train_epoch_end is None:  # what EarlyStopping.setup will choose
+        on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+    if not on_train_epoch_end:
+        every_k = trainer.check_val_every_n_epoch
+        validates_each_check = (
+            trainer.limit_val_batches != 0
+            and every_k is not None
+            and trainer.val_check_interval == 1.0
+            and every_n_epochs % every_k == 0
+        )
+        if not validates_each_check:
+            return (
+                f"{name} reads at validation end (check_val_every_n_epoch={every_k}, "
+                f"val_check_interval={trainer.val_check_interval}), but memorization checks run every "
+                f"{every_n_epochs} epochs, so it would read an old check: set check_on_train_epoch_end: true "
+                "in its init_args"
+            )
+        first_read = every_k - 1
+    else:
+        first_read = 0
+    if stopper.strict and every_n_epochs - 1 > first_read:
+        return (
+            f"{name} with strict: true would stop the run at the end of epoch {first_read}, before the first "
+            f"memorization check (end of epoch {every_n_epochs - 1}): set strict: false in its init_args"
+        )
+    return None

@@ -233,10 +233,14 @@ class MedicalImageDataModule(LightningDataModule):
         self.setup("fit")
         return self._loader(self._val_base, shuffle=False)
 
-    def reference_dataloader(self, split: Literal["train", "val"]) -> DataLoader:
-        """Loader over the training or validation images without augmentation or shuffling."""
+    def reference_dataset(self, split: Literal["train", "val"]) -> Dataset:
+        """The training or validation images without augmentation, in `train_ids`/`val_ids` order."""
         self.setup("fit")
-        return self._loader(self._train_base if split == "train" else self._val_base, shuffle=False)
+        return self._train_base if split == "train" else self._val_base
+
+    def reference_dataloader(self, split: Literal["train", "val"]) -> DataLoader:
+        """Loader over `reference_dataset(split)`, without shuffling."""
+        return self._loader(self.reference_dataset(split), shuffle=False)
 
     @property
     def train_ids(self) -> list[str]:

@@ -24,6 +24,7 @@ class ScriptedGenerator(MemwatchModule):
         novel_ids: patients it draws before it starts copying.
         copy_from_epoch: first epoch at whose end samples are copies.
         spatial_size: image size.
+        nan_from_sample: samples with this index or higher are NaN (a diverged model); `None` for none.
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class ScriptedGenerator(MemwatchModule):
         novel_ids: Sequence[str] = ("novel-0000",),
         copy_from_epoch: int = 0,
         spatial_size: Sequence[int] = (32, 32),
+        nan_from_sample: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -40,6 +42,9 @@ class ScriptedGenerator(MemwatchModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return (self.weight - batch["image"].mean()) ** 2
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val/loss", (self.weight - batch["image"].mean()) ** 2, batch_size=len(batch["id"]))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -53,4 +58,6 @@ class ScriptedGenerator(MemwatchModule):
             entropy = [*(seed if isinstance(seed, Sequence) else [seed]), i]
             variation_seed = int(np.random.SeedSequence(entropy).generate_state(1)[0] % 2**31)
             images.append(vary(image[None], seed=variation_seed)[0])
+            if self.hparams.nan_from_sample is not None and i >= self.hparams.nan_from_sample:
+                images[-1] = torch.full_like(images[-1], float("nan"))
         return torch.stack(images).to(self.device) if images else torch.empty(0, 1, *self.hparams.spatial_size)

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import torch
 import yaml
+from lightning.pytorch.cli import instantiate_class
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from callbacks import MemorizationCallback
+from callbacks.memorization import stale_early_stopping
 from cli import main
 from datamodules import PhantomDataModule
 from errors import InputError
 from memorization.report import REPORT_FILES
-from tests.conftest import MEMORIZATION_SIZE, N_TRAIN, memorization_phantoms, quiet_trainer, run_cli
+from tests.conftest import MEMORIZATION_SIZE, N_TRAIN, ROOT, memorization_phantoms, quiet_trainer, run_cli
 from tests.doubles import ScriptedGenerator
 
 phantoms = memorization_phantoms
@@ -49,16 +54,42 @@ def test_a_generator_of_held_out_patients_memorizes_almost_nothing(embedder_ckpt
     assert row["frac_mem"] <= 0.15 and row["frac_copies"] <= 0.15, row
 
 
-def test_checks_every_n_epochs_embed_references_once_and_write_history(embedder_ckpt, tmp_path):
+def test_checks_end_every_nth_epoch_embed_references_once_and_write_history(embedder_ckpt, tmp_path):
     callback = MemorizationCallback(str(embedder_ckpt), every_n_epochs=2, n_samples=6, num_inference_steps=1)
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run")
     fit_with_callback(ScriptedGenerator(), callback, epochs=5, logger=logger)
-    assert [row["epoch"] for row in callback.history] == [0, 2, 4]
+    # The epochs Lightning validates and checkpoints with the same period: (epoch + 1) % 2 == 0.
+    assert [row["epoch"] for row in callback.history] == [1, 3]
     assert callback.reference_embeddings_computed == 1
     with (Path(logger.log_dir) / "memorization_history.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [int(r["epoch"]) for r in rows] == [0, 2, 4]
+    assert [int(r["epoch"]) for r in rows] == [1, 3]
     assert {"n_mem", "n_copies", "frac_mem", "frac_copies", "tau"} <= set(rows[0])
+
+
+def test_check_at_start_adds_a_check_before_the_first_step(embedder_ckpt):
+    callback = MemorizationCallback(
+        str(embedder_ckpt), every_n_epochs=2, check_at_start=True, n_samples=4, num_inference_steps=1
+    )
+    fit_with_callback(ScriptedGenerator(), callback, epochs=2)
+    assert [(row["epoch"], row["step"]) for row in callback.history] == [(0, 0), (1, 4)]
+
+
+def test_a_checkpoint_saved_at_a_check_carries_its_row(embedder_ckpt, tmp_path):
+    callback = MemorizationCallback(str(embedder_ckpt), every_n_epochs=2, n_samples=4, num_inference_steps=1)
+    saver = L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_epochs=2, save_top_k=-1)
+    # Validation every 2 epochs: the check runs at validation end, which is where the checkpoint is saved.
+    trainer = quiet_trainer(
+        max_epochs=4, limit_val_batches=1, check_val_every_n_epoch=2, callbacks=[callback, saver],
+        enable_checkpointing=True,
+    )  # fmt: skip
+    trainer.fit(ScriptedGenerator(), phantoms())
+    saved = sorted(tmp_path.glob("*.ckpt"))
+    assert len(saved) == 2
+    for path in saved:
+        checkpoint = torch.load(path, weights_only=True)
+        (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("MemorizationCallback")]
+        assert state["history"][-1]["step"] == checkpoint["global_step"], path.name
 
 
 def test_bad_configuration_fails_at_construction(embedder_ckpt, tmp_path):
@@ -74,15 +105,25 @@ def test_bad_configuration_fails_at_construction(embedder_ckpt, tmp_path):
 
 
 def scripted_config(
-    tmp_path: Path, embedder_ckpt: Path, *, copy_from_epoch: int, max_epochs: int, early_stop: bool
+    tmp_path: Path,
+    embedder_ckpt: Path,
+    *,
+    copy_from_epoch: int,
+    max_epochs: int,
+    early_stop: bool,
+    callback_args: dict | None = None,
+    generator_args: dict | None = None,
 ) -> Path:
     """A YAML run of the scripted generator with the callback (and EarlyStopping), as a user writes it."""
     callbacks = [
         {
             "class_path": "callbacks.MemorizationCallback",
-            "init_args": {"embedder_ckpt": str(embedder_ckpt), "every_n_epochs": 1, "num_inference_steps": 1},
+            "init_args": {
+                "embedder_ckpt": str(embedder_ckpt), "every_n_epochs": 1, "num_inference_steps": 1,
+                **(callback_args or {}),
+            },
         }
-    ]
+    ]  # fmt: skip
     if early_stop:
         callbacks.append(
             {
@@ -115,6 +156,7 @@ def scripted_config(
                 "novel_ids": [f"novel-{i:04d}" for i in range(N_TRAIN)],
                 "copy_from_epoch": copy_from_epoch,
                 "spatial_size": list(SIZE),
+                **(generator_args or {}),
             },
         },
         "data": {
@@ -188,11 +230,142 @@ def test_one_and_two_processes_report_the_same_counts(embedder_ckpt, tmp_path):
     assert int(runs[1][0]["n_mem"]) > 0
 
 
-def test_early_stopping_listed_before_the_callback_is_refused(embedder_ckpt):
-    callback = MemorizationCallback(str(embedder_ckpt), num_inference_steps=1)
+def processes_running(marker: str) -> list[int]:
+    """PIDs of live processes whose command line mentions `marker` (a test's own temporary path)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+FAILING_RANK = {
+    "output_dir not writable": (
+        {"callback_args": {"output_dir": "TMP/a_file/reports"}}, 2, "output_dir=TMP/a_file/reports is not writable",
+    ),
+    "NaN samples on rank 1 only": (
+        {"generator_args": {"nan_from_sample": 16}}, 1,
+        "rank 1 failed while sampling: training failed at check 0 (epoch 0, step 1): 16 sample(s) have NaN or "
+        "infinite pixels (first: sample 16): the model diverged",  # samples 16-31 are rank 1's
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FAILING_RANK, ids=str)
+def test_a_failure_on_one_rank_ends_both_with_one_error_line(embedder_ckpt, tmp_path, case):
+    arguments, status, message = FAILING_RANK[case]
+    (tmp_path / "a_file").write_text("not a folder")
+    arguments = yaml.safe_load(yaml.safe_dump(arguments).replace("TMP", str(tmp_path)))
+    config = scripted_config(tmp_path, embedder_ckpt, copy_from_epoch=0, max_epochs=2, early_stop=False, **arguments)
+    started = time.perf_counter()
+    result = run_cli("fit", "--config", str(config), "--trainer.devices", "2", "--trainer.strategy", "ddp", timeout=300)
+    elapsed = time.perf_counter() - started
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == status, result.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message.replace('TMP', str(tmp_path))}"), errors
+    assert "Traceback" not in result.stderr
+    assert "Starting with 2 processes" in result.stdout + result.stderr
+    time.sleep(2)
+    assert processes_running(str(config)) == []  # no rank left waiting in a collective
+    # Start-up of two ranks included; a rank left waiting would be stopped only by gloo's 30-minute timeout.
+    assert elapsed < 240, elapsed
+
+
+def test_early_stopping_reads_the_current_check_wherever_it_is_listed(embedder_ckpt, tmp_path):
+    # Lightning runs EarlyStopping's train-epoch-end hook after every other callback's, so the
+    # order of the list does not matter; the history shows which check crossed the threshold.
+    stopped_at = {}
+    for order in ("before", "after"):
+        callback = MemorizationCallback(str(embedder_ckpt), num_inference_steps=1)
+        stopper = L.pytorch.callbacks.EarlyStopping(
+            monitor="memorization/frac_mem", mode="min", divergence_threshold=0.2, check_on_train_epoch_end=True
+        )
+        callbacks = [stopper, callback] if order == "before" else [callback, stopper]
+        generator = ScriptedGenerator(copied_ids=phantoms().train_ids[:12], copy_from_epoch=2)
+        trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=callbacks)
+        trainer.fit(generator, phantoms())
+        assert [row["frac_mem"] > 0.2 for row in callback.history] == [False, False, True], order
+        stopped_at[order] = trainer.current_epoch
+    assert stopped_at == {"before": 3, "after": 3}
+
+
+class LightningSettings(SimpleNamespace):
+    """The trainer settings `stale_early_stopping` reads."""
+
+    def __init__(self, check_val_every_n_epoch=1, val_check_interval=1.0, limit_val_batches=1.0):
+        super().__init__(
+            check_val_every_n_epoch=check_val_every_n_epoch, val_check_interval=val_check_interval,
+            limit_val_batches=limit_val_batches,
+        )  # fmt: skip
+
+
+STALE = {
+    "validation end, checks not at every validation": (
+        dict(check_on_train_epoch_end=False), LightningSettings(check_val_every_n_epoch=4), 10,
+        "reads at validation end (check_val_every_n_epoch=4, val_check_interval=1.0), but memorization checks run "
+        "every 10 epochs, so it would read an old check: set check_on_train_epoch_end: true in its init_args",
+    ),
+    "validation end by default (chestxray_ldm.yaml before)": (
+        {}, LightningSettings(check_val_every_n_epoch=5), 12, "set check_on_train_epoch_end: true",
+    ),
+    "validation end, validation off": (
+        dict(check_on_train_epoch_end=False), LightningSettings(limit_val_batches=0), 1, "set check_on_train_epoch_end: true",
+    ),
+    "validation end, mid-epoch validation": (
+        dict(check_on_train_epoch_end=False), LightningSettings(val_check_interval=0.5), 1, "set check_on_train_epoch_end",
+    ),
+    "strict before the first check": (
+        dict(check_on_train_epoch_end=True), LightningSettings(), 3,
+        "with strict: true would stop the run at the end of epoch 0, before the first memorization check "
+        "(end of epoch 2): set strict: false in its init_args",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", STALE, ids=str)
+def test_early_stopping_that_would_read_an_old_check_is_refused(case):
+    stopper_args, settings, every_n_epochs, message = STALE[case]
+    stopper = L.pytorch.callbacks.EarlyStopping(monitor="memorization/frac_mem", mode="min", **stopper_args)
+    assert message in stale_early_stopping(stopper, settings, every_n_epochs)
+
+
+def test_early_stopping_that_reads_each_check_is_accepted():
+    accepted = [
+        (dict(check_on_train_epoch_end=True, strict=False), LightningSettings(check_val_every_n_epoch=7), 10),
+        (dict(check_on_train_epoch_end=False), LightningSettings(check_val_every_n_epoch=5), 5),
+        (dict(check_on_train_epoch_end=False, strict=False), LightningSettings(check_val_every_n_epoch=5), 25),
+        ({}, LightningSettings(), 1),
+    ]
+    for stopper_args, settings, every_n_epochs in accepted:
+        stopper = L.pytorch.callbacks.EarlyStopping(monitor="memorization/frac_mem", mode="min", **stopper_args)
+        assert stale_early_stopping(stopper, settings, every_n_epochs) is None, (stopper_args, every_n_epochs)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*_ldm*.yaml")), ids=lambda p: p.stem)
+def test_every_ldm_config_stops_on_the_current_check(config):
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    settings = LightningSettings(
+        check_val_every_n_epoch=trainer.get("check_val_every_n_epoch", 1),
+        val_check_interval=trainer.get("val_check_interval", 1.0),
+        limit_val_batches=trainer.get("limit_val_batches", 1.0),
+    )
+    callbacks = trainer.get("callbacks") or []
+    checks = [c["init_args"] for c in callbacks if c["class_path"] == "callbacks.MemorizationCallback"]
+    for spec in callbacks:
+        if spec["class_path"].endswith("EarlyStopping"):
+            (memorization,) = checks
+            stopper = instantiate_class((), spec)
+            assert stale_early_stopping(stopper, settings, memorization.get("every_n_epochs", 1)) is None
+
+
+def test_stale_early_stopping_is_refused_before_training(embedder_ckpt):
+    callback = MemorizationCallback(str(embedder_ckpt), num_inference_steps=1, every_n_epochs=4)
     stopper = L.pytorch.callbacks.EarlyStopping(monitor="memorization/frac_mem", mode="min")
-    trainer = quiet_trainer(max_epochs=1, callbacks=[stopper, callback])
-    with pytest.raises(InputError, match="list it after the callback"):
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback, stopper], check_val_every_n_epoch=3)
+    with pytest.raises(InputError, match="set check_on_train_epoch_end: true in its init_args"):
         trainer.fit(ScriptedGenerator(), phantoms())
 
 

@@ -1,0 +1,88 @@
+"""Splitting a check's work over ranks and putting it back together, identically on every rank.
+
+Plain `torch.distributed` (no Lightning): with no process group every helper is the
+one-process case. Unequal pieces are gathered with torchmetrics' `gather_all_tensors`,
+which pads before `all_gather` (unequal tensors abort gloo) and trims after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from errors import InputError, SharedFailure, TrainingFailure
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shard(n: int, rank: int, world_size: int) -> range:
+    """The contiguous block of `range(n)` that `rank` handles (blocks differ in length by at most 1)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def paired_shard(n: int, rank: int, world_size: int) -> range:
+    """Like `shard`, but every block starts at an even index, so pairs `(2k, 2k + 1)` are never split."""
+    pairs = shard((n + 1) // 2, rank, world_size)
+    return range(min(2 * pairs.start, n), min(2 * pairs.stop, n))
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows `[n_rank, ...]` (`n_rank` may differ, even be 0), concatenated in rank order, on every rank."""
+    if not distributed():
+        return local
+    return torch.cat(gather_all_tensors(local.contiguous()))
+
+
+@contextmanager
+def fail_together(device: torch.device, doing: str) -> Iterator[None]:
+    """Run a block on every rank; if it raises on any rank, raise on every rank.
+
+    Without this, one rank's failure (a full disk, a diverged model) leaves the others
+    waiting in their next collective until the backend's timeout (30 min for NCCL). Every
+    rank calls the same reduction at the end of the block, so all learn of a failure at
+    once: the failing rank re-raises its own error, the others a `SharedFailure` carrying
+    its message, which the CLI prints once, on rank 0.
+    """
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as raised:  # noqa: BLE001 - any failure must reach the other ranks
+        error = raised
+    if distributed():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        kinds = torch.zeros(world_size, dtype=torch.int32, device=device)
+        kinds[rank] = 0 if error is None else FAILURE_KINDS.index(failure_kind(error)) + 1
+        dist.all_reduce(kinds)
+        if bool(kinds.any()):
+            messages: list[str | None] = [None] * world_size
+            dist.all_gather_object(messages, None if error is None else one_line(error))
+            if error is None:
+                first = int(kinds.nonzero()[0])
+                raise SharedFailure(
+                    f"rank {first} failed while {doing}: {messages[first]}", kind=FAILURE_KINDS[int(kinds[first]) - 1]
+                )
+    if error is not None:
+        raise error
+
+
+FAILURE_KINDS = ("bug", "input", "training")
+
+
+def failure_kind(error: BaseException) -> str:
+    """`input` for a user's mistake, `training` for a failed run (e.g. a diverged model), else `bug`."""
+    if isinstance(error, InputError):
+        return "input"
+    return "training" if isinstance(error, TrainingFailure) else "bug"
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,175 @@
+"""The streaming check: images arrive in chunks, are embedded and scored, and only the results are kept.
+
+One function, `embed_stream`, serves every embedding loop of memwatch: the callback's
+reference sets and samples, and the audit's folders and `--ldm` samples. Per chunk it embeds
+the images, optionally scores the MS-SSIM of consecutive pairs `(2k, 2k + 1)` (an odd image
+waits for the next chunk, so pairs never depend on the chunking), and optionally keeps the
+few images ranked highest by a caller's score (the copy pairs a report shows). Nothing of
+size `N × image` is ever held: memory is O(chunk) plus the `[N, L]` embeddings.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from errors import TrainingFailure
+from memorization.quality import ms_ssim_diversity
+
+
+class SamplesNotFinite(TrainingFailure):
+    """A generator produced NaN or infinite pixels: training diverged (not a user's bad input)."""
+
+
+class Stopwatch:
+    """Seconds between laps, waiting for queued GPU work so that each lap is charged to the right step."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+@dataclass
+class EmbeddedStream:
+    """What `embed_stream` keeps of a stream of images.
+
+    Attributes:
+        embeddings: `[N, L]` float32, in stream order, on the embedder's output device.
+        pair_scores: `[N // 2]` MS-SSIM of images `(2k, 2k + 1)` (empty unless asked).
+        kept: stream index → image `[C, *spatial]` (CPU) of the at most `keep` images with the
+            highest `rank_by` score.
+        seconds: time spent producing the images (`images`), embedding them (`embed`) and
+            scoring pairs (`pairs`).
+    """
+
+    embeddings: torch.Tensor
+    pair_scores: torch.Tensor
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def embed_stream(
+    chunks: Iterable[torch.Tensor],
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    first_index: int = 0,
+    score_pairs: bool = False,
+    keep: int = 0,
+    rank_by: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    require_finite: str | None = None,
+    device: torch.device | str = "cpu",
+) -> EmbeddedStream:
+    """Embed a stream of image chunks `[k, C, *spatial]` in `[0, 1]`, keeping only results.
+
+    Args:
+        chunks: image batches in order (a generator that samples or reads them lazily).
+        embed: images `[k, C, *spatial]` → embeddings `[k, L]`.
+        first_index: stream index of the first image (a rank's offset into a sharded set); with
+            `score_pairs` it must be even, so pairs are `(2k, 2k + 1)` of the whole set.
+        score_pairs: also score MS-SSIM of consecutive pairs (`memorization/ms_ssim`).
+        keep: keep this many images, the highest by `rank_by(embeddings of a chunk) -> [k]`.
+        autocast: context for producing and embedding images (e.g. the trainer's precision
+            context); scores are computed in float32 outside it.
+        require_finite: when set, a chunk with NaN/inf pixels raises `SamplesNotFinite` whose
+            message starts with this text (e.g. "check 3 at step 1200").
+        device: where time is measured (CUDA work is waited for at each lap).
+
+    Returns:
+        `EmbeddedStream`.
+    """
+    if score_pairs and first_index % 2:
+        raise ValueError(f"first_index={first_index} must be even when scoring pairs (2k, 2k + 1)")
+    if keep and rank_by is None:
+        raise ValueError("keep > 0 needs rank_by, the score that chooses which images to keep")
+    clock = Stopwatch(device)
+    seconds = {"images": 0.0, "embed": 0.0, "pairs": 0.0}
+    embeddings: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+    best: list[tuple[float, int, torch.Tensor]] = []  # min-heap of (score, -index, image)
+    unpaired: torch.Tensor | None = None
+    position = first_index
+    iterator = iter(chunks)
+    while True:
+        with autocast():
+            images = next(iterator, None)
+        seconds["images"] += clock.lap()
+        if images is None:
+            break
+        if require_finite is not None:
+            _require_finite(images, position, require_finite)
+        with autocast():
+            chunk_embeddings = embed(images).float()
+        embeddings.append(chunk_embeddings)
+        seconds["embed"] += clock.lap()
+        if keep:
+            for offset, score in enumerate(rank_by(chunk_embeddings).tolist()):
+                item = (score, -(position + offset), images[offset].detach().float().cpu())
+                (heapq.heappush if len(best) < keep else heapq.heappushpop)(best, item)
+        if score_pairs:
+            if unpaired is not None:
+                images = torch.cat([unpaired.to(images.device, images.dtype), images])
+            paired = len(images) - len(images) % 2
+            scores.append(ms_ssim_diversity(images[0:paired:2].float(), images[1:paired:2].float()))
+            unpaired = images[paired:] if paired < len(images) else None
+            seconds["pairs"] += clock.lap()
+        position += len(chunk_embeddings)
+    return EmbeddedStream(
+        embeddings=torch.cat(embeddings) if embeddings else torch.empty(0, 0),
+        pair_scores=torch.cat(scores) if scores else torch.empty(0),
+        kept={-negative_index: image for _, negative_index, image in best},
+        seconds=seconds,
+    )
+
+
+def _require_finite(images: torch.Tensor, first_index: int, context: str) -> None:
+    bad = ~torch.isfinite(images.reshape(len(images), -1)).all(dim=1)
+    if bool(bad.any()):
+        rows = (bad.nonzero().flatten() + first_index).tolist()
+        raise SamplesNotFinite(
+            f"{context}: {len(rows)} sample(s) have NaN or infinite pixels (first: sample {rows[0]}): "
+            "the model diverged; resume from an earlier checkpoint with a lower learning rate"
+        )
+
+
+def chunked(produce: Callable[[range], torch.Tensor], indices: range, chunk_size: int) -> Iterator[torch.Tensor]:
+    """`produce(range)` for consecutive blocks of `indices`, at most `chunk_size` long: a lazy stream of chunks."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be at least 1")
+    for start in range(indices.start, indices.stop, chunk_size):
+        yield produce(range(start, min(start + chunk_size, indices.stop)))
+
+
+@contextmanager
+def rng_preserved(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global random states (CPU and `device`) on exit.
+
+    Building or iterating a DataLoader draws from (and MONAI's DataLoader reseeds) torch's
+    global generator; a check that did so would change the noise that training draws next.
+    """
+    device = torch.device(device)
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002 - the global state is the point
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda" if cuda else None):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)  # noqa: NPY002

@@ -1,0 +1,91 @@
+"""Sharding and gathering a check's work: exact cover, no split pairs, uneven gathers, and failing together (2 gloo ranks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from memorization.distributed import gather_rows, paired_shard, shard
+from tests.conftest import ROOT
+
+SIZES = [(n, world_size) for n in range(0, 26) for world_size in range(1, 7)]
+
+
+@pytest.mark.parametrize(("split", "pairs"), [(shard, False), (paired_shard, True)], ids=["shard", "paired_shard"])
+def test_blocks_cover_every_index_once_in_rank_order(split, pairs):
+    for n, world_size in SIZES:
+        blocks = [split(n, rank, world_size) for rank in range(world_size)]
+        assert [i for block in blocks for i in block] == list(range(n)), (n, world_size)
+        # Balanced in images, or in pairs (the last pair may be a single image).
+        lengths = [(len(block) + 1) // 2 if pairs else len(block) for block in blocks]
+        assert max(lengths) - min(lengths) <= 1, (n, world_size, lengths)
+        if pairs:  # every block starts at an even index: pair (2k, 2k + 1) lies in one block
+            assert all(block.start % 2 == 0 for block in blocks if len(block)), (n, world_size)
+
+
+def test_one_process_gathers_its_own_rows():
+    import torch
+
+    rows = torch.arange(6.0).reshape(3, 2)
+    assert gather_rows(rows) is rows
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import torch
+    import torch.distributed as dist
+    sys.path.insert(0, {root!r})
+    from errors import InputError, SharedFailure
+    from memorization.distributed import fail_together, gather_rows, shard
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out = {{}}
+    # Uneven pieces, one of them empty, as a sharded set of 3 on 2 ranks or a rank without copies.
+    for name, n in (("three", 3), ("one", 1), ("seven", 7)):
+        mine = shard(n, rank, 2)
+        local = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2)[mine.start : mine.stop]
+        out[name] = gather_rows(local).tolist()
+    started = time.perf_counter()
+    try:
+        with fail_together(torch.device("cpu"), "writing the report"):
+            if rank == 1:
+                raise InputError("output_dir=/x is not writable: choose another folder")
+        out["failure"] = None
+    except SharedFailure as failure:
+        out["failure"] = ["shared", str(failure), failure.kind]
+    except InputError as failure:
+        out["failure"] = ["own", str(failure)]
+    out["seconds"] = time.perf_counter() - started
+    with fail_together(torch.device("cpu"), "nothing"):
+        pass  # the ranks still agree after a failure was shared
+    with open(f"rank{{rank}}.json", "w") as handle:
+        json.dump(out, handle)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_two_ranks_gather_uneven_rows_and_fail_together(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    for rank in (0, 1):
+        assert outputs[rank]["three"] == [[0, 1], [2, 3], [4, 5]]
+        assert outputs[rank]["one"] == [[0, 1]]
+        assert outputs[rank]["seven"] == [[2 * i, 2 * i + 1] for i in range(7)]
+        assert outputs[rank]["seconds"] < 30
+    assert outputs[1]["failure"] == ["own", "output_dir=/x is not writable: choose another folder"]
+    assert outputs[0]["failure"] == [
+        "shared", "rank 1 failed while writing the report: output_dir=/x is not writable: choose another folder", "input",
+    ]  # fmt: skip

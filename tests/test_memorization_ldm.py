@@ -1,0 +1,116 @@
+"""The callback on the real LDM: it leaves training untouched, and 1 or 2 processes report the same numbers."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks import MemorizationCallback
+from datamodules import PhantomDataModule
+from lightning_modules import LatentDiffusionModule, SimCLRModule
+from tests.conftest import quiet_trainer, run_cli
+
+SIZE = (16, 16)  # the size of the session autoencoder
+TINY_UNET = dict(channels=(16, 32), norm_num_groups=8, num_head_channels=8, num_train_timesteps=100)
+
+
+@pytest.fixture(scope="module")
+def embedder_16(tmp_path_factory) -> Path:
+    """A small embedder trained briefly on 16×16 phantoms."""
+    L.seed_everything(0)
+    model = SimCLRModule(
+        embedding_dim=16, resnet_block="basic", resnet_layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), lr=1e-3
+    )
+    trainer = quiet_trainer(max_steps=20, limit_val_batches=0)
+    trainer.fit(model, PhantomDataModule(spatial_size=SIZE, n_patients=40, batch_size=16))
+    path = tmp_path_factory.mktemp("embedder16") / "embedder.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def fit_ldm(autoencoder_ckpt: Path, tmp_path: Path, callback: MemorizationCallback | None) -> list[dict]:
+    """Three epochs of a tiny LDM with EMA; the weights and EMA weights at the end."""
+    L.seed_everything(0)
+    model = LatentDiffusionModule(autoencoder_ckpt=str(autoencoder_ckpt), lr=1e-3, **TINY_UNET)
+    ema = EMAWeightAveraging(decay=0.9, use_buffers=False)
+    trainer = quiet_trainer(
+        max_epochs=3, limit_val_batches=1, callbacks=[ema, *([callback] if callback else [])],
+        logger=TensorBoardLogger(tmp_path, name="run"),
+    )  # fmt: skip
+    trainer.fit(model, PhantomDataModule(spatial_size=SIZE, n_patients=24, batch_size=4))
+    return [model.state_dict(), ema._average_model.module.state_dict()]
+
+
+def test_training_ends_with_the_same_weights_with_and_without_the_callback(autoencoder_ckpt, embedder_16, tmp_path):
+    callback = MemorizationCallback(
+        str(embedder_16), check_at_start=True, n_samples=6, num_inference_steps=2, sample_batch_size=4,
+        log_images=True, output_dir=str(tmp_path / "reports"),
+    )  # fmt: skip
+    with_callback = fit_ldm(autoencoder_ckpt, tmp_path / "with", callback)
+    without = fit_ldm(autoencoder_ckpt, tmp_path / "without", None)
+    assert len(callback.history) == 4  # at the start and after each of the 3 epochs
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [f"check_00{i}" for i in range(4)]
+    for trained, reference in zip(with_callback, without, strict=True):
+        assert trained.keys() == reference.keys()
+        changed = [name for name in trained if not torch.equal(trained[name], reference[name])]
+        assert not changed, changed[:5]
+
+
+def history(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "memorization_history.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_one_and_two_processes_agree_on_one_ldm_with_uneven_sizes(autoencoder_ckpt, embedder_16, tmp_path):
+    # 33 training and 27 validation images, 7 samples in chunks of 3: every shard and gather is uneven.
+    data = {"spatial_size": list(SIZE), "n_patients": 60, "val_fraction": 0.45, "batch_size": 4}
+    model = {"autoencoder_ckpt": str(autoencoder_ckpt), "lr": 0.0, **TINY_UNET}  # lr 0: one set of weights
+    L.seed_everything(0)
+    ldm = LatentDiffusionModule(**model)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(ldm, PhantomDataModule(**data))
+    start = tmp_path / "start.ckpt"  # carries the latent scale factor, which depends on the ranks' batches
+    trainer.save_checkpoint(start)
+    assert len(PhantomDataModule(**data).train_ids) == 33
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2, "accelerator": "cpu", "precision": "32-true", "limit_train_batches": 1,
+            "limit_val_batches": 1, "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(tmp_path), "name": "ldm"}},
+            "callbacks": [{"class_path": "callbacks.MemorizationCallback", "init_args": {
+                "embedder_ckpt": str(embedder_16), "check_at_start": True, "n_samples": 7, "num_inference_steps": 2,
+                "sample_batch_size": 3, "log_images": True}}],
+        },
+        "model": {"class_path": "lightning_modules.LatentDiffusionModule", "init_args": model},
+        "data": {"class_path": "datamodules.PhantomDataModule", "init_args": data},
+    }  # fmt: skip
+    path = tmp_path / "ldm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs = {}
+    for devices in (1, 2):
+        result = run_cli(
+            "fit", "--config", str(path), "--ckpt_path", str(start), "--trainer.devices", str(devices),
+            "--trainer.strategy", "ddp" if devices == 2 else "auto",
+            "--trainer.logger.init_args.version", f"devices{devices}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[devices] = history(tmp_path / "ldm" / f"devices{devices}")
+    assert [row["check"] for row in runs[1]] == ["0", "1"]
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert [one[k] for k in ("check", "epoch", "n_mem", "n_copies")] == [
+            two[k] for k in ("check", "epoch", "n_mem", "n_copies")
+        ]
+        # Embeddings of differently composed batches differ by float rounding only.
+        for key in ("tau", "fd", "ms_ssim", "frac_mem", "frac_copies"):
+            assert float(one[key]) == pytest.approx(float(two[key]), rel=1e-4, abs=1e-6), key
+        assert float(one["tau"]) > 0 and float(one["ms_ssim"]) > 0
