@@ -270,8 +270,6 @@ class LatentDiffusionModule(MemwatchModule):
             raise InputError(f"scheduler={kind!r} must be 'ddim' or 'ddpm'")
         scheduler = self._make_scheduler(kind)
         scheduler.set_timesteps(num_inference_steps=steps, device=self.device)
-        # The scheduler's steps run in float32, whatever autocast the caller has on.
-        float32 = torch.autocast(self.device.type, enabled=False)
         x = torch.stack(
             [
                 torch.randn(latent_shape, generator=sample_generator(seed, i), dtype=torch.float32)
@@ -282,7 +280,7 @@ class LatentDiffusionModule(MemwatchModule):
         for t in scheduler.timesteps:
             timesteps = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
             prediction = self.unet(x, timesteps=timesteps).float()  # the UNet in the caller's precision
-            with float32:
+            with torch.autocast(self.device.type, enabled=False):  # the scheduler in float32, always
                 if kind == "ddim":
                     x, _ = scheduler.step(prediction, int(t), x)
                 else:
