@@ -63,8 +63,9 @@ class MemorizationCallback(Callback):
     Args:
         embedder_ckpt: checkpoint of a trained `SimCLRModule` (trained on the training images).
         every_n_epochs: epochs between checks.
-        check_at_start: also check before the first training step (the chance-level baseline);
-            off by default, since at the paper's scale a check costs 15–30 minutes.
+        check_at_start: also check at the end of the first epoch (a baseline near chance level,
+            and a value for EarlyStopping from the start); off by default, since at the paper's
+            scale a check costs 15–30 minutes.
         n_samples: synthetic images per check; default the training-set size (the paper's N_syn = N_train).
         num_inference_steps: DDIM steps per sample.
         sample_batch_size: images per sampling and embedding pass; a check holds O(this) images.
@@ -137,7 +138,7 @@ class MemorizationCallback(Callback):
         """Raise `InputError` for an EarlyStopping on `memorization/*` that would read an old check or none."""
         for stopper in trainer.callbacks:
             if isinstance(stopper, EarlyStopping) and stopper.monitor.startswith("memorization/"):
-                problem = stale_early_stopping(stopper, trainer, self.every_n_epochs)
+                problem = stale_early_stopping(stopper, trainer, self.every_n_epochs, self.check_at_start)
                 if problem:
                     raise InputError(problem)
 
@@ -185,10 +186,6 @@ class MemorizationCallback(Callback):
 
     # --- when to check -----------------------------------------------------------------
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.check_at_start and not self._already_checked(trainer):
-            self._check(trainer, pl_module)
-
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Only the validation that ends a training epoch; before EarlyStopping and ModelCheckpoint read it.
         at_epoch_end = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and trainer.is_last_batch
@@ -200,7 +197,9 @@ class MemorizationCallback(Callback):
             self._check(trainer, pl_module)
 
     def _due(self, trainer: Trainer) -> bool:
-        return (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not self._already_checked(trainer)
+        epoch = trainer.current_epoch
+        scheduled = (epoch + 1) % self.every_n_epochs == 0 or (self.check_at_start and epoch == 0)
+        return scheduled and not self._already_checked(trainer)
 
     def _already_checked(self, trainer: Trainer) -> bool:
         return bool(self.history) and self.history[-1]["step"] == trainer.global_step
@@ -380,7 +379,9 @@ def check_writable(folder: Path) -> None:
         ) from None
 
 
-def stale_early_stopping(stopper: EarlyStopping, trainer: Trainer, every_n_epochs: int) -> str | None:
+def stale_early_stopping(
+    stopper: EarlyStopping, trainer: Trainer, every_n_epochs: int, check_at_start: bool = False
+) -> str | None:
     """Why `stopper` (monitoring `memorization/*`) would not read the check that just ran, or `None` if it would.
 
     Checks end the epochs `e` with `(e + 1) % every_n_epochs == 0`, at validation end when that
@@ -410,9 +411,11 @@ def stale_early_stopping(stopper: EarlyStopping, trainer: Trainer, every_n_epoch
         first_read = every_k - 1
     else:
         first_read = 0
-    if stopper.strict and every_n_epochs - 1 > first_read:
+    first_check = 0 if check_at_start else every_n_epochs - 1
+    if stopper.strict and first_check > first_read:
         return (
             f"{name} with strict: true would stop the run at the end of epoch {first_read}, before the first "
-            f"memorization check (end of epoch {every_n_epochs - 1}): set strict: false in its init_args"
+            f"memorization check (end of epoch {first_check}): set strict: false in its init_args, or "
+            "check_at_start: true in MemorizationCallback's"
         )
     return None

@@ -67,12 +67,12 @@ def test_checks_end_every_nth_epoch_embed_references_once_and_write_history(embe
     assert {"n_mem", "n_copies", "frac_mem", "frac_copies", "tau"} <= set(rows[0])
 
 
-def test_check_at_start_adds_a_check_before_the_first_step(embedder_ckpt):
+def test_check_at_start_adds_a_check_at_the_end_of_the_first_epoch(embedder_ckpt):
     callback = MemorizationCallback(
-        str(embedder_ckpt), every_n_epochs=2, check_at_start=True, n_samples=4, num_inference_steps=1
+        str(embedder_ckpt), every_n_epochs=3, check_at_start=True, n_samples=4, num_inference_steps=1
     )
-    fit_with_callback(ScriptedGenerator(), callback, epochs=2)
-    assert [(row["epoch"], row["step"]) for row in callback.history] == [(0, 0), (1, 4)]
+    fit_with_callback(ScriptedGenerator(), callback, epochs=6)
+    assert [(row["epoch"], row["step"]) for row in callback.history] == [(0, 2), (2, 6), (5, 12)]
 
 
 def test_a_checkpoint_saved_at_a_check_carries_its_row(embedder_ckpt, tmp_path):
@@ -320,7 +320,7 @@ STALE = {
     "strict before the first check": (
         dict(check_on_train_epoch_end=True), LightningSettings(), 3,
         "with strict: true would stop the run at the end of epoch 0, before the first memorization check "
-        "(end of epoch 2): set strict: false in its init_args",
+        "(end of epoch 2): set strict: false in its init_args, or check_at_start: true in MemorizationCallback's",
     ),
 }  # fmt: skip
 
@@ -342,6 +342,8 @@ def test_early_stopping_that_reads_each_check_is_accepted():
     for stopper_args, settings, every_n_epochs in accepted:
         stopper = L.pytorch.callbacks.EarlyStopping(monitor="memorization/frac_mem", mode="min", **stopper_args)
         assert stale_early_stopping(stopper, settings, every_n_epochs) is None, (stopper_args, every_n_epochs)
+    strict = L.pytorch.callbacks.EarlyStopping(monitor="memorization/frac_mem", check_on_train_epoch_end=True)
+    assert stale_early_stopping(strict, LightningSettings(), 10, check_at_start=True) is None
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*_ldm*.yaml")), ids=lambda p: p.stem)
@@ -358,7 +360,8 @@ def test_every_ldm_config_stops_on_the_current_check(config):
         if spec["class_path"].endswith("EarlyStopping"):
             (memorization,) = checks
             stopper = instantiate_class((), spec)
-            assert stale_early_stopping(stopper, settings, memorization.get("every_n_epochs", 1)) is None
+            every_n_epochs, at_start = memorization.get("every_n_epochs", 1), memorization.get("check_at_start", False)
+            assert stale_early_stopping(stopper, settings, every_n_epochs, at_start) is None
 
 
 def test_stale_early_stopping_is_refused_before_training(embedder_ckpt):

@@ -50,13 +50,13 @@ def fit_ldm(autoencoder_ckpt: Path, tmp_path: Path, callback: MemorizationCallba
 
 def test_training_ends_with_the_same_weights_with_and_without_the_callback(autoencoder_ckpt, embedder_16, tmp_path):
     callback = MemorizationCallback(
-        str(embedder_16), check_at_start=True, n_samples=6, num_inference_steps=2, sample_batch_size=4,
+        str(embedder_16), n_samples=6, num_inference_steps=2, sample_batch_size=4,
         log_images=True, output_dir=str(tmp_path / "reports"),
     )  # fmt: skip
     with_callback = fit_ldm(autoencoder_ckpt, tmp_path / "with", callback)
     without = fit_ldm(autoencoder_ckpt, tmp_path / "without", None)
-    assert len(callback.history) == 4  # at the start and after each of the 3 epochs
-    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [f"check_00{i}" for i in range(4)]
+    assert [row["epoch"] for row in callback.history] == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [f"check_00{i}" for i in range(3)]
     for trained, reference in zip(with_callback, without, strict=True):
         assert trained.keys() == reference.keys()
         changed = [name for name in trained if not torch.equal(trained[name], reference[name])]
@@ -71,30 +71,29 @@ def history(run_dir: Path) -> list[dict[str, str]]:
 def test_one_and_two_processes_agree_on_one_ldm_with_uneven_sizes(autoencoder_ckpt, embedder_16, tmp_path):
     # 33 training and 27 validation images, 7 samples in chunks of 3: every shard and gather is uneven.
     data = {"spatial_size": list(SIZE), "n_patients": 60, "val_fraction": 0.45, "batch_size": 4}
-    model = {"autoencoder_ckpt": str(autoencoder_ckpt), "lr": 0.0, **TINY_UNET}  # lr 0: one set of weights
-    L.seed_everything(0)
-    ldm = LatentDiffusionModule(**model)
-    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
-    trainer.fit(ldm, PhantomDataModule(**data))
-    start = tmp_path / "start.ckpt"  # carries the latent scale factor, which depends on the ranks' batches
-    trainer.save_checkpoint(start)
     assert len(PhantomDataModule(**data).train_ids) == 33
-
+    model = {"autoencoder_ckpt": str(autoencoder_ckpt), "lr": 0.0, **TINY_UNET}  # lr 0: one set of weights
+    callback = {"class_path": "callbacks.MemorizationCallback", "init_args": {
+        "embedder_ckpt": str(embedder_16), "check_at_start": True, "n_samples": 7, "num_inference_steps": 2,
+        "sample_batch_size": 3, "log_images": True}}  # fmt: skip
     config = {
         "seed_everything": 0,
         "trainer": {
-            "max_epochs": 2, "accelerator": "cpu", "precision": "32-true", "limit_train_batches": 1,
+            "max_epochs": 1, "accelerator": "cpu", "precision": "32-true", "limit_train_batches": 1,
             "limit_val_batches": 1, "enable_progress_bar": False, "enable_model_summary": False,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(tmp_path), "name": "ldm"}},
-            "callbacks": [{"class_path": "callbacks.MemorizationCallback", "init_args": {
-                "embedder_ckpt": str(embedder_16), "check_at_start": True, "n_samples": 7, "num_inference_steps": 2,
-                "sample_batch_size": 3, "log_images": True}}],
         },
         "model": {"class_path": "lightning_modules.LatentDiffusionModule", "init_args": model},
         "data": {"class_path": "datamodules.PhantomDataModule", "init_args": data},
     }  # fmt: skip
     path = tmp_path / "ldm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # One epoch on one process fixes the weights and the latent scale factor (which depends on the ranks' batches).
+    result = run_cli("fit", "--config", str(path), "--trainer.logger.init_args.version", "start")
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = tmp_path / "ldm" / "start" / "checkpoints" / "last.ckpt"
+    config["trainer"] |= {"max_epochs": 3, "callbacks": [callback]}
     path.write_text(yaml.safe_dump(config))
     runs = {}
     for devices in (1, 2):
@@ -105,7 +104,7 @@ def test_one_and_two_processes_agree_on_one_ldm_with_uneven_sizes(autoencoder_ck
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         runs[devices] = history(tmp_path / "ldm" / f"devices{devices}")
-    assert [row["check"] for row in runs[1]] == ["0", "1"]
+    assert [row["epoch"] for row in runs[1]] == ["1", "2"]  # resumed at epoch 1: no epoch-0 check
     for one, two in zip(runs[1], runs[2], strict=True):
         assert [one[k] for k in ("check", "epoch", "n_mem", "n_copies")] == [
             two[k] for k in ("check", "epoch", "n_mem", "n_copies")
