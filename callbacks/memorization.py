@@ -211,6 +211,10 @@ class MemorizationCallback(Callback):
         for callback in trainer.callbacks:
             averaged = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
             if averaged is not None and averaged.n_averaged > 0:
+                # During validation the averaging callback swaps its weights into the model until its own
+                # on_validation_epoch_end; listed after this callback, it has not swapped them back yet.
+                if trainer.validating and trainer.callbacks.index(callback) > trainer.callbacks.index(self):
+                    return pl_module
                 averaged.module.image_spatial_size = pl_module.image_spatial_size
                 return averaged.module
         return pl_module
