@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from datamodules import PhantomDataModule
@@ -167,3 +169,79 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         timeout=timeout,
         env=env,
     )
+
+
+def scripted_config(
+    tmp_path: Path,
+    embedder_ckpt: Path,
+    *,
+    copy_from_epoch: int,
+    max_epochs: int,
+    early_stop: bool,
+    callback_args: dict | None = None,
+    generator_args: dict | None = None,
+) -> Path:
+    """A YAML run of the scripted generator with the callback (and EarlyStopping), as a user writes it."""
+    callbacks = [
+        {
+            "class_path": "callbacks.MemorizationCallback",
+            "init_args": {
+                "embedder_ckpt": str(embedder_ckpt), "every_n_epochs": 1, "num_inference_steps": 1,
+                **(callback_args or {}),
+            },
+        }
+    ]  # fmt: skip
+    if early_stop:
+        callbacks.append(
+            {
+                "class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                "init_args": {
+                    "monitor": "memorization/frac_mem",
+                    "mode": "min",
+                    "divergence_threshold": 0.2,
+                    "patience": 100,
+                },
+            }
+        )
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": max_epochs,
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "scripted"},
+            },
+            "callbacks": callbacks,
+        },
+        "model": {
+            "class_path": "tests.doubles.ScriptedGenerator",
+            "init_args": {
+                "copied_ids": memorization_phantoms().train_ids[:12],
+                "novel_ids": [f"novel-{i:04d}" for i in range(N_TRAIN)],
+                "copy_from_epoch": copy_from_epoch,
+                "spatial_size": list(MEMORIZATION_SIZE),
+                **(generator_args or {}),
+            },
+        },
+        "data": {
+            "class_path": "datamodules.PhantomDataModule",
+            "init_args": {
+                "spatial_size": list(MEMORIZATION_SIZE),
+                "n_patients": 2 * N_TRAIN,
+                "val_fraction": 0.5,
+                "batch_size": 16,
+            },
+        },
+    }
+    path = tmp_path / "scripted.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def memorization_history(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of `memorization_history.csv` in a run's log folder."""
+    with (run_dir / "memorization_history.csv").open() as handle:
+        return list(csv.DictReader(handle))

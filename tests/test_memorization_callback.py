@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -22,7 +21,16 @@ from cli import main
 from datamodules import PhantomDataModule
 from errors import InputError
 from memorization.report import REPORT_FILES
-from tests.conftest import MEMORIZATION_SIZE, N_TRAIN, ROOT, memorization_phantoms, quiet_trainer, run_cli
+from tests.conftest import (
+    MEMORIZATION_SIZE,
+    N_TRAIN,
+    ROOT,
+    memorization_history,
+    memorization_phantoms,
+    quiet_trainer,
+    run_cli,
+    scripted_config,
+)
 from tests.doubles import ScriptedGenerator
 
 phantoms = memorization_phantoms
@@ -61,8 +69,7 @@ def test_checks_end_every_nth_epoch_embed_references_once_and_write_history(embe
     # The epochs Lightning validates and checkpoints with the same period: (epoch + 1) % 2 == 0.
     assert [row["epoch"] for row in callback.history] == [1, 3]
     assert callback.reference_embeddings_computed == 1
-    with (Path(logger.log_dir) / "memorization_history.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = memorization_history(Path(logger.log_dir))
     assert [int(r["epoch"]) for r in rows] == [1, 3]
     assert {"n_mem", "n_copies", "frac_mem", "frac_copies", "tau"} <= set(rows[0])
 
@@ -104,85 +111,10 @@ def test_bad_configuration_fails_at_construction(embedder_ckpt, tmp_path):
         callback.check_data(PhantomDataModule(spatial_size=(64, 64)))
 
 
-def scripted_config(
-    tmp_path: Path,
-    embedder_ckpt: Path,
-    *,
-    copy_from_epoch: int,
-    max_epochs: int,
-    early_stop: bool,
-    callback_args: dict | None = None,
-    generator_args: dict | None = None,
-) -> Path:
-    """A YAML run of the scripted generator with the callback (and EarlyStopping), as a user writes it."""
-    callbacks = [
-        {
-            "class_path": "callbacks.MemorizationCallback",
-            "init_args": {
-                "embedder_ckpt": str(embedder_ckpt), "every_n_epochs": 1, "num_inference_steps": 1,
-                **(callback_args or {}),
-            },
-        }
-    ]  # fmt: skip
-    if early_stop:
-        callbacks.append(
-            {
-                "class_path": "lightning.pytorch.callbacks.EarlyStopping",
-                "init_args": {
-                    "monitor": "memorization/frac_mem",
-                    "mode": "min",
-                    "divergence_threshold": 0.2,
-                    "patience": 100,
-                },
-            }
-        )
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "max_epochs": max_epochs,
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp_path), "name": "scripted"},
-            },
-            "callbacks": callbacks,
-        },
-        "model": {
-            "class_path": "tests.doubles.ScriptedGenerator",
-            "init_args": {
-                "copied_ids": phantoms().train_ids[:12],
-                "novel_ids": [f"novel-{i:04d}" for i in range(N_TRAIN)],
-                "copy_from_epoch": copy_from_epoch,
-                "spatial_size": list(SIZE),
-                **(generator_args or {}),
-            },
-        },
-        "data": {
-            "class_path": "datamodules.PhantomDataModule",
-            "init_args": {
-                "spatial_size": list(SIZE),
-                "n_patients": 2 * N_TRAIN,
-                "val_fraction": 0.5,
-                "batch_size": 16,
-            },
-        },
-    }
-    path = tmp_path / "scripted.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def history(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "memorization_history.csv").open() as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_early_stopping_from_yaml_stops_when_the_generator_starts_copying(embedder_ckpt, tmp_path):
     config = scripted_config(tmp_path, embedder_ckpt, copy_from_epoch=2, max_epochs=8, early_stop=True)
     cli = main(["fit", "--config", str(config)])
-    rows = history(Path(cli.trainer.log_dir))
+    rows = memorization_history(Path(cli.trainer.log_dir))
     assert [float(r["frac_mem"]) > 0.2 for r in rows] == [False, False, True]
     assert cli.trainer.current_epoch == 3 and cli.trainer.should_stop
 
@@ -195,7 +127,7 @@ def test_resume_continues_the_history_without_gaps_or_repeats(embedder_ckpt, tmp
             str(scripted_config(tmp_path, embedder_ckpt, copy_from_epoch=0, max_epochs=2, early_stop=False)),
         ]
     )
-    assert len(history(Path(first.trainer.log_dir))) == 2
+    assert len(memorization_history(Path(first.trainer.log_dir))) == 2
     checkpoint = Path(first.trainer.checkpoint_callback.last_model_path)
     resumed = main(
         [
@@ -208,7 +140,7 @@ def test_resume_continues_the_history_without_gaps_or_repeats(embedder_ckpt, tmp
             str(checkpoint),
         ]
     )
-    rows = history(Path(resumed.trainer.log_dir))
+    rows = memorization_history(Path(resumed.trainer.log_dir))
     assert [int(r["check"]) for r in rows] == [0, 1, 2, 3, 4]
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4]
 
@@ -224,7 +156,7 @@ def test_one_and_two_processes_report_the_same_counts(embedder_ckpt, tmp_path):
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         (run_dir,) = save_dir.glob("scripted/version_*")
-        runs[devices] = history(run_dir)
+        runs[devices] = memorization_history(run_dir)
     keys = ("check", "epoch", "n_mem", "n_copies", "tau")
     assert [[r[k] for k in keys] for r in runs[1]] == [[r[k] for k in keys] for r in runs[2]]
     assert int(runs[1][0]["n_mem"]) > 0
@@ -411,3 +343,31 @@ def test_without_log_images_no_patient_pixels_are_written(embedder_ckpt, tmp_pat
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert not events.Tags()["images"]
+
+
+class WeightRecordingGenerator(ScriptedGenerator):
+    """Records the weight of the model it samples from (the EMA copy, when one exists)."""
+
+    seen: list[float] = []
+
+    def sample(self, n: int, *args, **kwargs):
+        WeightRecordingGenerator.seen.append(float(self.weight))
+        return super().sample(n, *args, **kwargs)
+
+
+def test_checks_sample_the_ema_weights_wherever_the_averaging_callback_is_listed(embedder_ckpt):
+    # The check runs at validation end; EMAWeightAveraging swaps its weights in for validation and back
+    # in its own on_validation_epoch_end, which runs after the check when it is listed after it.
+    seen = {}
+    for order in ("ema first", "ema last"):
+        WeightRecordingGenerator.seen = []
+        L.seed_everything(0)
+        callback = MemorizationCallback(str(embedder_ckpt), n_samples=2, num_inference_steps=1)
+        ema = L.pytorch.callbacks.EMAWeightAveraging(decay=0.5, use_buffers=False)
+        trainer = quiet_trainer(
+            max_epochs=3, limit_val_batches=1, callbacks=[ema, callback] if order == "ema first" else [callback, ema]
+        )
+        trainer.fit(WeightRecordingGenerator(), phantoms())
+        seen[order] = list(WeightRecordingGenerator.seen)
+    assert len(seen["ema first"]) == 3
+    assert seen["ema first"] == pytest.approx(seen["ema last"], abs=1e-7)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks import MemorizationCallback
 from datamodules import PhantomDataModule
 from lightning_modules import LatentDiffusionModule, SimCLRModule
-from tests.conftest import quiet_trainer, run_cli
+from tests.conftest import memorization_history, quiet_trainer, run_cli
 
 SIZE = (16, 16)  # the size of the session autoencoder
 TINY_UNET = dict(channels=(16, 32), norm_num_groups=8, num_head_channels=8, num_train_timesteps=100)
@@ -63,11 +62,6 @@ def test_training_ends_with_the_same_weights_with_and_without_the_callback(autoe
         assert not changed, changed[:5]
 
 
-def history(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "memorization_history.csv").open() as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_one_and_two_processes_agree_on_one_ldm_with_uneven_sizes(autoencoder_ckpt, embedder_16, tmp_path):
     # 33 training and 27 validation images, 7 samples in chunks of 3: every shard and gather is uneven.
     data = {"spatial_size": list(SIZE), "n_patients": 60, "val_fraction": 0.45, "batch_size": 4}
@@ -103,7 +97,7 @@ def test_one_and_two_processes_agree_on_one_ldm_with_uneven_sizes(autoencoder_ck
             "--trainer.logger.init_args.version", f"devices{devices}",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[devices] = history(tmp_path / "ldm" / f"devices{devices}")
+        runs[devices] = memorization_history(tmp_path / "ldm" / f"devices{devices}")
     assert [row["epoch"] for row in runs[1]] == ["1", "2"]  # resumed at epoch 1: no epoch-0 check
     for one, two in zip(runs[1], runs[2], strict=True):
         assert [one[k] for k in ("check", "epoch", "n_mem", "n_copies")] == [

@@ -6,7 +6,6 @@ script's `cli.py` arguments parse as a memwatch configuration.
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import socket
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import MEMORIZATION_SIZE, N_TRAIN, ROOT, memorization_phantoms
+from tests.conftest import ROOT, memorization_history, scripted_config
 
 EXAMPLES = ROOT / "examples"
 SBATCH = EXAMPLES / "slurm" / "memwatch_ldm.sbatch"
@@ -33,53 +32,6 @@ LAUNCHER_VARIABLES = (
     "TORCHELASTIC_",
     "SLURM_",
 )
-
-
-def scripted_config(tmp_path: Path, embedder_ckpt: Path) -> Path:
-    """A YAML run of the scripted generator (it copies 12 training patients) with the callback, checked every epoch."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 2,
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp_path), "name": "scripted"},
-            },
-            "callbacks": [
-                {
-                    "class_path": "callbacks.MemorizationCallback",
-                    "init_args": {
-                        "embedder_ckpt": str(embedder_ckpt),
-                        "every_n_epochs": 1,
-                        "num_inference_steps": 1,
-                    },
-                }
-            ],
-        },
-        "model": {
-            "class_path": "tests.doubles.ScriptedGenerator",
-            "init_args": {
-                "copied_ids": memorization_phantoms().train_ids[:12],
-                "copy_from_epoch": 0,
-                "spatial_size": list(MEMORIZATION_SIZE),
-            },
-        },
-        "data": {
-            "class_path": "datamodules.PhantomDataModule",
-            "init_args": {
-                "spatial_size": list(MEMORIZATION_SIZE),
-                "n_patients": 2 * N_TRAIN,
-                "val_fraction": 0.5,
-                "batch_size": 16,
-            },
-        },
-    }
-    path = tmp_path / "scripted.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def free_port() -> int:
@@ -120,12 +72,11 @@ def wait_all(processes: dict[str, subprocess.Popen], logs: dict[str, Path]) -> N
 
 def history(save_dir: Path) -> list[dict[str, str]]:
     (run_dir,) = save_dir.glob("scripted/version_*")
-    with (run_dir / "memorization_history.csv").open() as handle:
-        return list(csv.DictReader(handle))
+    return memorization_history(run_dir)
 
 
 def test_two_torchrun_nodes_count_the_same_copies_as_one_process(embedder_ckpt, tmp_path):
-    config = scripted_config(tmp_path, embedder_ckpt)
+    config = scripted_config(tmp_path, embedder_ckpt, copy_from_epoch=0, max_epochs=2, early_stop=False)
     port = free_port()
 
     def fit(save_dir: Path, *extra: str) -> list[str]:
