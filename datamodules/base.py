@@ -251,3 +251,15 @@ class MedicalImageDataModule(LightningDataModule):
     def val_ids(self) -> list[str]:
         self.setup("fit")
         return [r["id"] for r in self.val_records]
+
+    @property
+    def train_patients(self) -> list[str]:
+        """The patient of each training image, in `train_ids` order (several images may share one)."""
+        self.setup("fit")
+        return [r["patient"] for r in self.train_records]
+
+    @property
+    def val_patients(self) -> list[str]:
+        """The patient of each validation image, in `val_ids` order."""
+        self.setup("fit")
+        return [r["patient"] for r in self.val_records]

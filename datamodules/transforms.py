@@ -31,9 +31,9 @@ CONTRAST_GAMMA = (0.85, 1.15)
 NOISE_STD = 0.02
 
 
-def rotation_ranges(spatial_dims: int) -> dict[str, float]:
-    """MONAI `RandRotate` ranges for ±`ROTATION_DEGREES` about every axis of a 2D or 3D image."""
-    radians = math.radians(ROTATION_DEGREES)
+def rotation_ranges(spatial_dims: int, degrees: float = ROTATION_DEGREES) -> dict[str, float]:
+    """MONAI `RandRotate` ranges for ±`degrees` about every axis of a 2D or 3D image."""
+    radians = math.radians(degrees)
     return {"range_x": radians} if spatial_dims == 2 else {"range_x": radians, "range_y": radians, "range_z": radians}
 
 
@@ -43,11 +43,20 @@ def augmentation_transforms(spatial_dims: int, keys: str = "image") -> list:
     return [*flips, RandRotated(keys=keys, prob=0.5, padding_mode="zeros", **rotation_ranges(spatial_dims))]
 
 
-def variation_transform(spatial_dims: int) -> Compose:
+def variation_transform(
+    spatial_dims: int,
+    *,
+    rotation_degrees: float = ROTATION_DEGREES,
+    contrast_gamma: tuple[float, float] = CONTRAST_GAMMA,
+    noise_std: float = NOISE_STD,
+) -> Compose:
     """Random variation of one channel-first image `[C, *spatial]` in `[0, 1]`, clipped back to `[0, 1]`.
 
     Args:
         spatial_dims: 2 for `[C, H, W]`, 3 for `[C, H, W, D]`.
+        rotation_degrees: rotations lie within ±this about every axis (p=0.5).
+        contrast_gamma: range of the gamma of the contrast change (p=0.5).
+        noise_std: standard deviation of the added Gaussian noise (p=0.5).
 
     Returns:
         A MONAI `Compose`; call `set_random_state(seed)` on it for reproducible draws.
@@ -57,9 +66,9 @@ def variation_transform(spatial_dims: int) -> Compose:
     return Compose(
         [
             *(RandFlip(prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)),
-            RandRotate(prob=0.5, padding_mode="zeros", **rotation_ranges(spatial_dims)),
-            RandAdjustContrast(prob=0.5, gamma=CONTRAST_GAMMA),
-            RandGaussianNoise(prob=0.5, std=NOISE_STD),
+            RandRotate(prob=0.5, padding_mode="zeros", **rotation_ranges(spatial_dims, rotation_degrees)),
+            RandAdjustContrast(prob=0.5, gamma=contrast_gamma),
+            RandGaussianNoise(prob=0.5, std=noise_std),
             ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
         ]
     )
