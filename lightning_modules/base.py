@@ -33,6 +33,8 @@ class MemwatchModule(LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.image_spatial_size: tuple[int, ...] | None = None
+        #: sorted patients of the images it was trained on; the callback and the audit check them against the data
+        self.training_patients: list[str] | None = None
 
     def check_data(self, datamodule: LightningDataModule) -> None:
         """Raise `InputError` if `datamodule`'s images cannot train this module."""
@@ -49,16 +51,22 @@ class MemwatchModule(LightningModule):
         if datamodule is not None and hasattr(datamodule, "spatial_size"):
             self.check_data(datamodule)
             self.image_spatial_size = tuple(datamodule.spatial_size)
+            if stage == "fit" and hasattr(datamodule, "train_patients"):
+                self.training_patients = sorted(set(datamodule.train_patients))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["memwatch"] = {
             "module": type(self).__name__,
             "image_spatial_size": list(self.image_spatial_size) if self.image_spatial_size else None,
+            "training_patients": self.training_patients,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        size = checkpoint.get("memwatch", {}).get("image_spatial_size")
+        recorded = checkpoint.get("memwatch", {})
+        size = recorded.get("image_spatial_size")
         self.image_spatial_size = tuple(size) if size else None
+        patients = recorded.get("training_patients")
+        self.training_patients = list(patients) if patients is not None else None
 
     @classmethod
     def from_hparams(cls: type[ModuleT], hparams: dict[str, Any]) -> ModuleT:
