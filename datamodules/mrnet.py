@@ -15,14 +15,22 @@ Each volume of the chosen `plane` (sagittal by default, as the paper) becomes a 
 `[1, H, W, D]` tensor with the slices last (MONAI's `(H, W, D)`), is centre-cropped or
 zero-padded to `spatial_size` (the paper: 256×256×32) and min-max scaled to `[0, 1]` per volume.
 
-Splits: `paper` (default) holds out fold `fold` of a seeded 5-fold split of the official
-training cases (1130 → 904 train / 226 val, as Dar et al., arXiv 2402.01054); `official`
-trains on `train/` and validates on `valid/`.
+Splits, all by case (= patient):
+
+- `authors` (default): Dar et al.'s own folds (arXiv 2402.01054), exactly as their code
+  draws them: `indexes = list(range(1130)); random.seed(26); random.shuffle(indexes)`
+  (Python's `random`), fold `k` validates on `indexes[226 k : 226 (k + 1)]` (the last fold
+  on the rest) and trains on the other cases of `train/` (904 / 226). Case `i` is
+  `train/<plane>/{i:04d}.npy`; `train/` must hold exactly the cases 0000–1129.
+- `seeded`: 5 folds of a permutation seeded by `split_seed`, fold `fold` held out, for a
+  `train/` that is not the full set; or, with `split_file`, the file's `patient,split` rows.
+- `official`: trains on `train/` and validates on `valid/`.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +43,10 @@ from datamodules.folder import LoadImageFile, one_line
 from errors import InputError
 
 PLANES = ("axial", "coronal", "sagittal")
-SPLITS = ("paper", "official")
+SPLITS = ("authors", "seeded", "official")
 N_FOLDS = 5
+# Dar et al.'s fold code: Python's random, seed 26, 1130 training cases, 226 per fold.
+AUTHORS_SEED, AUTHORS_CASES, AUTHORS_FOLD_SIZE = 26, 1130, 226
 DOWNLOAD = "https://stanfordmlgroup.github.io/competitions/mrnet/"
 
 
@@ -44,6 +54,18 @@ def expected_layout(root: Path | str, plane: str, split: str) -> str:
     """The files MRNetDataModule looks for, for error messages."""
     train = f"{root}/train/{plane}/0000.npy, {root}/train/{plane}/0001.npy, ..."
     return f"expected {train}" + (f" and {root}/valid/{plane}/1130.npy, ..." if split == "official" else "")
+
+
+def authors_validation_cases(fold: int) -> list[int]:
+    """The case numbers Dar et al. validate on in `fold` (0 to 4), in their shuffled order.
+
+    Their code shuffles the global `random` state after `random.seed(26)`; a `random.Random(26)`
+    of our own draws the same permutation without touching anyone else's random stream.
+    """
+    indexes = list(range(AUTHORS_CASES))
+    random.Random(AUTHORS_SEED).shuffle(indexes)
+    stop = AUTHORS_FOLD_SIZE * (fold + 1) if fold < N_FOLDS - 1 else AUTHORS_CASES
+    return indexes[AUTHORS_FOLD_SIZE * fold : stop]
 
 
 def check_volume(path: Path) -> tuple[int, ...]:
@@ -80,14 +102,19 @@ class MRNetDataModule(MedicalImageDataModule):
     Args:
         root: the `MRNet-v1.0` folder (holding `train/` and, for `split="official"`, `valid/`).
         plane: `sagittal` (the paper's), `coronal` or `axial`.
-        split: `paper`: 5 seeded folds of the official training cases, fold `fold` held
-            out (`split_seed` seeds the folds); `official`: `train/` vs `valid/`.
-        fold: the validation fold of the `paper` split, 0 to 4.
+        split: `authors`: Dar et al.'s 5 folds of `train/` (cases 0000–1129), fold `fold`
+            held out; `seeded`: 5 folds seeded by `split_seed`, or the rows of `split_file`;
+            `official`: `train/` vs `valid/`. `paper` (a seeded split under that name in
+            earlier versions) is refused: say `authors` or `seeded`.
+        fold: the validation fold of the `authors` and `seeded` splits, 0 to 4.
         spatial_size: `(H, W, D)` every volume is centre-cropped or zero-padded to, slices
             last; the paper's is `(256, 256, 32)`.
+        split_file: CSV `patient,split` deciding the side of every case of `train/`
+            (patient ids `mrnet-train-NNNN`); with `split: seeded` only, the other two
+            splits are fixed.
         batch_size, num_workers, n_train, augment, split_seed, cache, ...: see
-            `MedicalImageDataModule`; `val_fraction` is unused (one fold in five is held
-            out) and `split_file` is refused (use `split` and `fold`).
+            `MedicalImageDataModule` (`split_seed` also seeds the `n_train` subset);
+            `val_fraction` is unused (one fold in five is held out).
     """
 
     split_options = (*MedicalImageDataModule.split_options, "split", "fold")
@@ -96,15 +123,17 @@ class MRNetDataModule(MedicalImageDataModule):
         self,
         root: str,
         plane: Literal["axial", "coronal", "sagittal"] = "sagittal",
-        split: Literal["paper", "official"] = "paper",
+        # str, not a Literal: the CLI then shows the one-line error below for `split: paper`.
+        split: str = "authors",
         fold: int = 0,
         spatial_size: Sequence[int] = (256, 256, 32),
         **kwargs: Any,
     ) -> None:
         super().__init__(spatial_size=spatial_size, **kwargs)
-        if kwargs.get("split_file") is not None:
+        if split == "paper":
             raise InputError(
-                "MRNetDataModule takes its split from split (paper or official) and fold: remove split_file"
+                "split='paper' was a seeded 5-fold split, not the paper's: set --data.init_args.split authors "
+                "(Dar et al.'s exact folds) or seeded (folds seeded by split_seed)"
             )
         if self.spatial_dims != 3:
             raise InputError(
@@ -116,7 +145,13 @@ class MRNetDataModule(MedicalImageDataModule):
             )
         if split not in SPLITS:
             raise InputError(
-                f"split={split!r} must be paper (5 folds of train/) or official (train/ vs valid/)"
+                f"split={split!r} must be authors (Dar et al.'s 5 folds of train/), seeded (5 seeded folds "
+                "or split_file) or official (train/ vs valid/): set --data.init_args.split"
+            )
+        if split != "seeded" and self.split_file is not None:
+            raise InputError(
+                f"split_file is used with split: seeded only; split: {split} is fixed: set "
+                "--data.init_args.split seeded or remove split_file"
             )
         if not (isinstance(fold, int) and 0 <= fold < N_FOLDS):
             raise InputError(f"fold={fold!r} must be 0 to {N_FOLDS - 1}: set --data.init_args.fold")
@@ -172,20 +207,43 @@ class MRNetDataModule(MedicalImageDataModule):
             )
         return records
 
+    def _check_authors_cases(self, train: list[dict[str, Any]]) -> None:
+        """`InputError` unless `train/<plane>` holds exactly the cases 0000–1129 that the authors' folds index."""
+        found = {Path(r["image_path"]).stem for r in train}
+        expected = {f"{case:04d}" for case in range(AUTHORS_CASES)}
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        if missing or extra:
+            wrong = (
+                f"lacks case {missing[0]} ({len(missing)} missing)" if missing
+                else f"holds {extra[0]}.npy ({len(extra)} beyond 0000-1129)"
+            )  # fmt: skip
+            raise InputError(
+                f"{self.root / 'train' / self.plane} {wrong}: split: authors (Dar et al.'s folds) needs exactly "
+                "the 1130 training cases 0000-1129 of MRNet-v1.0; restore them, or set --data.init_args.split seeded"
+            )
+
     def list_records(self) -> list[dict[str, Any]]:
         self._check_root()
         train = self._folder_records("train")
+        self._patient_split = {}
         if self.split == "official":
             val = self._folder_records("valid")
             self._patient_split = {r["patient"]: "train" for r in train} | {r["patient"]: "val" for r in val}
             return train + val
-        # The paper's split: 5 seeded folds of the official training cases (1130 → 904 / 226).
-        order = np.random.default_rng(self.split_seed).permutation(len(train))
-        held_out = {train[i]["patient"] for i in np.array_split(order, N_FOLDS)[self.fold]}
+        if self.split == "authors":
+            self._check_authors_cases(train)
+            held_out = {f"mrnet-train-{case:04d}" for case in authors_validation_cases(self.fold)}
+        elif self.split_file is not None:
+            return train  # the base class reads the sides from split_file
+        else:
+            order = np.random.default_rng(self.split_seed).permutation(len(train))
+            held_out = {train[i]["patient"] for i in np.array_split(order, N_FOLDS)[self.fold]}
         self._patient_split = {r["patient"]: ("val" if r["patient"] in held_out else "train") for r in train}
         return train
 
     def given_split(self, patients: Sequence[str]) -> dict[str, str] | None:
+        if not self._patient_split:
+            return None
         return {patient: self._patient_split[patient] for patient in patients}
 
     def load_transforms(self) -> list[Callable]:
