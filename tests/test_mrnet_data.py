@@ -157,7 +157,12 @@ def test_disk_cache_is_decoded_once_and_keyed_by_spatial_size(mrnet, tmp_path):
 def test_the_five_folds_share_one_disk_cache(mrnet, tmp_path):
     for fold in range(5):
         data = MRNetDataModule(
-            str(mrnet), split="seeded", spatial_size=(8, 8, 2), fold=fold, cache="disk", cache_dir=str(tmp_path)
+            str(mrnet),
+            split="seeded",
+            spatial_size=(8, 8, 2),
+            fold=fold,
+            cache="disk",
+            cache_dir=str(tmp_path),
         )
         images(data, "train")
         images(data, "val")
@@ -239,7 +244,8 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path, case):
 
 def test_official_split_needs_the_valid_folder(tmp_path):
     root = write_mrnet(tmp_path, n_train=5, n_valid=1, size=(8, 8), slices=(3,), planes=("sagittal",))
-    MRNetDataModule(str(root), split="seeded", spatial_size=(8, 8, 4)).setup("fit")  # the seeded split does not
+    seeded = MRNetDataModule(str(root), split="seeded", spatial_size=(8, 8, 4))
+    seeded.setup("fit")  # the seeded split does not need valid/
     for path in (root / "valid/sagittal").iterdir():
         path.unlink()
     (root / "valid/sagittal").rmdir()
@@ -258,7 +264,10 @@ def test_official_split_needs_the_valid_folder(tmp_path):
         ({"fold": 5}, "fold=5 must be 0 to 4"),
         ({"spatial_size": (256, 256)}, "MRNet volumes are 3D, give 3 sizes"),
         ({"split_file": "split.csv"}, "split_file is used with split: seeded only; split: authors is fixed"),
-        ({"split": "official", "split_file": "split.csv"}, "split: official is fixed: set --data.init_args.split seeded"),
+        (
+            {"split": "official", "split_file": "split.csv"},
+            "split: official is fixed: set --data.init_args.split seeded",
+        ),
     ],
     ids=["plane", "split", "paper", "fold", "spatial_size", "split_file", "split_file_official"],
 )
@@ -374,5 +383,7 @@ def test_the_cli_refuses_split_paper_on_one_line(mrnet, tmp_path, capsys):
         main(["fit", "--config", str(ROOT / "configs/mrnet_ae.yaml"), "--data.init_args.root", str(mrnet),
               "--data.init_args.split", "paper", "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert stop.value.code == 2 and len(errors) == 1 and "split authors (Dar et al.'s exact folds)" in errors[0]
+    assert (
+        stop.value.code == 2 and len(errors) == 1 and "split authors (Dar et al.'s exact folds)" in errors[0]
+    )
     assert not list(tmp_path.rglob("*"))  # nothing written
