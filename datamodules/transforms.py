@@ -9,6 +9,7 @@ the contrast slightly and adds a little noise (Dar et al., arXiv 2402.01054, §M
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -74,11 +75,13 @@ def variation_transform(
     )
 
 
-def vary(images: torch.Tensor, seed: int | None = None, transform: Compose | None = None) -> torch.Tensor:
+def vary(
+    images: torch.Tensor, seed: int | None = None, transform: Compose | None = None, first_index: int = 0
+) -> torch.Tensor:
     """A random variation of every image of a batch.
 
-    Variation `i` depends only on `(seed, i)`, not on the batch size, so a batch and its
-    halves give the same variations of the same images.
+    Variation `i` depends only on `(seed, first_index + i)`, not on the batch size, so a batch
+    and its halves (the second with `first_index` = its offset) give the same variations.
 
     Args:
         images: `[B, C, *spatial]`, intensities in `[0, 1]`.
@@ -95,7 +98,19 @@ def vary(images: torch.Tensor, seed: int | None = None, transform: Compose | Non
         seed = int(torch.randint(0, 2**31 - 1, ()))
     transform = transform if transform is not None else variation_transform(images.ndim - 2)
     varied = []
-    for index, image in enumerate(images.detach()):
+    for index, image in enumerate(images.detach(), start=first_index):
         transform.set_random_state(seed=int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
         varied.append(convert_to_tensor(transform(image), track_meta=False))
     return torch.stack(varied).to(device=images.device, dtype=images.dtype)
+
+
+def variation_batches(
+    dataset: Sequence[dict], rows: Sequence[int], batch_size: int, seed: int, transform: Compose, first_index: int = 0
+) -> Iterator[torch.Tensor]:
+    """Batches `[b, C, *spatial]` of variations of `dataset[row]["image"]` for `rows`; variation `k` seeded by `(seed, first_index + k)`.
+
+    The positives of the detector's self-check: new images close to training images.
+    """
+    for start in range(0, len(rows), batch_size):
+        images = torch.stack([dataset[int(row)]["image"] for row in rows[start : start + batch_size]])
+        yield vary(images, seed=seed, transform=transform, first_index=first_index + start)

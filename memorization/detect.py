@@ -148,17 +148,17 @@ def detect_copies(
     )
 
 
-def nearest_correlation(queries: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def nearest_correlation(queries: torch.Tensor, reference: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """`[N_q]` Pearson correlation of each row of `queries` `[N_q, L]` with its nearest row of `reference` `[N_r, L]`.
 
     The score `detect_copies` compares with τ (`nn_train_corr` when `reference` is the training
-    set), for ranking a few queries at a time; memory O(N_q × N_r).
+    set), in float64; memory O(chunk_size × N_r).
     """
     if len(queries) == 0:
         return torch.empty(0, device=queries.device)
     reference = _standardise(_as_matrix(reference, "reference").to(torch.float64), "reference")
     queries = _standardise(_as_matrix(queries, "queries").to(device=reference.device, dtype=torch.float64), "queries")
-    return (queries @ reference.T).amax(dim=1)
+    return torch.cat([(rows @ reference.T).amax(dim=1) for rows in queries.split(chunk_size)])
 
 
 def _nearest_neighbours(

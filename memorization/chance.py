@@ -1,0 +1,283 @@
+"""Chance level and the detector's self-check, estimated from the user's own held-out images.
+
+**Chance level.** A generator that copies nobody draws new patients from the same
+distribution as the held-out (validation) images. Each held-out image `v_j` is therefore a
+stand-in for one such synthetic sample, judged against the threshold `τ_{-j}` computed from
+the other held-out images (leave one out: the image never sets its own threshold, and every
+split of the held-out set into "τ" and "synthetic" parts of sizes N_val − 1 and 1 is used).
+From the N_val splits:
+
+- `null_frac_copies` = share of held-out images whose nearest training embedding correlates
+  `≥ τ_{-j}`: the expected share of a copy-nobody generator's samples called copies (it does
+  not depend on N_syn).
+- For every training image `i` (or patient: any of their images), `k_i` = number of held-out
+  images above `τ_{-j}`. With N_syn draws the image is called memorized when at least one
+  draw is above τ. For N_syn ≤ N_val, `1 − C(N_val − k_i, N_syn) / C(N_val, N_syn)` is the
+  exact unbiased estimate of that probability (the share of N_syn-subsets of the held-out
+  images holding one); `null_frac_mem` is its mean over training images. For N_syn > N_val
+  no unbiased estimate exists: the per-image exceedance probabilities are modelled as a Beta
+  distribution fitted to the `k_i` (beta-binomial maximum likelihood) and
+  `1 − E[(1 − p)^{N_syn}]` is taken under it.
+
+Assumptions: held-out and copy-nobody synthetic images are exchangeable (same distribution,
+independent of the training images); τ from N_val − 1 images equals τ from N_val. The
+intervals `*_ci` are 95% prediction intervals of the rate such a generator would show *at
+this τ*, binomial over the training images (patients, samples). They leave out how τ itself
+varies with the held-out sample, which the held-out images cannot reveal: on simulated
+embeddings with N_syn ≤ N_val they cover the observed null rate at about the stated level,
+but with N_syn = 3 N_val (beta-binomial extrapolation) the observed rate varied about twice
+as much as the interval says. Hold out at least N_syn images for a chance level to rely on.
+
+**Self-check.** Sensitivity is the share of variations `v(x)` of training images (flip,
+rotation, contrast, noise: new images that never enter τ) whose nearest training embedding
+correlates `≥ τ`. Specificity is the share of held-out images not flagged, each at its
+leave-one-out `τ_{-j}`, so no negative sets its own threshold; it is `1 − null_frac_copies`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from scipy.special import betaln
+from scipy.stats import betabinom, binom
+
+from memorization.detect import _as_matrix, _percentile, _standardise, nearest_correlation
+from memorization.stats import CI_LEVEL, binomial_interval
+
+
+@dataclass(frozen=True)
+class HeldOutExceedances:
+    """Leave-one-out exceedances of the held-out images over τ.
+
+    Attributes:
+        tau: τ from all held-out images (as `detect_copies`).
+        loo_tau: `[N_val]` τ without held-out image `j`.
+        val_flagged: `[N_val]` bool, held-out image `j`'s nearest training correlation `≥ loo_tau[j]`.
+        train_counts: `[N_train]` held-out images above their `loo_tau` for each training image.
+        patient_counts: `[N_patients]` the same for each patient (any of their images), `patients` order.
+        patients: the sorted patients of `patient_counts`.
+    """
+
+    tau: float
+    loo_tau: torch.Tensor
+    val_flagged: torch.Tensor
+    train_counts: torch.Tensor
+    patient_counts: torch.Tensor
+    patients: list[str]
+
+    @property
+    def n_val(self) -> int:
+        return len(self.loo_tau)
+
+
+def held_out_exceedances(
+    train: torch.Tensor,
+    val: torch.Tensor,
+    percentile: float,
+    train_patients: Sequence[str] | None = None,
+    chunk_size: int = 4096,
+) -> HeldOutExceedances:
+    """Two chunked passes over train × val (memory O(chunk × N_val)): top-2 neighbours, then exceedances.
+
+    `train_patients` names the patient of each training row (default: one patient per row).
+    """
+    train_n = _standardise(_as_matrix(train, "train").double(), "train")
+    val_n = _standardise(_as_matrix(val, "val").to(device=train_n.device, dtype=torch.float64), "val")
+    n_train, n_val = len(train_n), len(val_n)
+    if n_val < 2:
+        raise ValueError("the chance level needs at least 2 held-out images")
+    patients = list(train_patients) if train_patients is not None else [str(i) for i in range(n_train)]
+    if len(patients) != n_train:
+        raise ValueError(f"{len(patients)} patient ids for {n_train} training embeddings")
+
+    with torch.no_grad():
+        first, second, first_index = [], [], []
+        for start in range(0, n_train, chunk_size):
+            top = torch.topk(train_n[start : start + chunk_size] @ val_n.T, 2, dim=1)
+            first.append(top.values[:, 0])
+            second.append(top.values[:, 1])
+            first_index.append(top.indices[:, 0])
+        nearest, runner_up, nearest_index = torch.cat(first), torch.cat(second), torch.cat(first_index)
+        tau = _percentile(nearest, percentile)
+        loo_tau = _leave_one_out_tau(nearest, runner_up, nearest_index, n_val, percentile, tau)
+
+        names = sorted(set(patients))
+        patient_of = torch.tensor(_codes(patients, names), dtype=torch.int64)
+        order = torch.argsort(patient_of, stable=True)
+        train_counts = torch.zeros(n_train, dtype=torch.int64)
+        patient_counts = torch.zeros(len(names), dtype=torch.int64)
+        val_flagged = torch.zeros(n_val, dtype=torch.bool, device=train_n.device)
+        for rows in _patient_chunks(patient_of[order], order, chunk_size):
+            above = (train_n[rows.to(train_n.device)] @ val_n.T) >= loo_tau
+            val_flagged |= above.any(dim=0)
+            train_counts[rows] = above.sum(dim=1).cpu()
+            local = patient_of[rows]
+            first_patient = int(local[0])
+            by_patient = torch.zeros(int(local[-1]) - first_patient + 1, n_val, device=above.device)
+            by_patient.index_add_(0, (local - first_patient).to(above.device), above.to(by_patient.dtype))
+            patient_counts[first_patient : int(local[-1]) + 1] = (by_patient > 0).sum(dim=1).cpu()
+    return HeldOutExceedances(
+        tau=float(tau),
+        loo_tau=loo_tau.cpu(),
+        val_flagged=val_flagged.cpu(),
+        train_counts=train_counts,
+        patient_counts=patient_counts,
+        patients=names,
+    )
+
+
+def _codes(patients: Sequence[str], names: list[str]) -> list[int]:
+    code = {name: k for k, name in enumerate(names)}
+    return [code[p] for p in patients]
+
+
+def _patient_chunks(sorted_patient: torch.Tensor, order: torch.Tensor, chunk_size: int):
+    """Row indices in chunks of about `chunk_size` that never split a patient's rows."""
+    start, n = 0, len(order)
+    while start < n:
+        stop = min(start + chunk_size, n)
+        while stop < n and sorted_patient[stop] == sorted_patient[stop - 1]:
+            stop += 1
+        yield order[start:stop]
+        start = stop
+
+
+def _leave_one_out_tau(
+    nearest: torch.Tensor, runner_up: torch.Tensor, nearest_index: torch.Tensor, n_val: int, percentile: float, tau
+) -> torch.Tensor:
+    """`[N_val]` τ recomputed without each held-out image: its training images fall back to their second neighbour.
+
+    Only the held-out images nearest to some training image at or above the lower order
+    statistic of the percentile can move τ; τ is recomputed for those alone.
+    """
+    loo_tau = torch.full((n_val,), float(tau), dtype=nearest.dtype, device=nearest.device)
+    position = (len(nearest) - 1) * (percentile / 100.0)
+    lower = torch.sort(nearest).values[math.floor(position)]
+    for j in torch.unique(nearest_index[nearest >= lower]).tolist():
+        without = torch.where(nearest_index == j, runner_up, nearest)
+        loo_tau[j] = _percentile(without, percentile)
+    return loo_tau
+
+
+@dataclass(frozen=True)
+class ChanceLevel:
+    """What a generator that copies nobody would score at these sizes; see the module docstring."""
+
+    null_frac_mem: float
+    null_frac_copies: float
+    null_frac_mem_patients: float
+    null_frac_mem_ci: tuple[float, float]
+    null_frac_copies_ci: tuple[float, float]
+    null_frac_mem_patients_ci: tuple[float, float]
+    method: str
+
+    def scalars(self) -> dict[str, float | list[float]]:
+        return {
+            "null_frac_mem": self.null_frac_mem,
+            "null_frac_copies": self.null_frac_copies,
+            "null_frac_mem_patients": self.null_frac_mem_patients,
+            "null_frac_mem_ci": list(self.null_frac_mem_ci),
+            "null_frac_copies_ci": list(self.null_frac_copies_ci),
+            "null_frac_mem_patients_ci": list(self.null_frac_mem_patients_ci),
+        }
+
+
+def chance_level(exceedances: HeldOutExceedances, n_syn: int) -> ChanceLevel:
+    """The null rates for `n_syn` synthetic samples, with 95% prediction intervals."""
+    n_val = exceedances.n_val
+    per_image, method = at_least_one_of(exceedances.train_counts, n_val, n_syn)
+    per_patient, _ = at_least_one_of(exceedances.patient_counts, n_val, n_syn)
+    copies = float(exceedances.val_flagged.double().mean())
+    return ChanceLevel(
+        null_frac_mem=per_image,
+        null_frac_copies=copies,
+        null_frac_mem_patients=per_patient,
+        null_frac_mem_ci=prediction_interval(per_image, len(exceedances.train_counts)),
+        null_frac_copies_ci=prediction_interval(copies, n_syn),
+        null_frac_mem_patients_ci=prediction_interval(per_patient, len(exceedances.patient_counts)),
+        method=f"leave-one-out held-out images as copy-nobody samples; {method}",
+    )
+
+
+def at_least_one_of(counts: torch.Tensor, n_val: int, n_syn: int) -> tuple[float, str]:
+    """Mean over units of P(at least one of `n_syn` fresh draws exceeds), from `counts` of `n_val`; and the method."""
+    counts = counts.double().numpy()
+    if not counts.any():
+        return 0.0, "no held-out image exceeded τ"
+    if n_syn <= n_val:
+        # C(n_val - k, n_syn) / C(n_val, n_syn), zero where fewer than n_syn draws stay below τ
+        stays = n_val - counts
+        log_none = (
+            _lgamma(stays + 1) - _lgamma(np.maximum(stays - n_syn, 0) + 1) - math.lgamma(n_val + 1) + math.lgamma(n_val - n_syn + 1)
+        )
+        none = np.where(stays >= n_syn, np.exp(log_none), 0.0)
+        return float(np.mean(1.0 - none)), "exact subsets (N_syn <= N_val)"
+    a, b = _fit_beta_binomial(counts, n_val)
+    return float(1.0 - np.exp(betaln(a, b + n_syn) - betaln(a, b))), f"beta-binomial extrapolation (N_syn {n_syn} > N_val {n_val})"
+
+
+def _lgamma(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.lgamma, otypes=[float])(x)
+
+
+def _fit_beta_binomial(counts: np.ndarray, n: int) -> tuple[float, float]:
+    """Maximum-likelihood Beta(a, b) of per-unit exceedance probabilities from binomial `counts` out of `n`."""
+    values, multiplicity = np.unique(counts.astype(int), return_counts=True)
+    mean = counts.mean() / n
+
+    def negative_log_likelihood(log_ab: np.ndarray) -> float:
+        a, b = np.exp(np.clip(log_ab, -12, 18))
+        return -float(np.sum(multiplicity * betabinom.logpmf(values, n, a, b)))
+
+    start = np.log([mean * 10.0, (1.0 - mean) * 10.0])
+    fit = minimize(negative_log_likelihood, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+    a, b = np.exp(np.clip(fit.x, -12, 18))
+    return float(a), float(b)
+
+
+def prediction_interval(rate: float, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Central `level` range of an observed share out of `n` when each unit hits with probability `rate`."""
+    alpha = 1.0 - level
+    return float(binom.ppf(alpha / 2, n, rate) / n), float(binom.ppf(1 - alpha / 2, n, rate) / n)
+
+
+@dataclass(frozen=True)
+class DetectorCheck:
+    """The embedder's self-check on the user's data: sensitivity on varied training images, specificity on held-out ones."""
+
+    sensitivity: float
+    specificity: float
+    n_positive: int
+    n_negative: int
+    sensitivity_ci: tuple[float, float]
+    specificity_ci: tuple[float, float]
+
+    def as_dict(self) -> dict[str, float | int | list[float]]:
+        return {
+            "sensitivity": self.sensitivity,
+            "specificity": self.specificity,
+            "n_positive": self.n_positive,
+            "n_negative": self.n_negative,
+            "sensitivity_ci": list(self.sensitivity_ci),
+            "specificity_ci": list(self.specificity_ci),
+        }
+
+
+def detector_check(varied: torch.Tensor, train: torch.Tensor, exceedances: HeldOutExceedances) -> DetectorCheck:
+    """Sensitivity of `varied` `[N_pos, L]` (embeddings of variations of training images) at τ; specificity from `exceedances`."""
+    flagged = int((nearest_correlation(varied, train).cpu() >= exceedances.tau).sum())
+    n_positive, n_negative = len(varied), exceedances.n_val
+    clear = n_negative - int(exceedances.val_flagged.sum())
+    return DetectorCheck(
+        sensitivity=flagged / n_positive,
+        specificity=clear / n_negative,
+        n_positive=n_positive,
+        n_negative=n_negative,
+        sensitivity_ci=binomial_interval(flagged, n_positive),
+        specificity_ci=binomial_interval(clear, n_negative),
+    )
