@@ -133,7 +133,7 @@ class MRNetDataModule(MedicalImageDataModule):
         if split == "paper":
             raise InputError(
                 "split='paper' was a seeded 5-fold split, not the paper's: set --data.init_args.split authors "
-                "(Dar et al.'s exact folds) or seeded (folds seeded by split_seed)"
+                "(Dar et al.'s exact folds) or seeded (the folds that paper drew, seeded by split_seed)"
             )
         if self.spatial_dims != 3:
             raise InputError(
