@@ -128,6 +128,7 @@ def worker(spec: dict) -> None:
         batch_size=spec["batch_size"],
         num_workers=spec["num_workers"],
         cache=spec["cache"],
+        **({"split": "seeded"} if spec["dataset"] == "mrnet" else {}),
         cache_dir=spec["cache_dir"],
     )
     data.setup("fit")

@@ -239,8 +239,8 @@ class FolderDataModule(MedicalImageDataModule):
             (before and again after reaching `spatial_size`, so every image spans `[0, 1]`);
             `none` uses the values as stored, which must already lie in `[0, 1]`.
         batch_size, num_workers, n_train, augment, cache, ...: see `MedicalImageDataModule`;
-            `val_fraction` and `split_seed` are unused and `split_file` is refused (the folders
-            are the split).
+            `val_fraction` and `split_seed` are unused: the folders are the split, unless
+            `split_file` is given, which then decides the side of every patient of both folders.
     """
 
     def __init__(
@@ -253,11 +253,6 @@ class FolderDataModule(MedicalImageDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(spatial_size=spatial_size, **kwargs)
-        if kwargs.get("split_file") is not None:
-            raise InputError(
-                "FolderDataModule takes its split from train_dir and val_dir: remove split_file, "
-                "move each patient's images into the folder of its split"
-            )
         if resize not in ("resize", "crop_or_pad"):
             raise InputError(f"resize={resize!r} must be resize or crop_or_pad")
         if intensity not in ("minmax", "none"):
@@ -282,6 +277,8 @@ class FolderDataModule(MedicalImageDataModule):
         return train + val
 
     def given_split(self, patients: Sequence[str]) -> dict[str, str] | None:
+        if self.split_file is not None:
+            return None
         return {patient: self._patient_split[patient] for patient in patients}
 
     def load_transforms(self) -> list[Callable]:

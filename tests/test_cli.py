@@ -30,7 +30,7 @@ DATA_OVERRIDES: dict[str, list[str] | Callable[[Path], list[str]]] = {
         "--trainer.precision", "32-true",  # the configs' bf16-mixed is emulated on CPU: 2.5× slower here
     ],  # fmt: skip
     "mrnet": lambda root: [
-        "--data.init_args.root", str(root), "--data.init_args.spatial_size", "[32, 32, 32]",
+        "--data.init_args.root", str(root), "--data.init_args.split", "seeded", "--data.init_args.spatial_size", "[32, 32, 32]",
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
         "--data.init_args.cache_dir", str(root.parent / "cache"),
         "--trainer.precision", "32-true",  # bf16-mixed is emulated on this CPU: slow (docs/PRECISION.md)

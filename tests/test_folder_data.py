@@ -211,8 +211,6 @@ def test_bad_options_fail_at_construction(tmp_path):
         FolderDataModule(str(tmp_path), str(tmp_path), [8, 8], resize="stretch")
     with pytest.raises(InputError, match="intensity='zscore' must be minmax or none"):
         FolderDataModule(str(tmp_path), str(tmp_path), [8, 8], intensity="zscore")
-    with pytest.raises(InputError, match="takes its split from train_dir and val_dir: remove split_file"):
-        FolderDataModule(str(tmp_path), str(tmp_path), [8, 8], split_file="split.csv")
 
 
 def test_memory_cache_decodes_each_file_once(tmp_path):

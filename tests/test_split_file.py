@@ -11,7 +11,6 @@ from pathlib import Path
 
 import nibabel
 import numpy as np
-import pytest
 from PIL import Image
 
 from datamodules import (
@@ -23,7 +22,6 @@ from datamodules import (
     PhantomDataModule,
 )
 from datamodules.phantom import render_phantom
-from errors import InputError
 from tests.conftest import reference_images
 from tests.test_chestxray_data import write_chestxray14
 from tests.test_mrnet_data import write_mrnet
@@ -104,11 +102,6 @@ def test_mrnet_seeded(tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=InputError,
-    reason="FolderDataModule refuses split_file (its folders are the split); see the split_file report of issue 9",
-)
 def test_folder(tmp_path):
     for folder, names in (
         ("train", ["p0.png", "p1.png", "p2.png", "multi/a.png", "multi/b.png"]),
