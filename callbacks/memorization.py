@@ -11,6 +11,7 @@ stream as it found it: training with and without the callback ends with the same
 from __future__ import annotations
 
 import csv
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,22 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from monai.data import DataLoader
 from torch.utils.data import Subset
 
+from datamodules.transforms import variation_batches, variation_transform
 from errors import InputError
 from lightning_modules.simclr import SimCLRModule
 from memorization import detect_copies, frechet_distance
+from memorization.chance import ChanceLevel, DetectorCheck, chance_level, detector_check, held_out_exceedances
 from memorization.detect import CopyReport, nearest_correlation
 from memorization.distributed import fail_together, gather_rows, paired_shard, shard
 from memorization.report import copy_order, staged_output, viewable, write_report
+from memorization.stats import CI_METHOD, headline, logged_scalars
 from memorization.stream import Stopwatch, chunked, embed_stream, rng_preserved
 
-SCALAR_KEYS = ("n_mem", "n_copies", "frac_mem", "frac_copies", "tau", "fd", "ms_ssim")
+MIN_SENSITIVITY = 0.9  # below this the self-check warns that the embedder misses copies
 MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
 # One TensorBoard page (the CUSTOM SCALARS tab) with memorization next to the quality metrics
 # that do not see it (the paper's over-training finding) and the loss.
@@ -43,6 +48,14 @@ TENSORBOARD_LAYOUT = {
             ["memorization/n_mem", "memorization/n_copies"],
         ],
         "fraction memorized and fraction of copies": ["Multiline", ["memorization/frac_mem", "memorization/frac_copies"]],
+        "fraction of training patients memorized, 95% interval": [
+            "Margin",
+            ["memorization/frac_mem_patients", "memorization/frac_mem_patients_low", "memorization/frac_mem_patients_high"],
+        ],
+        "fraction memorized above chance (excess) and chance level": [
+            "Multiline",
+            ["memorization/excess_frac_mem", "memorization/null_frac_mem", "memorization/frac_mem"],
+        ],
         "Fréchet distance in embedder space (synthetic vs validation)": ["Multiline", ["memorization/fd"]],
         "MS-SSIM between synthetic samples (lower: more diverse)": ["Multiline", ["memorization/ms_ssim"]],
         "threshold τ": ["Multiline", ["memorization/tau"]],
@@ -77,6 +90,17 @@ class MemorizationCallback(Callback):
         output_dir: write the audit files (`summary.json`, `pairs.csv`, `train_nn.csv`,
             `histogram.png`, with `log_images` also `copies.png`) of every check to
             `output_dir/check_NNN/`. Checked for writing on every rank at start-up.
+        detector_positives: training images whose variations the detector's self-check
+            embeds once per fit (evenly spaced; all when fewer); 0 skips the self-check.
+        variation: strengths of the self-check's variation (`rotation_degrees`,
+            `contrast_gamma`, `noise_std` of `datamodules.transforms.variation_transform`).
+
+    Every check reports per image and per patient (a patient is memorized when any of their
+    images is), with 95% Clopper-Pearson intervals (`memorization/<fraction>_low/_high`), and
+    against the chance level of a generator that copies nobody (`memorization/null_*`,
+    `memorization/excess_*`; `memorization.chance`), estimated once per fit from the held-out
+    images. The self-check (`memorization/detector_sensitivity`, `_specificity`) runs once per
+    fit and warns when the embedder flags fewer than 90% of varied training images.
 
     Besides the counts it logs two quality metrics that, in the paper, do not reveal
     memorization: `memorization/fd`, the Fréchet distance between synthetic and validation
@@ -97,8 +121,12 @@ class MemorizationCallback(Callback):
         seed: int = 0,
         log_images: bool = False,
         output_dir: str | None = None,
+        detector_positives: int = 1000,
+        variation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if detector_positives < 0:
+            raise InputError(f"detector_positives={detector_positives} must be at least 0 (0 skips the self-check)")
         if every_n_epochs < 1:
             raise InputError(f"every_n_epochs={every_n_epochs} must be at least 1")
         if n_samples is not None and n_samples < 1:
@@ -117,9 +145,20 @@ class MemorizationCallback(Callback):
         self.seed = seed
         self.log_images = log_images
         self.output_dir = Path(output_dir) if output_dir else None
+        self.detector_positives = detector_positives
+        self.variation = dict(variation or {})
+        try:
+            self._variation = variation_transform(self.embedder.spatial_dims, **self.variation)
+        except TypeError as error:
+            raise InputError(
+                f"variation={self.variation} ({error}): use rotation_degrees, contrast_gamma and noise_std"
+            ) from None
         self.history: list[dict[str, Any]] = []
         self._train: torch.Tensor | None = None
         self._val: torch.Tensor | None = None
+        self._train_patients: list[str] = []
+        self._chance: ChanceLevel | None = None
+        self.detector: DetectorCheck | None = None
         self.reference_embeddings_computed = 0  # per fit; for the overhead benchmark and tests
 
     # --- start-up checks ---------------------------------------------------------------
@@ -133,6 +172,11 @@ class MemorizationCallback(Callback):
                 f"the embedder was trained on images of spatial_size={list(trained_on)} but the data has "
                 f"{list(size)}: train the embedder on this data (python cli.py fit --config configs/<dataset>_simclr.yaml)"
             )
+        if hasattr(datamodule, "train_patients"):
+            check_patients(
+                self.embedder, datamodule.train_patients, datamodule.val_patients, self.percentile,
+                "embedder_ckpt", "--memorization.embedder_ckpt",
+            )  # fmt: skip
 
     def check_trainer(self, trainer: Trainer) -> None:
         """Raise `InputError` for an EarlyStopping on `memorization/*` that would read an old check or none."""
@@ -159,7 +203,22 @@ class MemorizationCallback(Callback):
             self.embedder.to(pl_module.device)
             self._train = self._embed_reference(trainer, pl_module, "train")
             self._val = self._embed_reference(trainer, pl_module, "val")
+            datamodule = trainer.datamodule
+            self._train_patients = list(datamodule.train_patients)
+            exceedances = held_out_exceedances(self._train, self._val, self.percentile, self._train_patients)
+            self._chance = chance_level(exceedances, self.n_samples or len(self._train))
+            if self.detector_positives:
+                varied = self._embed_variations(trainer, pl_module)
+                self.detector = detector_check(varied, self._train, exceedances)
         self.reference_embeddings_computed += 1
+        if self.detector is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics(
+                    {f"memorization/detector_{key}": getattr(self.detector, key) for key in ("sensitivity", "specificity")},
+                    step=trainer.global_step,
+                )
+            if self.detector.sensitivity < MIN_SENSITIVITY:
+                rank_zero_warn(weak_detector_warning(self.detector, "memorization.embedder_ckpt"))
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
@@ -174,6 +233,24 @@ class MemorizationCallback(Callback):
         )
         local = embed_stream(
             (batch["image"].to(pl_module.device) for batch in loader),
+            self.embedder.embed,
+            autocast=trainer.precision_plugin.forward_context,
+            device=pl_module.device,
+        ).embeddings
+        return gather_rows(self._as_embeddings(local, pl_module.device))
+
+    def _embed_variations(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+        """Embeddings of variations of evenly spaced training images (the self-check's positives), on every rank."""
+        dataset = trainer.datamodule.reference_dataset("train")
+        rows = positive_rows(len(dataset), self.detector_positives)
+        mine = shard(len(rows), trainer.global_rank, trainer.world_size)
+        local = embed_stream(
+            (
+                images.to(pl_module.device)
+                for images in variation_batches(
+                    dataset, rows[mine.start : mine.stop], self.sample_batch_size, self.seed, self._variation, mine.start
+                )
+            ),
             self.embedder.embed,
             autocast=trainer.precision_plugin.forward_context,
             device=pl_module.device,
@@ -260,7 +337,7 @@ class MemorizationCallback(Callback):
             "check": check_index,
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
-            **report.scalars(),
+            **headline(report, self._train_patients, self._chance),
             "fd": frechet_distance(synthetic, self._val) if min(len(synthetic), len(self._val)) >= 2 else None,
             "ms_ssim": float(pair_scores.double().mean()) if len(pair_scores) else None,
         }
@@ -293,7 +370,8 @@ class MemorizationCallback(Callback):
     @staticmethod
     def _scalars(row: dict[str, Any]) -> dict[str, float]:
         # fd and ms_ssim are None when there are too few samples to compute them.
-        return {f"memorization/{key}": float(row[key]) for key in SCALAR_KEYS if row.get(key) is not None}
+        skip = {"check", "epoch", "step", "n_train", "n_train_patients", "n_syn"}
+        return logged_scalars({k: v for k, v in row.items() if k not in skip and not k.startswith("seconds_")})
 
     def _gather_shown(
         self, trainer: Trainer, report: CopyReport, kept: dict[int, torch.Tensor], device: torch.device
@@ -339,7 +417,10 @@ class MemorizationCallback(Callback):
         check = row["check"]
         summary = {
             "n_val": len(self._val),
-            **{key: row[key] for key in ("check", "epoch", "step", "fd", "ms_ssim")},
+            **{key: value for key, value in row.items() if not key.startswith("seconds_")},
+            "ci_method": CI_METHOD,
+            "null_method": self._chance.method if self._chance else None,
+            "detector": self.detector.as_dict() if self.detector else None,
         }
         with staged_output(self.output_dir / f"check_{check:03d}", "output_dir", overwrite=True) as folder:
             write_report(
@@ -351,6 +432,7 @@ class MemorizationCallback(Callback):
                 train_image=(lambda i: self._training_image(trainer, i)) if self.log_images else None,
                 syn_image=copies.__getitem__ if self.log_images else None,
                 max_pairs=len(copies),
+                train_patients=self._train_patients,
             )
 
     def _write_history(self, folder: Path) -> None:
@@ -359,7 +441,8 @@ class MemorizationCallback(Callback):
             columns = dict.fromkeys(key for row in self.history for key in row)  # rows resumed from older runs may lack some
             writer = csv.DictWriter(handle, fieldnames=list(columns))
             writer.writeheader()
-            writer.writerows(self.history)
+            # intervals as JSON lists, "[low, high]"
+            writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in self.history)
 
     # --- resume ------------------------------------------------------------------------
 
@@ -423,3 +506,60 @@ def stale_early_stopping(
             "check_at_start: true in MemorizationCallback's"
         )
     return None
+
+
+def positive_rows(n_train: int, n_positives: int) -> list[int]:
+    """`n_positives` evenly spaced training rows (all of them when there are fewer)."""
+    if n_positives >= n_train:
+        return list(range(n_train))
+    return sorted({round(k * (n_train - 1) / max(1, n_positives - 1)) for k in range(n_positives)})
+
+
+def weak_detector_warning(detector: DetectorCheck, option: str) -> str:
+    return (
+        f"the embedder flags only {detector.sensitivity:.0%} of varied training images (sensitivity < "
+        f"{MIN_SENSITIVITY:.0%}, {detector.n_positive} positives), so copies will be missed: train it longer or "
+        f"on more images (configs/<dataset>_simclr.yaml) and pass the new checkpoint as {option}"
+    )
+
+
+def check_patients(
+    embedder: SimCLRModule,
+    train_patients: list[str],
+    val_patients: list[str],
+    percentile: float,
+    argument: str,
+    option: str,
+) -> None:
+    """Raise `InputError` when the data or the embedder cannot give an unbiased count.
+
+    Fewer than 2 patients on a side; a percentile leaving fewer than one held-out image above
+    τ; an embedder trained on patients that are held out here (τ would be biased), or on none
+    of the training patients (the recorded ids do not match the data's).
+    """
+    train, val = set(train_patients), set(val_patients)
+    if len(train) < 2 or len(val) < 2:
+        raise InputError(
+            f"the data has {len(train)} training and {len(val)} validation patient(s): copy detection needs at "
+            "least 2 on each side (τ comes from the held-out patients): add images or change the split"
+        )
+    if len(val_patients) * (100.0 - percentile) / 100.0 < 1.0:
+        raise InputError(
+            f"percentile={percentile} leaves fewer than one of the {len(val_patients)} held-out images above τ: "
+            f"lower the percentile to at most {100.0 * (1 - 1 / len(val_patients)):.4g} or hold out more images"
+        )
+    recorded = getattr(embedder, "training_patients", None)
+    if recorded is None:
+        return
+    recorded = set(recorded)
+    leaked = sorted(recorded & val)
+    if leaked:
+        raise InputError(
+            f"{argument} was trained on {len(leaked)} patient(s) held out here (e.g. {leaked[0]!r}), so τ would be "
+            f"biased: train the embedder on this split's training images only and pass it as {option}"
+        )
+    if not recorded & train:
+        raise InputError(
+            f"{argument} was trained on {len(recorded)} patient(s), none of them among this data's "
+            f"{len(train)} training patients: pass the embedder trained on this data as {option}"
+        )

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from errors import InputError  # noqa: E402
 from memorization.detect import CopyReport  # noqa: E402
+from memorization.stats import memorized_patients  # noqa: E402
 
 REPORT_FILES = ("summary.json", "pairs.csv", "train_nn.csv", "histogram.png", "copies.png")
 ImageLookup = Callable[[int], "np.ndarray | torch.Tensor"]
@@ -78,16 +79,18 @@ def write_report(
     train_image: ImageLookup | None = None,
     syn_image: ImageLookup | None = None,
     max_pairs: int = 16,
+    train_patients: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write the audit files of `report` into `folder`; returns their paths.
 
     Args:
         report: from `detect_copies(train, val, syn)`.
         train_ids, syn_ids: the id of each row of `train` and of `syn`.
-        summary: extra entries for `summary.json` (inputs, quality metrics).
+        summary: extra entries for `summary.json` (`memorization.stats.headline`, inputs, quality metrics).
         train_image, syn_image: row index → image `[C, *spatial]`; with both, `copies.png`
             shows each of the `max_pairs` most similar copies beside its training image
             (the middle slice of the last axis for 3D). Without them no patient pixels are written.
+        train_patients: the patient of each row of `train` (default: each image its own patient).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,10 +99,13 @@ def write_report(
             f"{len(train_ids)} training / {len(syn_ids)} synthetic ids for a report on "
             f"{len(report.nn_val_corr)} / {len(report.nn_train_corr)} samples"
         )
+    patients = list(train_patients) if train_patients is not None else list(train_ids)
+    if len(patients) != len(train_ids):
+        raise ValueError(f"{len(patients)} patient ids for {len(train_ids)} training images")
     written = [
-        _write_summary(folder / "summary.json", report, train_ids, syn_ids, summary or {}),
-        _write_pairs(folder / "pairs.csv", report, train_ids, syn_ids),
-        _write_train_nn(folder / "train_nn.csv", report, train_ids, syn_ids),
+        _write_summary(folder / "summary.json", report, train_ids, syn_ids, patients, summary or {}),
+        _write_pairs(folder / "pairs.csv", report, train_ids, syn_ids, patients),
+        _write_train_nn(folder / "train_nn.csv", report, train_ids, syn_ids, patients),
         _plot_histogram(folder / "histogram.png", report),
     ]
     if train_image is not None and syn_image is not None:
@@ -116,7 +122,7 @@ def copy_order(report: CopyReport) -> list[int]:
     return copies[order].tolist()
 
 
-def _write_summary(path: Path, report: CopyReport, train_ids, syn_ids, extra: Mapping[str, Any]) -> Path:
+def _write_summary(path: Path, report: CopyReport, train_ids, syn_ids, patients, extra: Mapping[str, Any]) -> Path:
     memorized = torch.nonzero(report.memorized).flatten().tolist()
     summary = {
         "n_train": len(train_ids),
@@ -125,30 +131,32 @@ def _write_summary(path: Path, report: CopyReport, train_ids, syn_ids, extra: Ma
         "percentile": report.percentile,
         **extra,
         "memorized_train_ids": [train_ids[i] for i in memorized],
+        "memorized_patient_ids": memorized_patients(report.memorized, patients),
         "copy_syn_ids": [syn_ids[j] for j in copy_order(report)],
     }
     path.write_text(json.dumps(summary, indent=2) + "\n")
     return path
 
 
-def _write_pairs(path: Path, report: CopyReport, train_ids, syn_ids) -> Path:
+def _write_pairs(path: Path, report: CopyReport, train_ids, syn_ids, patients) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["synthetic_id", "nearest_train_id", "correlation", "is_copy"])
+        writer.writerow(["synthetic_id", "nearest_train_id", "nearest_train_patient_id", "correlation", "is_copy"])
         for j, syn_id in enumerate(syn_ids):
-            nearest = train_ids[int(report.nn_train_index[j])]
+            nearest = int(report.nn_train_index[j])
             writer.writerow(
-                [syn_id, nearest, f"{float(report.nn_train_corr[j]):.6f}", bool(report.is_copy[j])]
+                [syn_id, train_ids[nearest], patients[nearest], f"{float(report.nn_train_corr[j]):.6f}", bool(report.is_copy[j])]
             )
     return path
 
 
-def _write_train_nn(path: Path, report: CopyReport, train_ids, syn_ids) -> Path:
+def _write_train_nn(path: Path, report: CopyReport, train_ids, syn_ids, patients) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
             [
                 "train_id",
+                "patient_id",
                 "nearest_val_correlation",
                 "nearest_synthetic_id",
                 "nearest_synthetic_correlation",
@@ -158,6 +166,7 @@ def _write_train_nn(path: Path, report: CopyReport, train_ids, syn_ids) -> Path:
         for i, train_id in enumerate(train_ids):
             writer.writerow([
                 train_id,
+                patients[i],
                 f"{float(report.nn_val_corr[i]):.6f}",
                 syn_ids[int(report.nn_syn_index[i])],
                 f"{float(report.nn_syn_corr[i]):.6f}",
