@@ -36,10 +36,25 @@ from monai.transforms import Compose, EnsureTyped, ScaleIntensityd, SelectItemsd
 
 from datamodules import FolderDataModule, MedicalImageDataModule
 from datamodules.folder import CheckUnitRange, LoadImageFile, image_records
+from datamodules.transforms import (
+    CONTRAST_GAMMA,
+    NOISE_STD,
+    ROTATION_DEGREES,
+    variation_batches,
+    variation_transform,
+)
 from errors import InputError
 from lightning_modules import LatentDiffusionModule, SimCLRModule
 from memorization import detect_copies, frechet_distance
+from memorization.chance import (
+    chance_level,
+    check_patients,
+    detector_check,
+    held_out_exceedances,
+    positive_rows,
+)
 from memorization.report import check_output_folder, staged_output, write_report
+from memorization.stats import CI_METHOD, headline
 from memorization.stream import EmbeddedStream, chunked, embed_stream
 
 
@@ -97,6 +112,17 @@ def audit_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=32, help="images per embedding (and sampling) batch"
     )
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for reading images")
+    check = parser.add_argument_group("the detector's self-check (variations of training images vs held-out images)")
+    check.add_argument(
+        "--detector-positives", type=int, default=1000,
+        help="training images (evenly spaced) whose variations must be flagged; 0 skips the self-check",
+    )  # fmt: skip
+    check.add_argument("--variation-rotation-degrees", type=float, default=ROTATION_DEGREES, help="rotation within ±this")
+    check.add_argument(
+        "--variation-contrast-gamma", type=float, nargs=2, default=list(CONTRAST_GAMMA), metavar=("LOW", "HIGH"),
+        help="range of the contrast change's gamma",
+    )  # fmt: skip
+    check.add_argument("--variation-noise-std", type=float, default=NOISE_STD, help="std of the added noise")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
@@ -115,8 +141,17 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
     embedder = SimCLRModule.from_checkpoint(args.embedder, "embedder").to(device).eval()
     size = _embedder_size(embedder, args.embedder)
     ldm = _load_ldm(args, size, device) if args.ldm else None
-    train, val = _reference_sets(args, size)
+    datamodule = _reference_data(args, size)
+    train, val = datamodule.reference_dataset("train"), datamodule.reference_dataset("val")
+    train_patients = datamodule.train_patients
+    check_patients(embedder.training_patients, train_patients, datamodule.val_patients, args.percentile, "--embedder", "--embedder")
+    if ldm is not None:
+        _check_ldm_patients(ldm, args, train_patients)
     synthetic = None if ldm else synthetic_folder(Path(args.synthetic), size, args.intensity)
+    variation = variation_transform(
+        len(size), rotation_degrees=args.variation_rotation_degrees,
+        contrast_gamma=tuple(args.variation_contrast_gamma), noise_std=args.variation_noise_std,
+    )  # fmt: skip
 
     release = (
         staged_output(args.release_dir, "--release-dir", args.overwrite)
@@ -145,13 +180,27 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
         report = detect_copies(
             embeddings["train"], embeddings["val"], embeddings["syn"], percentile=args.percentile
         )
+        exceedances = held_out_exceedances(embeddings["train"], embeddings["val"], args.percentile, train_patients)
+        detector = None
+        if args.detector_positives:
+            rows = positive_rows(len(train), args.detector_positives)
+            varied = embed_stream(
+                (images.to(device) for images in variation_batches(train, rows, args.batch_size, args.seed, variation)),
+                embedder.embed, device=device,
+            ).embeddings  # fmt: skip
+            detector = detector_check(varied, embeddings["train"], exceedances)
+        chance = chance_level(exceedances, len(embeddings["syn"]))
         fd = (
             frechet_distance(embeddings["syn"], embeddings["val"])
             if min(len(synthetic), len(val)) >= 2
             else None
         )
         summary = {
+            **headline(report, train_patients, chance),
             "n_val": len(val),
+            "ci_method": CI_METHOD,
+            "null_method": chance.method,
+            "detector": detector.as_dict() if detector else None,
             "fd": fd,
             "ms_ssim": float(syn.pair_scores.mean()) if len(syn.pair_scores) else None,
             "inputs": _inputs(args),
@@ -165,6 +214,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
         write_report(
             staging, report, dataset_ids(train), dataset_ids(synthetic), summary,
             train_image=lambda i: train[i]["image"], syn_image=lambda j: synthetic[j]["image"],
+            train_patients=train_patients,
         )  # fmt: skip
     return {**json.loads((out / "summary.json").read_text()), "out": str(out)}
 
@@ -188,6 +238,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise InputError(f"--percentile {args.percentile} must lie in (0, 100), e.g. 95")
     if args.batch_size < 2:
         raise InputError(f"--batch-size {args.batch_size} must be at least 2")
+    if args.detector_positives < 0:
+        raise InputError(f"--detector-positives {args.detector_positives} must be at least 0 (0 skips the self-check)")
 
 
 def _embedder_size(embedder: SimCLRModule, path: str) -> tuple[int, ...]:
@@ -208,7 +260,20 @@ def _load_ldm(args: argparse.Namespace, size: tuple[int, ...], device: torch.dev
     return ldm
 
 
-def _reference_sets(args: argparse.Namespace, size: tuple[int, ...]) -> tuple[Dataset, Dataset]:
+def _check_ldm_patients(ldm: LatentDiffusionModule, args: argparse.Namespace, train_patients: Sequence[str]) -> None:
+    """Refuse to count copies of other patients than those the LDM was trained on (a wrong fold, subset or root)."""
+    if ldm.training_patients is None:
+        return
+    trained, given = set(ldm.training_patients), set(train_patients)
+    if trained != given:
+        raise InputError(
+            f"--ldm={args.ldm} was trained on {len(trained)} patients but the data gives {len(given)} training "
+            f"patients ({len(trained & given)} in common): pass the data options it was trained with "
+            "(--data with its config and --data-arg for root, fold, n_train, ...)"
+        )
+
+
+def _reference_data(args: argparse.Namespace, size: tuple[int, ...]) -> MedicalImageDataModule:
     if args.data:
         datamodule = datamodule_from_config(Path(args.data), args.data_arg)
     else:
@@ -222,7 +287,7 @@ def _reference_sets(args: argparse.Namespace, size: tuple[int, ...]) -> tuple[Da
             f"{list(datamodule.spatial_size)}: pass the embedder trained on this data, or set --data-arg spatial_size=..."
         )
     datamodule.setup("fit")
-    return datamodule.reference_dataloader("train").dataset, datamodule.reference_dataloader("val").dataset
+    return datamodule
 
 
 def datamodule_from_config(path: Path, overrides: Sequence[str]) -> MedicalImageDataModule:

@@ -98,16 +98,30 @@ def print_audit(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from memorization.chance import weak_detector_warning
+
+    def share(count: int, total: int, key: str) -> str:
+        low, high = summary[f"{key}_ci"]
+        chance = summary.get(f"null_{key}")
+        beyond = f", chance {chance:.1%}" if chance is not None else ""
+        return f"{count} / {total} ({summary[key]:.1%}, 95% CI {low:.1%}–{high:.1%}{beyond})"
+
     table = Table(title=f"audit: {summary['out']}")
     table.add_column("")
     table.add_column("value", justify="right")
-    n_train, n_syn = summary["n_train"], summary["n_syn"]
     table.add_row(
-        "training samples memorized (N_mem)", f"{summary['n_mem']} / {n_train} ({summary['frac_mem']:.1%})"
+        "training patients memorized",
+        share(summary["n_mem_patients"], summary["n_train_patients"], "frac_mem_patients"),
     )
-    table.add_row(
-        "synthetic samples that are copies", f"{summary['n_copies']} / {n_syn} ({summary['frac_copies']:.1%})"
-    )
+    table.add_row("training images memorized (N_mem)", share(summary["n_mem"], summary["n_train"], "frac_mem"))
+    table.add_row("synthetic samples that are copies", share(summary["n_copies"], summary["n_syn"], "frac_copies"))
+    detector = summary.get("detector")
+    if detector:
+        table.add_row(
+            "detector self-check: sensitivity / specificity",
+            f"{detector['sensitivity']:.1%} / {detector['specificity']:.1%} "
+            f"({detector['n_positive']} varied training / {detector['n_negative']} held-out images)",
+        )
     table.add_row(f"τ ({summary['percentile']:g}th percentile)", f"{summary['tau']:.4f}")
     for key, label in [
         ("fd", "Fréchet distance (embeddings, vs validation)"),
@@ -121,6 +135,9 @@ def print_audit(summary: dict) -> None:
             f"released to {release['dir']}", f"{release['n_released']} (withheld {release['n_withheld']})"
         )
     Console().print(table)
+    weak = detector and weak_detector_warning(detector["sensitivity"], detector["n_positive"], "--embedder")
+    if weak:
+        print(f"warning: {weak}", file=sys.stderr)
 
 
 def main(args: list[str] | None = None) -> MemwatchCLI | dict:

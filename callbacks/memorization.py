@@ -30,14 +30,22 @@ from datamodules.transforms import variation_batches, variation_transform
 from errors import InputError
 from lightning_modules.simclr import SimCLRModule
 from memorization import detect_copies, frechet_distance
-from memorization.chance import ChanceLevel, DetectorCheck, chance_level, detector_check, held_out_exceedances
+from memorization.chance import (
+    ChanceLevel,
+    DetectorCheck,
+    chance_level,
+    check_patients,
+    detector_check,
+    held_out_exceedances,
+    positive_rows,
+    weak_detector_warning,
+)
 from memorization.detect import CopyReport, nearest_correlation
 from memorization.distributed import fail_together, gather_rows, paired_shard, shard
 from memorization.report import copy_order, staged_output, viewable, write_report
 from memorization.stats import CI_METHOD, headline, logged_scalars
 from memorization.stream import Stopwatch, chunked, embed_stream, rng_preserved
 
-MIN_SENSITIVITY = 0.9  # below this the self-check warns that the embedder misses copies
 MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
 # One TensorBoard page (the CUSTOM SCALARS tab) with memorization next to the quality metrics
 # that do not see it (the paper's over-training finding) and the loss.
@@ -174,7 +182,7 @@ class MemorizationCallback(Callback):
             )
         if hasattr(datamodule, "train_patients"):
             check_patients(
-                self.embedder, datamodule.train_patients, datamodule.val_patients, self.percentile,
+                self.embedder.training_patients, datamodule.train_patients, datamodule.val_patients, self.percentile,
                 "embedder_ckpt", "--memorization.embedder_ckpt",
             )  # fmt: skip
 
@@ -217,8 +225,9 @@ class MemorizationCallback(Callback):
                     {f"memorization/detector_{key}": getattr(self.detector, key) for key in ("sensitivity", "specificity")},
                     step=trainer.global_step,
                 )
-            if self.detector.sensitivity < MIN_SENSITIVITY:
-                rank_zero_warn(weak_detector_warning(self.detector, "memorization.embedder_ckpt"))
+            weak = weak_detector_warning(self.detector.sensitivity, self.detector.n_positive, "embedder_ckpt")
+            if weak:
+                rank_zero_warn(weak)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
@@ -507,59 +516,3 @@ def stale_early_stopping(
         )
     return None
 
-
-def positive_rows(n_train: int, n_positives: int) -> list[int]:
-    """`n_positives` evenly spaced training rows (all of them when there are fewer)."""
-    if n_positives >= n_train:
-        return list(range(n_train))
-    return sorted({round(k * (n_train - 1) / max(1, n_positives - 1)) for k in range(n_positives)})
-
-
-def weak_detector_warning(detector: DetectorCheck, option: str) -> str:
-    return (
-        f"the embedder flags only {detector.sensitivity:.0%} of varied training images (sensitivity < "
-        f"{MIN_SENSITIVITY:.0%}, {detector.n_positive} positives), so copies will be missed: train it longer or "
-        f"on more images (configs/<dataset>_simclr.yaml) and pass the new checkpoint as {option}"
-    )
-
-
-def check_patients(
-    embedder: SimCLRModule,
-    train_patients: list[str],
-    val_patients: list[str],
-    percentile: float,
-    argument: str,
-    option: str,
-) -> None:
-    """Raise `InputError` when the data or the embedder cannot give an unbiased count.
-
-    Fewer than 2 patients on a side; a percentile leaving fewer than one held-out image above
-    τ; an embedder trained on patients that are held out here (τ would be biased), or on none
-    of the training patients (the recorded ids do not match the data's).
-    """
-    train, val = set(train_patients), set(val_patients)
-    if len(train) < 2 or len(val) < 2:
-        raise InputError(
-            f"the data has {len(train)} training and {len(val)} validation patient(s): copy detection needs at "
-            "least 2 on each side (τ comes from the held-out patients): add images or change the split"
-        )
-    if len(val_patients) * (100.0 - percentile) / 100.0 < 1.0:
-        raise InputError(
-            f"percentile={percentile} leaves fewer than one of the {len(val_patients)} held-out images above τ: "
-            f"lower the percentile to at most {100.0 * (1 - 1 / len(val_patients)):.4g} or hold out more images"
-        )
-    recorded = getattr(embedder, "training_patients", None)
-    if recorded is None:
-        return
-    recorded = set(recorded)
-    leaked = sorted(recorded & val)
-    if leaked:
-        raise InputError(
-            f"{argument} was trained on {len(leaked)} patient(s) held out here (e.g. {leaked[0]!r}), so τ would be "
-            f"biased: train the embedder on this split's training images only and pass it as {option}"
-        )
-    if not recorded & train:
-        raise InputError(
-            f"{argument} was trained on {len(recorded)} patient(s), none of them among this data's "
-            f"{len(train)} training patients: pass the embedder trained on this data as {option}"
-        )

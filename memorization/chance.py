@@ -46,8 +46,11 @@ from scipy.optimize import minimize
 from scipy.special import betaln
 from scipy.stats import betabinom, binom
 
+from errors import InputError
 from memorization.detect import _as_matrix, _percentile, _standardise, nearest_correlation
 from memorization.stats import CI_LEVEL, binomial_interval
+
+MIN_SENSITIVITY = 0.9  # below this the self-check warns that the embedder misses copies
 
 
 @dataclass(frozen=True)
@@ -281,3 +284,62 @@ def detector_check(varied: torch.Tensor, train: torch.Tensor, exceedances: HeldO
         sensitivity_ci=binomial_interval(flagged, n_positive),
         specificity_ci=binomial_interval(clear, n_negative),
     )
+
+
+def positive_rows(n_train: int, n_positives: int) -> list[int]:
+    """`n_positives` evenly spaced training rows (all of them when there are fewer)."""
+    if n_positives >= n_train:
+        return list(range(n_train))
+    return sorted({round(k * (n_train - 1) / max(1, n_positives - 1)) for k in range(n_positives)})
+
+
+def weak_detector_warning(sensitivity: float, n_positive: int, option: str) -> str | None:
+    """What to do when the self-check's sensitivity is below `MIN_SENSITIVITY`, or `None`."""
+    if sensitivity >= MIN_SENSITIVITY:
+        return None
+    return (
+        f"the embedder flags only {sensitivity:.0%} of varied training images (sensitivity < "
+        f"{MIN_SENSITIVITY:.0%}, {n_positive} positives), so copies will be missed: train it longer or "
+        f"on more images (configs/<dataset>_simclr.yaml) and pass the new checkpoint as {option}"
+    )
+
+
+def check_patients(
+    recorded: Sequence[str] | None,
+    train_patients: list[str],
+    val_patients: list[str],
+    percentile: float,
+    argument: str,
+    option: str,
+) -> None:
+    """Raise `InputError` when the data or the embedder cannot give an unbiased count.
+
+    Fewer than 2 patients on a side; a percentile leaving fewer than one held-out image above
+    τ; an embedder whose `recorded` training patients that are held out here (τ would be biased), or are none
+    of the training patients (the recorded ids do not match the data's).
+    """
+    train, val = set(train_patients), set(val_patients)
+    if len(train) < 2 or len(val) < 2:
+        raise InputError(
+            f"the data has {len(train)} training and {len(val)} validation patient(s): copy detection needs at "
+            "least 2 on each side (τ comes from the held-out patients): add images or change the split"
+        )
+    if len(val_patients) * (100.0 - percentile) / 100.0 < 1.0:
+        raise InputError(
+            f"percentile={percentile} leaves fewer than one of the {len(val_patients)} held-out images above τ: "
+            f"lower the percentile to at most {100.0 * (1 - 1 / len(val_patients)):.4g} or hold out more images"
+        )
+    if recorded is None:  # an embedder from before patients were recorded
+        return
+    recorded = set(recorded)
+    leaked = sorted(recorded & val)
+    if leaked:
+        raise InputError(
+            f"{argument} was trained on {len(leaked)} patient(s) held out here (e.g. {leaked[0]!r}), so τ would be "
+            f"biased: train the embedder on this split's training images only and pass it as {option}"
+        )
+    if not recorded & train:
+        raise InputError(
+            f"{argument} was trained on {len(recorded)} patient(s), none of them among this data's "
+            f"{len(train)} training patients: pass the embedder trained on this data as {option}"
+        )
