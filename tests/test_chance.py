@@ -1,0 +1,167 @@
+"""Counts a hospital can trust: per patient, exact intervals, chance level and the detector's self-check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from errors import InputError
+from memorization import detect_copies
+from memorization.chance import (
+    chance_level,
+    check_patients,
+    detector_check,
+    held_out_exceedances,
+    weak_detector_warning,
+)
+from memorization.detect import _percentile, _standardise
+from memorization.stats import binomial_interval, headline, logged_scalars
+
+L = 16
+
+
+def random_patients(n: int, generator: torch.Generator, length: int = L) -> torch.Tensor:
+    """`n` embeddings of distinct "patients": independent random directions."""
+    return torch.randn(n, length, generator=generator, dtype=torch.float64)
+
+
+# --- per patient ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("copied, images_memorized", [([0], 1), ([0, 1], 2)])
+def test_a_patient_is_memorized_once_however_many_of_their_images_are(copied, images_memorized):
+    generator = torch.Generator().manual_seed(0)
+    # long embeddings: unrelated images correlate near 0, a copy near 1
+    train = random_patients(8, generator, 256)  # 4 patients, 2 images each
+    patients = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    val = random_patients(40, generator, 256)
+    syn = torch.cat([train[copied] + 1e-3 * random_patients(len(copied), generator, 256),
+                     random_patients(6, generator, 256)])  # fmt: skip
+    numbers = headline(detect_copies(train, val, syn), patients, None)
+    assert numbers["n_mem"] == images_memorized
+    assert numbers["n_mem_patients"] == 1 and numbers["frac_mem_patients"] == 1 / 4
+    assert numbers["n_train_patients"] == 4 and numbers["frac_mem"] == images_memorized / 8
+    low, high = numbers["frac_mem_patients_ci"]
+    assert low < 1 / 4 < high
+
+
+def test_intervals_are_logged_as_low_and_high():
+    scalars = logged_scalars({"frac_mem": 0.25, "frac_mem_ci": [0.1, 0.4], "n_mem": 3, "method": "text"})
+    assert scalars == {
+        "memorization/frac_mem": 0.25,
+        "memorization/frac_mem_low": 0.1,
+        "memorization/frac_mem_high": 0.4,
+        "memorization/n_mem": 3.0,
+    }
+
+
+# --- intervals -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, rate", [(200, 0.3), (400, 0.1)])
+def test_intervals_cover_the_true_rate_at_the_stated_level(n, rate):
+    draws = np.random.default_rng(0).binomial(n, rate, size=2000)
+    covered = np.mean([low <= rate <= high for low, high in (binomial_interval(int(k), n) for k in draws)])
+    assert abs(covered - 0.95) <= 0.02, covered
+
+
+def test_intervals_shrink_with_n_and_reach_the_bounds():
+    widths = [np.subtract(*binomial_interval(n // 4, n)[::-1]) for n in (16, 64, 256, 1024)]
+    assert all(a > b for a, b in zip(widths, widths[1:], strict=False))
+    assert binomial_interval(0, 16)[0] == 0.0 and binomial_interval(16, 16)[1] == 1.0
+    assert binomial_interval(0, 16)[1] == pytest.approx(1 - 0.025 ** (1 / 16))  # exact at k = 0
+
+
+# --- chance level ----------------------------------------------------------------------------
+
+
+def test_leave_one_out_tau_is_tau_without_that_held_out_image():
+    generator = torch.Generator().manual_seed(3)
+    train, val = random_patients(30, generator), random_patients(12, generator)
+    exceedances = held_out_exceedances(train, val, 90.0)
+    correlations = _standardise(train, "t") @ _standardise(val, "v").T
+    for j in range(len(val)):
+        others = torch.cat([correlations[:, :j], correlations[:, j + 1 :]], dim=1)
+        assert float(exceedances.loo_tau[j]) == pytest.approx(float(_percentile(others.amax(dim=1), 90.0)), abs=1e-12)
+    assert exceedances.tau == pytest.approx(detect_copies(train, val, val, percentile=90.0).tau, abs=1e-12)
+    flagged = correlations.amax(dim=0) >= exceedances.loo_tau
+    assert torch.equal(exceedances.val_flagged, flagged)
+    assert torch.equal(exceedances.train_counts, (correlations >= exceedances.loo_tau).sum(dim=1))
+
+
+def test_held_out_images_used_as_synthetic_score_within_the_estimated_null():
+    inside, means = 0, []
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        train, val, stand_ins = random_patients(120, generator), random_patients(100, generator), random_patients(60, generator)
+        chance = chance_level(held_out_exceedances(train, val, 95.0), len(stand_ins))
+        observed = detect_copies(train, val, stand_ins)
+        low, high = chance.null_frac_mem_ci
+        inside += low <= observed.frac_mem <= high
+        means.append((observed.frac_mem, chance.null_frac_mem, observed.frac_copies, chance.null_frac_copies))
+    assert inside >= 17, inside
+    observed_mem, null_mem, observed_copies, null_copies = np.mean(means, axis=0)
+    assert null_mem == pytest.approx(observed_mem, abs=0.01)
+    assert null_copies == pytest.approx(observed_copies, abs=0.02)
+    assert 0.0 < null_mem < 0.2  # a copy-nobody generator scores above zero: chance is not 0
+
+
+def test_chance_level_grows_with_the_number_of_synthetic_samples():
+    generator = torch.Generator().manual_seed(5)
+    exceedances = held_out_exceedances(random_patients(100, generator), random_patients(50, generator), 95.0)
+    levels = [chance_level(exceedances, n).null_frac_mem for n in (10, 50, 200, 800)]
+    assert all(a < b for a, b in zip(levels, levels[1:], strict=False)), levels
+    assert "beta-binomial" in chance_level(exceedances, 200).method
+    assert "exact subsets" in chance_level(exceedances, 50).method
+
+
+def test_per_patient_chance_counts_a_patient_once():
+    generator = torch.Generator().manual_seed(6)
+    one = random_patients(40, generator)
+    train = torch.cat([one, one + 1e-4 * torch.randn(40, L, generator=generator, dtype=torch.float64)])
+    patients = [f"p{i:02d}" for i in range(40)] * 2  # every patient has two near-identical images
+    exceedances = held_out_exceedances(train, random_patients(60, generator), 95.0, patients, chunk_size=7)
+    assert len(exceedances.patient_counts) == 40
+    per_image = exceedances.train_counts[:40].maximum(exceedances.train_counts[40:])
+    assert torch.equal(exceedances.patient_counts, per_image)
+
+
+# --- the detector checks itself ----------------------------------------------------------------
+
+
+def test_a_perfect_embedder_has_sensitivity_one_and_a_random_one_scores_chance():
+    generator = torch.Generator().manual_seed(7)
+    train, val = random_patients(200, generator), random_patients(200, generator)
+    exceedances = held_out_exceedances(train, val, 95.0)
+    perfect = detector_check(train[:100].clone(), train, exceedances)  # variation embedded exactly as its original
+    assert perfect.sensitivity == 1.0 and perfect.n_positive == 100 and perfect.n_negative == 200
+    random = detector_check(random_patients(400, generator), train, exceedances)
+    chance = 1.0 - random.specificity  # the share of held-out images flagged
+    assert random.sensitivity < 0.2
+    low, high = random.sensitivity_ci
+    assert low <= chance <= high or abs(random.sensitivity - chance) < 0.03
+    assert weak_detector_warning(random.sensitivity, random.n_positive, "--embedder").endswith("as --embedder")
+    assert weak_detector_warning(perfect.sensitivity, perfect.n_positive, "--embedder") is None
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "recorded, train, val, percentile, message",
+    [
+        (None, ["a"], ["b", "c"], 95.0, "1 training and 2 validation patient"),
+        (None, ["a", "b"], ["c"], 95.0, "2 training and 1 validation patient"),
+        (None, ["a", "b"], ["c", "d", "e"], 95.0, "lower the percentile to at most 66.67"),
+        (["a", "c"], ["a", "b"], [f"v{i}" for i in range(20)] + ["c"], 95.0, "held out here"),
+        (["x", "y"], ["a", "b"], [f"v{i}" for i in range(20)], 95.0, "none of them among"),
+    ],
+)
+def test_data_and_embedders_that_would_bias_the_count_are_refused(recorded, train, val, percentile, message):
+    with pytest.raises(InputError, match=message):
+        check_patients(recorded, train, val, percentile, "--embedder", "--embedder")
+
+
+def test_matching_patients_pass():
+    check_patients(["a", "b", "z"], ["a", "b"], [f"v{i}" for i in range(20)], 95.0, "--embedder", "--embedder")
