@@ -80,6 +80,46 @@ def test_audit_finds_planted_copies_and_releases_only_the_rest(embedder_ckpt, fo
     assert written["release"]["n_released"] == len(released)
     assert written["fd"] > 0 and 0 < written["ms_ssim"] < 1
     assert not list(tmp_path.glob(".*partial*"))
+    # one image per patient here: the per-patient numbers equal the per-image ones
+    assert written["n_mem_patients"] == written["n_mem"] and written["n_train_patients"] == 32
+    assert written["memorized_patient_ids"] == sorted(written["memorized_train_ids"])
+    assert all(row["patient_id"] == row["train_id"] for row in train_nn)
+    assert all(row["nearest_train_patient_id"] == row["nearest_train_id"] for row in pairs)
+    for key in ("frac_mem", "frac_copies", "frac_mem_patients"):
+        low, high = written[f"{key}_ci"]
+        assert low <= written[key] <= high and high - low > 0
+        assert written[f"excess_{key}"] == pytest.approx(written[key] - written[f"null_{key}"])
+    assert 0 <= written["null_frac_copies"] < 0.3 and "Clopper-Pearson" in written["ci_method"]
+    detector = written["detector"]
+    assert detector["n_positive"] == 32 and detector["n_negative"] == written["n_val"]
+    assert detector["specificity"] == pytest.approx(1 - written["null_frac_copies"])
+    assert detector["sensitivity_ci"][0] <= detector["sensitivity"] <= detector["sensitivity_ci"][1]
+
+
+def test_audit_of_patient_folders_counts_each_patient_once(embedder_ckpt, folders, tmp_path):
+    """Two training images per patient (a subfolder each), both copied: 2 images memorized, 1 patient."""
+    train = tmp_path / "train"
+    data = memorization_phantoms()
+    for image_id in data.train_ids:
+        image = render_phantom(image_id, MEMORIZATION_SIZE)[0]
+        save_npy(train / image_id / "a.npy", image)
+        save_npy(train / image_id / "b.npy", np.clip(image + 0.01, 0, 1))
+    synthetic = tmp_path / "synthetic"
+    originals = torch.stack([torch.from_numpy(render_phantom(i, MEMORIZATION_SIZE)) for i in data.train_ids[:2]])
+    for k, image in enumerate(vary(originals, seed=1)):
+        save_npy(synthetic / f"copy_{k}.npy", image[0])
+    for name in sorted(p.name for p in (folders / "synthetic").iterdir() if p.name.startswith("novel"))[:6]:
+        save_npy(synthetic / name, np.load(folders / "synthetic" / name))
+    args = audit_args(embedder_ckpt, folders, tmp_path / "out", "--detector-positives", "8")
+    args[args.index("--train") + 1], args[args.index("--synthetic") + 1] = str(train), str(synthetic)
+    written = main(args)
+    assert written["n_train"] == 64 and written["n_train_patients"] == 32 and written["detector"]["n_positive"] == 8
+    memorized = set(written["memorized_patient_ids"])
+    assert set(data.train_ids[:2]) <= memorized
+    assert written["n_mem_patients"] == len(memorized) < written["n_mem"]
+    train_nn = read_csv(tmp_path / "out" / "train_nn.csv")
+    assert {row["patient_id"] for row in train_nn} == set(data.train_ids)
+    assert all(row["train_id"].startswith(row["patient_id"]) for row in train_nn)
 
 
 def test_audit_samples_an_ldm_over_a_config_datamodule(embedder_ckpt, tmp_path):
@@ -170,6 +210,8 @@ def test_bad_arguments_are_one_line_and_an_existing_report_is_kept(embedder_ckpt
     out.mkdir()
     (out / "summary.json").write_text("{}")
     without_synthetic = [a for a in audit_args(embedder_ckpt, folders, tmp_path / "o") if "synthetic" not in a]
+    swapped = audit_args(embedder_ckpt, folders, tmp_path / "o")
+    swapped[swapped.index("--train") + 1], swapped[swapped.index("--val") + 1] = str(folders / "val"), str(folders / "train")
     cases = {
         "exists": (audit_args(embedder_ckpt, folders, out), "already holds files"),
         "missing embedder": (audit_args(tmp_path / "none.ckpt", folders, tmp_path / "o"), "none.ckpt does not exist"),
@@ -177,6 +219,10 @@ def test_bad_arguments_are_one_line_and_an_existing_report_is_kept(embedder_ckpt
         "percentile": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--percentile", "100"], "--percentile 100.0 must lie"),
         "synthetic and ldm": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--ldm", "x.ckpt"], "not both"),
         "ldm is an embedder": ([*without_synthetic, "--ldm", str(embedder_ckpt)], "not of LatentDiffusionModule"),
+        "embedder trained on the held-out patients": (swapped, "patient(s) held out here"),
+        "percentile above the held-out images": (
+            [*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--percentile", "99"], "lower the percentile to at most",
+        ),
     }  # fmt: skip
     for name, (args, message) in cases.items():
         with pytest.raises(SystemExit) as stop:
