@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo reproduce lint clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ test: venv
 
 demo: venv
 	$(PY) scripts/demo.py
+
+# The paper's findings in miniature on phantoms (about 30 min on a 2-core CPU): docs/RESULTS.md, docs/figures/
+reproduce: venv
+	$(PY) scripts/reproduce.py
 
 lint: venv
 	$(PY) -m ruff check .

@@ -593,6 +593,7 @@ def setup_section(findings: Findings, context: dict) -> list[str]:
         f"- **Verdicts**: {VERDICT_RULE}",
         f"- **Wall time**: {seconds['total'] / 60:.1f} min in all ({times}); LDM runs "
         f"{context['jobs']} at a time, {context['threads']} thread(s) each, on {os.cpu_count()} cores.",
+        f"- **Code**: {context['code']} at the start.",
         f"- **What else ran**: other processes used {machine['other_cores']:.2f} cores on average; 1-minute load "
         f"average {min(load):.1f}–{max(load):.1f} (median {statistics.median(load):.1f}); busiest: {busiest}.",
         "",
@@ -744,6 +745,18 @@ def fit(config: str, name: str, runs: Path, flags: list[str], threads: int) -> t
     return runs / name, seconds
 
 
+def code_version() -> str:
+    """The commit this ran on, and the tracked files that differed from it (others may edit the tree meanwhile)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return f"commit {git('rev-parse', '--short', 'HEAD').strip()}" + (
+        f", with uncommitted changes to {', '.join(changed)}" if changed else ""
+    )
+
+
 def run_all(
     stages: dict[str, tuple[str, list[str]]], runs: Path, jobs: int
 ) -> tuple[dict[str, Path], dict[str, float]]:
@@ -823,6 +836,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = (args.runs or ROOT / "runs" / datetime.now().strftime("reproduce-%Y%m%d-%H%M%S")).resolve()
     cores = os.cpu_count() or 1
     load = LoadMonitor()
+    code = code_version()
     started = time.perf_counter()
     stage_seconds: dict[str, float] = {}
 
@@ -864,6 +878,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "stage_seconds": stage_seconds,
         "machine": load.stop(),
+        "code": code,
         "jobs": jobs,
         "threads": max(1, cores // jobs),
         "command": "python scripts/reproduce.py" + (" --tiny" if args.tiny else ""),
