@@ -12,14 +12,15 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from monai.losses import ContrastiveLoss
 from monai.networks.nets import ResNet
+from torch import nn
 
-from datamodules.transforms import vary
+from datamodules.transforms import CONTRAST_GAMMA, variation_transform, vary
 from errors import InputError
 from lightning_modules.base import MemwatchModule
 from networks.conv_encoder import ConvEmbeddingEncoder
@@ -80,6 +81,20 @@ class SimCLRModule(MemwatchModule):
         weight_decay: Adam weight decay.
         gather_negatives: under DDP, take the negatives from every process's batch (default);
             `False` uses each process's own batch only.
+        projection_dim: length of the projection head's output, on which NT-Xent is computed
+            (an MLP `embedding_dim → embedding_dim → projection_dim`, as SimCLR); 0 trains on
+            the representation itself. `embed()` always returns the representation before the
+            head, which SimCLR found to transfer better.
+        brightness_shift: training only: each variation also gets a uniform intensity offset
+            within ±this (then clipped to `[0, 1]`), so copies of another brightness still pair.
+        contrast_gamma: training only: the range of the variation's contrast gamma
+            (`variation_transform`'s; the paper's "slight contrast change" by default).
+
+    Attributes:
+        training_patients: sorted patient ids of the DataModule's training images at fit
+            (`train_patients`), kept in checkpoints as `checkpoint["training_patients"]`; `None`
+            when unknown (an older checkpoint, or a fit without a memwatch DataModule). A later
+            stage refuses an embedder whose training patients overlap its validation patients.
     """
 
     train_command = "python cli.py fit --config configs/phantom_simclr.yaml"
@@ -98,6 +113,9 @@ class SimCLRModule(MemwatchModule):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         gather_negatives: bool = True,
+        projection_dim: int = 0,
+        brightness_shift: float = 0.0,
+        contrast_gamma: Sequence[float] = CONTRAST_GAMMA,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -119,6 +137,21 @@ class SimCLRModule(MemwatchModule):
             )
         if not lr > 0 or not weight_decay >= 0:
             raise InputError(f"lr={lr} must be positive and weight_decay={weight_decay} non-negative")
+        if len(contrast_gamma) != 2 or not 0 < contrast_gamma[0] <= 1 <= contrast_gamma[1]:
+            raise InputError(
+                f"contrast_gamma={list(contrast_gamma)} must be [low, high] with 0 < low <= 1 <= high: "
+                "set --model.init_args.contrast_gamma, e.g. [0.8, 1.25]"
+            )
+        self.variation = variation_transform(spatial_dims, contrast_gamma=tuple(float(g) for g in contrast_gamma))
+        if projection_dim < 0:
+            raise InputError(
+                f"projection_dim={projection_dim} must be 0 (no head) or positive: set --model.init_args.projection_dim"
+            )
+        if not 0 <= brightness_shift < 1:
+            raise InputError(
+                f"brightness_shift={brightness_shift} must lie in [0, 1): set --model.init_args.brightness_shift, e.g. 0.1"
+            )
+        self.training_patients: list[str] | None = None
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         channels = [int(c) for c in channels]
@@ -134,6 +167,13 @@ class SimCLRModule(MemwatchModule):
             )
         else:
             raise InputError(f"encoder={encoder!r} must be 'resnet' or 'conv'")
+        self.projection = (
+            nn.Sequential(
+                nn.Linear(embedding_dim, embedding_dim), nn.ReLU(inplace=True), nn.Linear(embedding_dim, projection_dim)
+            )
+            if projection_dim
+            else nn.Identity()
+        )
         self.nt_xent = ContrastiveLoss(temperature=temperature)
 
     def _resnet(self, block: str, layers: list[int], channels: list[int]) -> ResNet:
@@ -193,10 +233,20 @@ class SimCLRModule(MemwatchModule):
 
     # --- training ----------------------------------------------------------------------
 
-    def _embed_pairs(self, images: torch.Tensor, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of the images and of their variations, `[K, L]` each, in one forward pass."""
-        variations = vary(images, seed=seed)
-        embeddings = self.encoder(torch.cat([images, variations])).float()
+    def _varied(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        """The positive views: `vary(images)`, plus a brightness offset per image when `brightness_shift` > 0."""
+        variations = vary(images, seed=seed, transform=self.variation)
+        shift = self.hparams.get("brightness_shift", 0.0)
+        if shift:
+            generator = torch.Generator().manual_seed(seed)
+            offsets = (torch.rand(len(images), generator=generator) * 2 - 1) * shift
+            shape = (len(images),) + (1,) * (images.ndim - 1)
+            variations = (variations + offsets.view(shape).to(variations)).clamp(0.0, 1.0)
+        return variations
+
+    def _embed_pairs(self, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representations of the images and of their variations, `[K, L]` each, in one forward pass."""
+        embeddings = self.encoder(torch.cat([images, self._varied(images, seed)])).float()
         return embeddings[: len(images)], embeddings[len(images) :]
 
     def _gathered(self, originals: torch.Tensor, variations: torch.Tensor, ids: list[str] | None):
@@ -229,19 +279,16 @@ class SimCLRModule(MemwatchModule):
         # change on one process).
         seed = (int(torch.randint(0, 2**31 - 1, ())) + self.global_rank) % (2**31 - 1)
         originals, variations = self._embed_pairs(batch["image"], seed=seed)
+        health = embedding_std(torch.cat([originals, variations]).detach())
         # Gradient scale under DDP: every rank computes this same loss over the gathered batch, and
         # all_gather's backward sums the world_size copies of dL/d(own embeddings), so each rank holds
         # world_size × its share of the gradient; DDP's mean over ranks then gives exactly the sum of the
         # shares, the one-process gradient over the concatenated batch. Hence no rescaling.
-        originals, variations = self._gathered(originals, variations, batch.get("id"))
+        originals, variations = self._gathered(self.projection(originals), self.projection(variations), batch.get("id"))
         loss = self.nt_xent(originals, variations)
         batch_size = len(originals)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log(
-            "train/embedding_std",
-            embedding_std(torch.cat([originals, variations]).detach()),
-            batch_size=batch_size,
-        )
+        self.log("train/embedding_std", health, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -250,7 +297,7 @@ class SimCLRModule(MemwatchModule):
         batch_size = len(originals)
         self.log(
             "val/loss",
-            self.nt_xent(originals, variations),
+            self.nt_xent(self.projection(originals), self.projection(variations)),
             prog_bar=True,
             sync_dist=True,
             batch_size=batch_size,
@@ -258,6 +305,31 @@ class SimCLRModule(MemwatchModule):
         self.log(
             "val/top1_retrieval", top1_retrieval(variations, originals), sync_dist=True, batch_size=batch_size
         )
+
+    # --- what the embedder was trained on ----------------------------------------------
+
+    # `MemwatchModule.setup` records `training_patients` at fit; it is also kept at the checkpoint's top level.
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["training_patients"] = list(self.training_patients) if self.training_patients is not None else None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        this_fit = self.training_patients  # set by setup when a fit resumes (setup runs before the restore)
+        super().on_load_checkpoint(checkpoint)
+        recorded = checkpoint.get("training_patients", checkpoint.get("memwatch", {}).get("training_patients"))
+        recorded = sorted({str(p) for p in recorded}) if recorded is not None else None
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            # A resumed fit has seen the patients of both runs; unknown if either is.
+            known = this_fit is not None and recorded is not None
+            self.training_patients = sorted(set(recorded) | set(this_fit)) if known else None
+        else:
+            self.training_patients = recorded
+
+    @classmethod
+    def from_hparams(cls, hparams: dict[str, Any]) -> SimCLRModule:
+        # Checkpoints written before the projection head and brightness options were added lack them.
+        return super().from_hparams({"projection_dim": 0, "brightness_shift": 0.0, "contrast_gamma": CONTRAST_GAMMA, **hparams})
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(

@@ -126,6 +126,8 @@ def test_embed_runs_the_encoder_one_chunk_at_a_time() -> None:
         ({"embedding_dim": 0}, "embedding_dim=0"),
         ({"lr": 0.0}, "lr=0.0"),
         ({"weight_decay": -1.0}, "weight_decay=-1.0"),
+        ({"projection_dim": -1}, "projection_dim=-1"),
+        ({"brightness_shift": 1.0}, "brightness_shift=1.0"),
     ],
 )
 def test_bad_arguments_raise_input_error(arguments: dict, named: str) -> None:
@@ -212,3 +214,74 @@ def test_variation_of_a_training_image_retrieves_its_own_patient_after_training(
     # Chance is 1/32; measured: untrained 0.22, trained 0.97-1.0 over five training seeds.
     assert trained >= 0.8, f"trained top-1 retrieval {trained:.2f}"
     assert trained >= untrained + 0.4, f"training did not help: {untrained:.2f} → {trained:.2f}"
+
+
+def test_checkpoint_records_the_sorted_training_patients_and_old_checkpoints_load_as_unknown(tmp_path) -> None:
+    L.seed_everything(0)
+    data = PhantomDataModule(spatial_size=(16, 16), n_patients=8, batch_size=3)
+    module = SimCLRModule(spatial_dims=2, **TINY_RESNET)
+    assert module.training_patients is None
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, data)
+    expected = sorted(set(data.train_patients))
+    assert module.training_patients == expected and not set(expected) & set(data.val_patients)
+    path = tmp_path / "embedder.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["training_patients"] == expected == checkpoint["memwatch"]["training_patients"]
+
+    assert SimCLRModule.from_checkpoint(path, "embedder_ckpt").training_patients == expected
+    del checkpoint["training_patients"], checkpoint["memwatch"]["training_patients"]  # as written before the record
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert SimCLRModule.from_checkpoint(tmp_path / "old.ckpt", "embedder_ckpt").training_patients is None
+
+
+def test_fit_without_a_memwatch_datamodule_records_no_training_patients(tmp_path) -> None:
+    images = torch.rand(6, 1, 16, 16)
+    loader = torch.utils.data.DataLoader([{"image": image, "id": f"x{k}"} for k, image in enumerate(images)], batch_size=3)
+    module = SimCLRModule(spatial_dims=2, **TINY_RESNET)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    trainer.save_checkpoint(tmp_path / "embedder.ckpt")
+    assert module.training_patients is None
+    assert torch.load(tmp_path / "embedder.ckpt", weights_only=True)["training_patients"] is None
+
+
+def test_resumed_fit_records_the_patients_of_both_runs(tmp_path) -> None:
+    L.seed_everything(0)
+    first = PhantomDataModule(spatial_size=(16, 16), n_patients=8, batch_size=3)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(SimCLRModule(spatial_dims=2, **TINY_RESNET), first)
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    second = PhantomDataModule(spatial_size=(16, 16), n_patients=8, batch_size=3, split_seed=1)
+    assert set(second.train_patients) != set(first.train_patients)
+    module = SimCLRModule(spatial_dims=2, **TINY_RESNET)
+    quiet_trainer(max_steps=2, limit_val_batches=0).fit(module, second, ckpt_path=tmp_path / "first.ckpt")
+    assert module.training_patients == sorted(set(first.train_patients) | set(second.train_patients))
+
+
+def test_projection_head_trains_the_loss_while_embed_returns_the_representation(tmp_path) -> None:
+    L.seed_everything(0)
+    data = PhantomDataModule(spatial_size=(16, 16), n_patients=8, batch_size=4)
+    module = SimCLRModule(spatial_dims=2, **TINY_RESNET, projection_dim=8, brightness_shift=0.1)
+    images = torch.rand(3, 1, 16, 16)
+    assert module.projection(module.embed(images)).shape == (3, 8)
+    head_before = [p.detach().clone() for p in module.projection.parameters()]
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(module, data)
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, module.projection.parameters(), strict=True))
+    embeddings = module.embed(images)
+    assert embeddings.shape == (3, TINY_RESNET["embedding_dim"])
+    torch.testing.assert_close(embeddings, module.eval().encoder(images))
+    trainer.save_checkpoint(tmp_path / "embedder.ckpt")
+    reloaded = SimCLRModule.from_checkpoint(tmp_path / "embedder.ckpt", "embedder_ckpt")
+    assert torch.equal(reloaded.embed(images), embeddings)
+
+
+def test_brightness_shift_offsets_each_variation_by_at_most_the_shift() -> None:
+    images = torch.full((16, 1, 8, 8), 0.5)
+    plain = SimCLRModule(spatial_dims=2, **TINY_RESNET)._varied(images, seed=3)
+    shifted = SimCLRModule(spatial_dims=2, **TINY_RESNET, brightness_shift=0.2)._varied(images, seed=3)
+    offsets = (shifted - plain).flatten(1)
+    assert (offsets.max(dim=1).values - offsets.min(dim=1).values).abs().max() < 1e-5  # one offset per image
+    assert offsets.abs().max() <= 0.2 + 1e-6 and offsets[:, 0].std() > 0.05
