@@ -333,6 +333,20 @@ def test_quality_metrics_layout_copy_pairs_and_reports_reach_tensorboard_and_dis
     summary = json.loads((tmp_path / "reports" / "check_001" / "summary.json").read_text())
     assert summary["n_mem"] == second["n_mem"] and summary["step"] == second["step"]
     assert set(summary["memorized_train_ids"]) <= set(copied)
+    # per patient, intervals, chance level and the self-check, in the history, TensorBoard and summary.json
+    assert summary["memorized_patient_ids"] == sorted(summary["memorized_train_ids"])
+    assert summary["frac_mem_ci"] == second["frac_mem_ci"] and summary["detector"]["n_positive"] == len(phantoms().train_ids)
+    for key in ("n_mem_patients", "frac_mem_patients", "excess_frac_mem", "null_frac_mem", "frac_mem_low", "frac_mem_high",
+                "frac_mem_patients_low", "frac_mem_patients_high", "detector_sensitivity", "detector_specificity"):  # fmt: skip
+        assert f"memorization/{key}" in tags["scalars"], key
+    (low,) = [e.value for e in events.Scalars("memorization/frac_mem_low") if e.step == second["step"]]
+    assert low == pytest.approx(second["frac_mem_ci"][0]) and low <= second["frac_mem"]
+    assert second["excess_frac_mem"] == pytest.approx(second["frac_mem"] - second["null_frac_mem"])
+    history = memorization_history(Path(logger.log_dir))
+    assert json.loads(history[1]["frac_mem_ci"]) == pytest.approx(second["frac_mem_ci"])
+    assert int(history[1]["n_mem_patients"]) == second["n_mem_patients"]
+    margins = [chart for category in layout.category for chart in category.chart if chart.HasField("margin")]
+    assert [series.value for chart in margins for series in chart.margin.series] == ["memorization/frac_mem_patients"]
 
 
 def test_without_log_images_no_patient_pixels_are_written(embedder_ckpt, tmp_path):
