@@ -109,6 +109,13 @@ def test_bad_configuration_fails_at_construction(embedder_ckpt, tmp_path):
         InputError, match=r"trained on images of spatial_size=\[32, 32\] but the data has \[64, 64\]"
     ):
         callback.check_data(PhantomDataModule(spatial_size=(64, 64)))
+    with pytest.raises(InputError, match=r"embedder_ckpt was trained on \d+ patient\(s\) held out here"):
+        callback.check_data(memorization_phantoms(split_seed=1))  # another split: some of its training patients are held out
+    callback.check_data(memorization_phantoms())  # the embedder's own split
+    with pytest.raises(InputError, match="detector_positives=-1 must be at least 0"):
+        MemorizationCallback(str(embedder_ckpt), detector_positives=-1)
+    with pytest.raises(InputError, match="use rotation_degrees, contrast_gamma and noise_std"):
+        MemorizationCallback(str(embedder_ckpt), variation={"brightness": 0.1})
 
 
 def test_early_stopping_from_yaml_stops_when_the_generator_starts_copying(embedder_ckpt, tmp_path):
