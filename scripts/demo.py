@@ -8,6 +8,7 @@ then a grid of generated samples beside real training images, saved as a PNG, an
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -55,21 +56,28 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 4
 
 
 def print_history(path: Path) -> None:
-    """The memorization checks of the LDM run as a table."""
+    """The memorization checks of the LDM run as a table: per patient, with 95% intervals and chance level."""
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
-    table = Table(title="Memorization during LDM training (N_train = N_syn)")
-    for column in ("step", "N_mem", "frac_mem", "N_copies", "frac_copies", "τ", "FD", "MS-SSIM", "check s"):
+    table = Table(title="Memorized training patients and copies during LDM training (N_syn = N_train)")
+    columns = ("step", "memorized", "95% CI", "chance", "copies", "95% CI", "τ", "FD", "MS-SSIM")
+    for column in columns:
         table.add_column(column, justify="right")
+
+    def share(row: dict[str, str], count: str, total: int, fraction: str) -> tuple[str, str]:
+        low, high = json.loads(row[f"{fraction}_ci"])
+        return f"{row[count]}/{total}", f"{100 * low:.0f}–{100 * high:.0f}%"
+
     for row in rows:
-        seconds = sum(float(value) for key, value in row.items() if key.startswith("seconds_"))
         table.add_row(
-            row["step"], row["n_mem"], f"{float(row['frac_mem']):.1%}", row["n_copies"],
-            f"{float(row['frac_copies']):.1%}", f"{float(row['tau']):.3f}",
-            f"{float(row['fd']):.3g}", f"{float(row['ms_ssim']):.3f}", f"{seconds:.1f}",
+            row["step"], *share(row, "n_mem_patients", int(row["n_train_patients"]), "frac_mem_patients"),
+            f"{float(row['null_frac_mem_patients']):.0%}",
+            *share(row, "n_copies", int(row["n_syn"]), "frac_copies"), f"{float(row['tau']):.3f}",
+            f"{float(row['fd']):.3g}", f"{float(row['ms_ssim']):.3f}",
         )  # fmt: skip
-    console.print("FD (Fréchet distance of synthetic vs validation embeddings) and MS-SSIM (between samples) "
-                  "are the quality metrics that, in the paper, do not reveal memorization.")
+    console.print("chance: the share of patients a model that copies no one would score here "
+                  "(memorization.chance). FD (Fréchet distance of synthetic vs validation embeddings) and MS-SSIM "
+                  "(between samples) are the quality metrics that, in the paper, do not reveal memorization.")
     console.print(table)
 
 
