@@ -60,7 +60,7 @@ def print_history(path: Path) -> None:
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
     table = Table(title="Memorized training patients and copies during LDM training (N_syn = N_train)")
-    columns = ("step", "memorized", "95% CI", "chance", "copies", "95% CI", "τ", "FD", "MS-SSIM")
+    columns = ("step", "patients", "95% CI", "chance", "copies", "95% CI", "τ", "FD", "MS-SSIM")
     for column in columns:
         table.add_column(column, justify="right")
 
