@@ -83,9 +83,9 @@ def held_out_exceedances(
     val: torch.Tensor,
     percentile: float,
     train_patients: Sequence[str] | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> HeldOutExceedances:
-    """Two chunked passes over train × val (memory O(chunk × N_val)): top-2 neighbours, then exceedances.
+    """Two chunked passes over train × val in float64 (memory O(chunk_size × N_val)): top-2 neighbours, then exceedances.
 
     `train_patients` names the patient of each training row (default: one patient per row).
     """
