@@ -89,7 +89,7 @@ class Scale:
 # (as the demo), the size runs 16, 32 and 64, so every LDM sees the same 64 validation patients.
 FULL = Scale(
     name="full", spatial_size=32, n_patients=128, val_fraction=0.5, batch_size=16,
-    ae_steps=600, simclr_steps=300, ldm_steps=1200, check_every_steps=100, num_inference_steps=50,
+    ae_steps=600, simclr_steps=300, ldm_steps=1000, check_every_steps=200, num_inference_steps=50,
     n_train=16, sizes=(16, 32, 64), seeds=(0, 1),
 )  # fmt: skip
 TINY = Scale(
@@ -784,10 +784,11 @@ def run_all(
 
 
 def data_flags(scale: Scale) -> list[str]:
+    """The split every stage shares (batch sizes stay each config's, but the LDM's, which sets the check schedule)."""
     size = f"[{scale.spatial_size},{scale.spatial_size}]"
     return [
         "--data.init_args.spatial_size", size, "--data.init_args.n_patients", str(scale.n_patients),
-        "--data.init_args.val_fraction", str(scale.val_fraction), "--data.init_args.batch_size", str(scale.batch_size),
+        "--data.init_args.val_fraction", str(scale.val_fraction),
     ]  # fmt: skip
 
 
@@ -805,7 +806,7 @@ def planned_runs(scale: Scale) -> list[Run]:
 def ldm_flags(scale: Scale, run: Run, autoencoder: Path, embedder: Path) -> list[str]:
     every_n_epochs = str(scale.check_every_steps // scale.steps_per_epoch(run.n_train))
     return [
-        *data_flags(scale), *scale.ldm_flags,
+        *data_flags(scale), *scale.ldm_flags, "--data.init_args.batch_size", str(scale.batch_size),
         "--seed_everything", str(run.seed), "--data.init_args.augment", str(run.augment).lower(),
         "--data.init_args.n_train", str(run.n_train), "--trainer.max_steps", str(scale.ldm_steps),
         "--trainer.check_val_every_n_epoch", every_n_epochs, "--checkpoint.every_n_epochs", every_n_epochs,
