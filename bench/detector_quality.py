@@ -11,7 +11,8 @@ embedder with the real CLI (`python cli.py fit --config configs/folder_simclr.ya
 the synthetic folder with `python cli.py audit`, and scores `pairs.csv` against
 `planted.json`: sensitivity = share of planted copies flagged, specificity = share of novel
 synthetic images not flagged, `attributed` = share of planted copies flagged *and* matched to
-their own training patient. Prints JSON with the counts, 95% Clopper–Pearson intervals,
+their own training patient, `retrieved` = share whose nearest training image is their source
+(flagged or not), and the median nearest-training correlation of copies and of novel images. Prints JSON with the counts, 95% Clopper–Pearson intervals,
 τ and the embedder's training wall time. `tissue` is the held-back family (never tuned on).
 """
 
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from scipy.stats import beta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,10 +67,18 @@ def score(pairs_csv: Path, planted: dict) -> dict:
     found = sum(flagged(s) for s in copies)
     attributed = sum(flagged(s) and rows[s]["nearest_train_id"] == source for s, source in copies.items())
     passed = sum(not flagged(s) for s in novel)
+    retrieved = sum(rows[s]["nearest_train_id"] == source for s, source in copies.items())
+
+    def median_correlation(ids) -> float:
+        return round(float(np.median([float(rows[s]["correlation"]) for s in ids])), 4)
+
     return {
         "sensitivity": round(found / len(copies), 4),
         "specificity": round(passed / len(novel), 4),
         "attributed": round(attributed / len(copies), 4),
+        "retrieved": round(retrieved / len(copies), 4),
+        "median_correlation_copies": median_correlation(copies),
+        "median_correlation_novel": median_correlation(novel),
         "n_copies": len(copies),
         "n_copies_flagged": found,
         "n_copies_attributed": attributed,

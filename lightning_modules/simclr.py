@@ -87,6 +87,11 @@ class SimCLRModule(MemwatchModule):
             head, which SimCLR found to transfer better.
         brightness_shift: training only: each variation also gets a uniform intensity offset
             within ±this (then clipped to `[0, 1]`), so copies of another brightness still pair.
+        standardize_embedding: end the representation with a BatchNorm without affine
+            parameters: each of the L entries is centred and scaled by its running mean and std
+            over the training images, so that the direction every embedding shares does not
+            make all Pearson correlations high (it would compress the gap between copies and
+            novel images against τ).
         contrast_gamma: training only: the range of the variation's contrast gamma
             (`variation_transform`'s; the paper's "slight contrast change" by default).
 
@@ -116,6 +121,7 @@ class SimCLRModule(MemwatchModule):
         projection_dim: int = 0,
         brightness_shift: float = 0.0,
         contrast_gamma: Sequence[float] = CONTRAST_GAMMA,
+        standardize_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -167,6 +173,7 @@ class SimCLRModule(MemwatchModule):
             )
         else:
             raise InputError(f"encoder={encoder!r} must be 'resnet' or 'conv'")
+        self.standardize = nn.BatchNorm1d(embedding_dim, affine=False) if standardize_embedding else nn.Identity()
         self.projection = (
             nn.Sequential(
                 nn.Linear(embedding_dim, embedding_dim), nn.ReLU(inplace=True), nn.Linear(embedding_dim, projection_dim)
@@ -219,7 +226,7 @@ class SimCLRModule(MemwatchModule):
             parameter = next(self.encoder.parameters())
             with torch.no_grad():
                 chunks = [
-                    self.encoder(
+                    self.represent(
                         images[start : start + batch_size].to(device=parameter.device, dtype=parameter.dtype)
                     ).float()
                     for start in range(0, len(images), batch_size)
@@ -230,6 +237,10 @@ class SimCLRModule(MemwatchModule):
         finally:
             for module, training in modes:
                 module.training = training
+
+    def represent(self, images: torch.Tensor) -> torch.Tensor:
+        """The representation `[B, embedding_dim]` that `embed` returns: the encoder, standardized if asked."""
+        return self.standardize(self.encoder(images))
 
     # --- training ----------------------------------------------------------------------
 
@@ -246,7 +257,7 @@ class SimCLRModule(MemwatchModule):
 
     def _embed_pairs(self, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Representations of the images and of their variations, `[K, L]` each, in one forward pass."""
-        embeddings = self.encoder(torch.cat([images, self._varied(images, seed)])).float()
+        embeddings = self.represent(torch.cat([images, self._varied(images, seed)])).float()
         return embeddings[: len(images)], embeddings[len(images) :]
 
     def _gathered(self, originals: torch.Tensor, variations: torch.Tensor, ids: list[str] | None):
@@ -329,7 +340,7 @@ class SimCLRModule(MemwatchModule):
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any]) -> SimCLRModule:
         # Checkpoints written before the projection head and brightness options were added lack them.
-        return super().from_hparams({"projection_dim": 0, "brightness_shift": 0.0, "contrast_gamma": CONTRAST_GAMMA, **hparams})
+        return super().from_hparams({"projection_dim": 0, "brightness_shift": 0.0, "contrast_gamma": CONTRAST_GAMMA, "standardize_embedding": False, **hparams})
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(
