@@ -183,7 +183,7 @@ class MemorizationCallback(Callback):
         if hasattr(datamodule, "train_patients"):
             check_patients(
                 self.embedder.training_patients, datamodule.train_patients, datamodule.val_patients, self.percentile,
-                "embedder_ckpt", "--memorization.embedder_ckpt",
+                "embedder_ckpt", "MemorizationCallback's embedder_ckpt",
             )  # fmt: skip
 
     def check_trainer(self, trainer: Trainer) -> None:

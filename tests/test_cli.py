@@ -72,7 +72,10 @@ def fit(config: str, save_dir: Path, *extra: str, steps: int = 2):
 
 
 def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
-    """Point a config's MemorizationCallback (if any) at `embedder_ckpt`, few steps."""
+    """Point a config's MemorizationCallback (if any) at `embedder_ckpt`, few steps.
+
+    The tiny fixtures hold out as few as 2 images: τ at the 50th percentile leaves one above it.
+    """
     callbacks = yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"].get("callbacks") or []
     classes = [callback["class_path"] for callback in callbacks]
     if "callbacks.MemorizationCallback" in classes[:-1]:
@@ -80,13 +83,14 @@ def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
         # --trainer.callbacks.init_args.* to the last callback only: give the whole list.
         for callback in callbacks:
             if callback["class_path"] == "callbacks.MemorizationCallback":
-                callback["init_args"].update(embedder_ckpt=str(embedder_ckpt), num_inference_steps=2)
+                callback["init_args"].update(embedder_ckpt=str(embedder_ckpt), num_inference_steps=2, percentile=50.0)
         return ["--trainer.callbacks", yaml.safe_dump(callbacks, default_flow_style=True, width=1 << 20)]
     if not callbacks or classes[-1] != "callbacks.MemorizationCallback":
         return []
     return [
         "--trainer.callbacks.init_args.embedder_ckpt", str(embedder_ckpt),
         "--trainer.callbacks.init_args.num_inference_steps", "2",
+        "--trainer.callbacks.init_args.percentile", "50",
     ]  # fmt: skip
 
 
@@ -257,7 +261,8 @@ def test_ldm_trains_as_two_cpu_processes(trained_runs, tmp_path):
         "fit", "--config", str(ROOT / "configs/phantom_ldm.yaml"),
         "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]),
         *embedder_overrides("phantom_ldm.yaml", trained_runs["simclr"]),
-        *tiny(tmp_path), "--data.init_args.n_patients", "20", "--data.init_args.batch_size", "2",
+        # the embedder's 12 patients: another split would hold out patients it was trained on
+        *tiny(tmp_path), "--data.init_args.n_patients", "12", "--data.init_args.batch_size", "2",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
