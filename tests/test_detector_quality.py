@@ -92,9 +92,9 @@ def test_clopper_pearson_is_exact_at_the_edges_and_narrows_with_more_trials() ->
 def test_the_benchmark_at_a_tiny_size_retrieves_planted_copies_and_scores_them_above_novel_images(tmp_path, capsys) -> None:
     output = main(
         [
-            "--families", "vessels", "--n-train", "32", "--n-val", "16", "--n-copies", "12", "--n-novel", "16",
+            "--families", "vessels", "--n-train", "32", "--n-val", "24", "--n-copies", "12", "--n-novel", "16",
             "--size", "32", "--work-dir", str(tmp_path), "--threads", "1",
-            "--fit-arg=--trainer.max_steps=40", "--fit-arg=--model.init_args.channels=[8,16,32,64]",
+            "--fit-arg=--trainer.max_steps=100", "--fit-arg=--model.init_args.channels=[16,32,64,128]",
             "--fit-arg=--model.init_args.embedding_dim=32",
         ]
     )  # fmt: skip
@@ -103,8 +103,8 @@ def test_the_benchmark_at_a_tiny_size_retrieves_planted_copies_and_scores_them_a
     for key in ("sensitivity", "specificity", "n_copies_flagged", "n_novel_flagged", "fit_seconds", "tau", "sensitivity_ci"):
         assert key in family
     assert family["n_copies"] == 12 and family["n_novel"] == 16 and family["fit_seconds"] > 0
-    # Chance retrieval is 1/32. At this size τ is too coarse (16 held-out images) for sensitivity to be
-    # a stable claim; the correlation gap and the retrieval are.
+    # Chance retrieval is 1/32; measured 0.83, copies' median correlation 0.78 against 0.71 for novel images. At this size τ is too coarse for sensitivity to be
+    # a stable claim (24 held-out images); the correlation gap and the retrieval are.
     assert family["retrieved"] >= 0.5, family
     assert family["median_correlation_copies"] > family["median_correlation_novel"], family
     assert (tmp_path / "vessels" / "checkpoints" / "last.ckpt").is_file()
