@@ -66,7 +66,14 @@ class MemwatchModule(LightningModule):
         size = recorded.get("image_spatial_size")
         self.image_spatial_size = tuple(size) if size else None
         patients = recorded.get("training_patients")
-        self.training_patients = list(patients) if patients is not None else None
+        patients = sorted({str(p) for p in patients}) if patients is not None else None
+        this_fit = self.training_patients  # set by setup when a fit resumes (setup runs before the restore)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            # A resumed fit has seen the patients of both runs; unknown if either is.
+            known = this_fit is not None and patients is not None
+            self.training_patients = sorted(set(patients) | set(this_fit)) if known else None
+        else:
+            self.training_patients = patients
 
     @classmethod
     def from_hparams(cls: type[ModuleT], hparams: dict[str, Any]) -> ModuleT:

@@ -97,7 +97,7 @@ class SimCLRModule(MemwatchModule):
 
     Attributes:
         training_patients: sorted patient ids of the DataModule's training images at fit
-            (`train_patients`), kept in checkpoints as `checkpoint["training_patients"]`; `None`
+            (`train_patients`), kept in checkpoints as `checkpoint["memwatch"]["training_patients"]`; `None`
             when unknown (an older checkpoint, or a fit without a memwatch DataModule). A later
             stage refuses an embedder whose training patients overlap its validation patients.
     """
@@ -157,7 +157,6 @@ class SimCLRModule(MemwatchModule):
             raise InputError(
                 f"brightness_shift={brightness_shift} must lie in [0, 1): set --model.init_args.brightness_shift, e.g. 0.1"
             )
-        self.training_patients: list[str] | None = None
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         channels = [int(c) for c in channels]
@@ -316,26 +315,6 @@ class SimCLRModule(MemwatchModule):
         self.log(
             "val/top1_retrieval", top1_retrieval(variations, originals), sync_dist=True, batch_size=batch_size
         )
-
-    # --- what the embedder was trained on ----------------------------------------------
-
-    # `MemwatchModule.setup` records `training_patients` at fit; it is also kept at the checkpoint's top level.
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["training_patients"] = list(self.training_patients) if self.training_patients is not None else None
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        this_fit = self.training_patients  # set by setup when a fit resumes (setup runs before the restore)
-        super().on_load_checkpoint(checkpoint)
-        recorded = checkpoint.get("training_patients", checkpoint.get("memwatch", {}).get("training_patients"))
-        recorded = sorted({str(p) for p in recorded}) if recorded is not None else None
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            # A resumed fit has seen the patients of both runs; unknown if either is.
-            known = this_fit is not None and recorded is not None
-            self.training_patients = sorted(set(recorded) | set(this_fit)) if known else None
-        else:
-            self.training_patients = recorded
 
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any]) -> SimCLRModule:

@@ -17,18 +17,20 @@ from lightning_modules import LatentDiffusionModule, SimCLRModule
 from tests.conftest import memorization_history, quiet_trainer, run_cli
 
 SIZE = (16, 16)  # the size of the session autoencoder
+# 33 training and 27 validation patients (enough held out for τ at the 95th percentile)
+PHANTOMS = {"spatial_size": SIZE, "n_patients": 60, "val_fraction": 0.45, "batch_size": 4}
 TINY_UNET = dict(channels=(16, 32), norm_num_groups=8, num_head_channels=8, num_train_timesteps=100)
 
 
 @pytest.fixture(scope="module")
 def embedder_16(tmp_path_factory) -> Path:
-    """A small embedder trained briefly on 16×16 phantoms."""
+    """A small embedder trained briefly on the 33 training phantoms of `PHANTOMS` (16×16)."""
     L.seed_everything(0)
     model = SimCLRModule(
         embedding_dim=16, resnet_block="basic", resnet_layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), lr=1e-3
     )
     trainer = quiet_trainer(max_steps=20, limit_val_batches=0)
-    trainer.fit(model, PhantomDataModule(spatial_size=SIZE, n_patients=40, batch_size=16))
+    trainer.fit(model, PhantomDataModule(**{**PHANTOMS, "batch_size": 16}))
     path = tmp_path_factory.mktemp("embedder16") / "embedder.ckpt"
     trainer.save_checkpoint(path)
     return path
@@ -43,7 +45,7 @@ def fit_ldm(autoencoder_ckpt: Path, tmp_path: Path, callback: MemorizationCallba
         max_epochs=3, limit_val_batches=1, callbacks=[ema, *([callback] if callback else [])],
         logger=TensorBoardLogger(tmp_path, name="run"),
     )  # fmt: skip
-    trainer.fit(model, PhantomDataModule(spatial_size=SIZE, n_patients=24, batch_size=4))
+    trainer.fit(model, PhantomDataModule(**PHANTOMS, n_train=20))  # the embedder's split: none of its patients held out
     return [model.state_dict(), ema._average_model.module.state_dict()]
 
 
@@ -64,7 +66,7 @@ def test_training_ends_with_the_same_weights_with_and_without_the_callback(autoe
 
 def test_one_and_two_processes_agree_on_one_ldm_with_uneven_sizes(autoencoder_ckpt, embedder_16, tmp_path):
     # 33 training and 27 validation images, 7 samples in chunks of 3: every shard and gather is uneven.
-    data = {"spatial_size": list(SIZE), "n_patients": 60, "val_fraction": 0.45, "batch_size": 4}
+    data = {**PHANTOMS, "spatial_size": list(SIZE)}
     assert len(PhantomDataModule(**data).train_ids) == 33
     model = {"autoencoder_ckpt": str(autoencoder_ckpt), "lr": 0.0, **TINY_UNET}  # lr 0: one set of weights
     callback = {"class_path": "callbacks.MemorizationCallback", "init_args": {
