@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import minimize
-from scipy.special import betaln
+from scipy.special import betaln, gammaln
 from scipy.stats import betabinom, binom
 
 from errors import InputError
@@ -216,16 +216,12 @@ def at_least_one_of(counts: torch.Tensor, n_val: int, n_syn: int) -> tuple[float
         # C(n_val - k, n_syn) / C(n_val, n_syn), zero where fewer than n_syn draws stay below τ
         stays = n_val - counts
         log_none = (
-            _lgamma(stays + 1) - _lgamma(np.maximum(stays - n_syn, 0) + 1) - math.lgamma(n_val + 1) + math.lgamma(n_val - n_syn + 1)
+            gammaln(stays + 1) - gammaln(np.maximum(stays - n_syn, 0) + 1) - gammaln(n_val + 1) + gammaln(n_val - n_syn + 1)
         )
         none = np.where(stays >= n_syn, np.exp(log_none), 0.0)
         return float(np.mean(1.0 - none)), "exact subsets (N_syn <= N_val)"
     a, b = _fit_beta_binomial(counts, n_val)
     return float(1.0 - np.exp(betaln(a, b + n_syn) - betaln(a, b))), f"beta-binomial extrapolation (N_syn {n_syn} > N_val {n_val})"
-
-
-def _lgamma(x: np.ndarray) -> np.ndarray:
-    return np.vectorize(math.lgamma, otypes=[float])(x)
 
 
 def _fit_beta_binomial(counts: np.ndarray, n: int) -> tuple[float, float]:
