@@ -45,6 +45,13 @@ def top1_retrieval(queries: torch.Tensor, references: torch.Tensor) -> torch.Ten
     return (similarity.argmax(dim=1) == torch.arange(len(queries), device=queries.device)).float().mean()
 
 
+def flip_orbit(images: torch.Tensor) -> list[torch.Tensor]:
+    """The images `[B, C, *spatial]` mirrored along every subset of their spatial axes, the unflipped first."""
+    axes = range(2, images.ndim)
+    subsets = [[a for k, a in enumerate(axes) if mask >> k & 1] for mask in range(2 ** len(axes))]
+    return [images.flip(subset) if subset else images for subset in subsets]
+
+
 def _id_key(image_id: str) -> int:
     """A 63-bit key of an image id, equal on every process (Python's `hash` of a str is not)."""
     return int.from_bytes(hashlib.blake2b(str(image_id).encode(), digest_size=8).digest(), "little") >> 1
@@ -94,6 +101,12 @@ class SimCLRModule(MemwatchModule):
             novel images against τ).
         contrast_gamma: training only: the range of the variation's contrast gamma
             (`variation_transform`'s; the paper's "slight contrast change" by default).
+        flip_invariant: the representation is the mean of the encoder's embeddings of the image
+            and its mirror images along every spatial axis (4 in 2D, 8 in 3D), so a flipped copy
+            embeds exactly like its source: the network need not learn the flip of the
+            paper's variation. Costs that many encoder passes, in training and in `embed`.
+        standardize_input: each image is centred and scaled to unit std (per channel) before the
+            encoder, so a brightness offset or a linear contrast change does not move its embedding.
 
     Attributes:
         training_patients: sorted patient ids of the DataModule's training images at fit
@@ -122,6 +135,8 @@ class SimCLRModule(MemwatchModule):
         brightness_shift: float = 0.0,
         contrast_gamma: Sequence[float] = CONTRAST_GAMMA,
         standardize_embedding: bool = False,
+        flip_invariant: bool = False,
+        standardize_input: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -238,8 +253,17 @@ class SimCLRModule(MemwatchModule):
                 module.training = training
 
     def represent(self, images: torch.Tensor) -> torch.Tensor:
-        """The representation `[B, embedding_dim]` that `embed` returns: the encoder, standardized if asked."""
-        return self.standardize(self.encoder(images))
+        """The representation `[B, embedding_dim]` that `embed` returns (see `flip_invariant`, `standardize_input`)."""
+        if self.hparams.get("standardize_input"):
+            spatial = tuple(range(2, images.ndim))
+            mean, std = images.mean(dim=spatial, keepdim=True), images.std(dim=spatial, keepdim=True)
+            images = (images - mean) / std.clamp_min(1e-3)
+        if self.hparams.get("flip_invariant"):
+            orbit = flip_orbit(images)
+            embeddings = self.encoder(torch.cat(orbit)).unflatten(0, (len(orbit), len(images))).mean(dim=0)
+        else:
+            embeddings = self.encoder(images)
+        return self.standardize(embeddings)
 
     # --- training ----------------------------------------------------------------------
 
@@ -319,7 +343,8 @@ class SimCLRModule(MemwatchModule):
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any]) -> SimCLRModule:
         # Checkpoints written before the projection head and brightness options were added lack them.
-        return super().from_hparams({"projection_dim": 0, "brightness_shift": 0.0, "contrast_gamma": CONTRAST_GAMMA, "standardize_embedding": False, **hparams})
+        return super().from_hparams({"projection_dim": 0, "brightness_shift": 0.0, "contrast_gamma": CONTRAST_GAMMA, "standardize_embedding": False,
+                                     "flip_invariant": False, "standardize_input": False, **hparams})
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(

@@ -285,3 +285,41 @@ def test_brightness_shift_offsets_each_variation_by_at_most_the_shift() -> None:
     offsets = (shifted - plain).flatten(1)
     assert (offsets.max(dim=1).values - offsets.min(dim=1).values).abs().max() < 1e-5  # one offset per image
     assert offsets.abs().max() <= 0.2 + 1e-6 and offsets[:, 0].std() > 0.05
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_flip_invariant_embeds_every_mirror_image_like_its_source_and_other_images_apart(spatial_dims: int) -> None:
+    arguments = TINY_RESNET if spatial_dims == 2 else {**TINY_RESNET, "spatial_dims": 3}
+    images = torch.rand((2, 1) + (16,) * spatial_dims)
+    invariant = SimCLRModule(**arguments, flip_invariant=True)
+    plain = SimCLRModule(**arguments)
+    plain.load_state_dict(invariant.state_dict())
+    reference = invariant.embed(images)
+    for axes in ([-1], [-2], list(range(-spatial_dims, 0))):
+        torch.testing.assert_close(invariant.embed(images.flip(axes)), reference, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(plain.embed(images.flip(axes)), plain.embed(images), atol=1e-3)
+    assert not torch.allclose(invariant.embed(torch.rand_like(images)), reference, atol=1e-3)
+
+
+def test_standardize_input_ignores_brightness_and_linear_contrast_only_when_asked() -> None:
+    images = torch.rand(2, 1, 16, 16) * 0.5
+    standardized = SimCLRModule(**TINY_RESNET, standardize_input=True)
+    plain = SimCLRModule(**TINY_RESNET)
+    plain.load_state_dict(standardized.state_dict())
+    changed = images * 1.4 + 0.2
+    torch.testing.assert_close(standardized.embed(changed), standardized.embed(images), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain.embed(changed), plain.embed(images), atol=1e-3)
+    assert torch.isfinite(standardized.embed(torch.full((1, 1, 16, 16), 0.3))).all()
+
+
+def test_flip_invariant_and_standardized_embedder_trains_and_round_trips(tmp_path) -> None:
+    data = PhantomDataModule(spatial_size=(16, 16), n_patients=8, batch_size=4)
+    module = SimCLRModule(**TINY_RESNET, flip_invariant=True, standardize_input=True)
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=1)
+    trainer.fit(module, data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    trainer.save_checkpoint(tmp_path / "embedder.ckpt")
+    reloaded = SimCLRModule.from_checkpoint(tmp_path / "embedder.ckpt", "embedder_ckpt")
+    images = torch.rand(3, 1, 16, 16)
+    assert reloaded.hparams.flip_invariant and reloaded.hparams.standardize_input
+    assert torch.equal(reloaded.embed(images), module.embed(images))
