@@ -566,6 +566,11 @@ def training_size_section(findings: Findings, figure: str) -> tuple[list[str], s
     return lines, summary, f"memorized: {calls['memorized']}; copies: {calls['copies']}"
 
 
+def _config(name: str, flags: Sequence[str]) -> str:
+    """`configs/NAME.yaml`, with the scale's extra flags where it has some."""
+    return f"`configs/{name}.yaml`" + (f" with `{' '.join(flags)}`" if flags else "")
+
+
 def setup_section(findings: Findings, context: dict) -> list[str]:
     scale: Scale = context["scale"]
     n_val = max(1, round(scale.val_fraction * scale.n_patients))
@@ -586,9 +591,9 @@ def setup_section(findings: Findings, context: dict) -> list[str]:
         f"- **Data**: built-in phantoms at {scale.spatial_size}×{scale.spatial_size}, {scale.n_patients} patients (one image "
         f"each, so per image = per patient), split by patient into {pool} training and {n_val} validation patients; every "
         "LDM run is validated, and τ is set, on the same validation patients.",
-        f"- **Shared models**: the autoencoder (`configs/phantom_ae.yaml`, {scale.ae_steps} steps) and the embedder "
-        f"(`configs/phantom_simclr.yaml`, {scale.simclr_steps} steps) are trained once on all {pool} training patients "
-        "and used by every LDM run.",
+        f"- **Shared models**: the autoencoder ({_config('phantom_ae', scale.ae_flags)}, {scale.ae_steps} steps) and the "
+        f"embedder ({_config('phantom_simclr', scale.simclr_flags)}, {scale.simclr_steps} steps) are trained once on all "
+        f"{pool} training patients and used by every LDM run.",
         f"- **LDM runs** (`configs/phantom_ldm.yaml` with flags): {len(unique)} runs of {scale.ldm_steps} steps, batch "
         f"{scale.batch_size}; a memorization check every {scale.check_every_steps} steps and at the end of epoch 0, each "
         f"sampling N_syn = N_train images with {scale.num_inference_steps} DDIM steps from the EMA weights. Seeds "
