@@ -3,6 +3,7 @@
     python cli.py fit --config configs/phantom_ae.yaml
     python cli.py fit --config configs/phantom_ldm.yaml --trainer.devices 2 --trainer.strategy ddp
     python cli.py fit --config configs/phantom_ae.yaml --print_config
+    python cli.py fit --config phantom_ae.yaml        (a name not found here is looked up in configs/)
     python cli.py audit --embedder EMB.ckpt --train DIR --val DIR --synthetic DIR --out OUT   (see audit.py)
 
 A user's mistake (a missing checkpoint, mismatched sizes, a bad file) ends the run with
@@ -14,6 +15,7 @@ from __future__ import annotations
 import re
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -24,6 +26,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from datamodules import MedicalImageDataModule
 from errors import InputError, SharedFailure, TrainingFailure
 from lightning_modules import MemwatchModule
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -140,9 +144,33 @@ def print_audit(summary: dict) -> None:
         print(f"warning: {weak}", file=sys.stderr)
 
 
+def config_path(value: str) -> str:
+    """`NAME.yaml` as given when it is a file, else `configs/NAME.yaml` when that one is."""
+    if Path(value).is_file() or not value.endswith((".yaml", ".yml")):
+        return value
+    shipped = CONFIG_DIR / value
+    return str(shipped) if shipped.is_file() else value
+
+
+def with_config_names(argv: list[str]) -> list[str]:
+    """`argv` with every `--config NAME.yaml` (or `--config=NAME.yaml`) resolved by `config_path`."""
+    resolved = []
+    for k, argument in enumerate(argv):
+        if k > 0 and argv[k - 1] == "--config":
+            argument = config_path(argument)
+        elif argument.startswith("--config="):
+            argument = "--config=" + config_path(argument.removeprefix("--config="))
+        resolved.append(argument)
+    return resolved
+
+
 def main(args: list[str] | None = None) -> MemwatchCLI | dict:
     """Run the CLI on `args` (default `sys.argv[1:]`): the LightningCLI, or the audit's summary for `audit`."""
-    argv = sys.argv[1:] if args is None else list(args)
+    argv = with_config_names(sys.argv[1:] if args is None else list(args))
+    if args is None:
+        # LightningCLI reads sys.argv itself when given no args (and warns when given both); DDP's
+        # launcher restarts the script with sys.argv, so the children see the resolved names too.
+        sys.argv[1:] = argv
     torch.set_float32_matmul_precision("high")
     # Harmless and expected here: the LDM's frozen autoencoder is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -161,7 +189,7 @@ def main(args: list[str] | None = None) -> MemwatchCLI | dict:
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
-            args=argv,
+            args=None if args is None else argv,
         )
     except Exception as error:
         cause, status = one_line_failure(error)

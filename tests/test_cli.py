@@ -12,7 +12,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cli import main
+from cli import config_path, main, with_config_names
 from tests.conftest import ROOT, run_cli
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -292,3 +292,20 @@ def test_an_input_error_raised_in_a_dataloader_worker_is_still_a_user_mistake():
     found = user_mistake(RuntimeError(worker_text))
     assert isinstance(found, InputError) and str(found).startswith("image scan_7 (/data/train/scan_7.npy) has NaN")
     assert user_mistake(ValueError("a bug, not a user mistake")) is None
+
+
+def test_a_config_name_is_found_in_configs_and_a_plain_run_prints_no_lightningcli_warning(tmp_path):
+    assert with_config_names(["fit", "--config", "phantom_ae.yaml", "--config=phantom_ldm.yaml"]) == [
+        "fit", "--config", str(ROOT / "configs" / "phantom_ae.yaml"), "--config=" + str(ROOT / "configs" / "phantom_ldm.yaml"),
+    ]  # fmt: skip
+    local = tmp_path / "phantom_ae.yaml"
+    local.write_text("seed_everything: 3\n")
+    assert config_path(str(local)) == str(local)  # a file that exists is never replaced
+    assert config_path("no_such_config.yaml") == "no_such_config.yaml"  # left for LightningCLI to refuse
+    result = subprocess.run(
+        [sys.executable, "cli.py", "fit", "--config", "phantom_simclr.yaml", "--print_config"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path: lightning_modules.SimCLRModule" in result.stdout
+    assert "args parameter is intended" not in result.stderr
