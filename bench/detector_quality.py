@@ -36,26 +36,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import beta
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe_machine  # noqa: E402
 from datamodules.families import FAMILIES, write_planted_copy_set  # noqa: E402
+from memorization.stats import binomial_interval  # noqa: E402
 
 TUNING_FAMILIES = ("vessels", "radiograph")
 HELD_BACK_FAMILY = "tissue"
 
 
-def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> list[float]:
-    """Exact binomial interval `[low, high]` for a rate of `successes / trials`."""
-    if trials == 0:
-        return [0.0, 1.0]
-    alpha = 1 - level
-    low = beta.ppf(alpha / 2, successes, trials - successes + 1) if successes > 0 else 0.0
-    high = beta.ppf(1 - alpha / 2, successes + 1, trials - successes) if successes < trials else 1.0
-    return [round(float(low), 4), round(float(high), 4)]
+def clopper_pearson(successes: int, trials: int) -> list[float]:
+    """`memorization.stats.binomial_interval` (exact, 95%) as a JSON-ready `[low, high]`, rounded to 4 places."""
+    return [round(bound, 4) for bound in binomial_interval(successes, trials)]
 
 
 def score(pairs_csv: Path, planted: dict) -> dict:
