@@ -18,7 +18,6 @@ temporary name and moved into place at the end.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import instantiate_class
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd, SelectItemsd
@@ -53,32 +53,35 @@ from memorization.chance import (
     held_out_exceedances,
     positive_rows,
 )
+from memorization.detect import CopyReport
+from memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
 from memorization.report import check_output_folder, staged_output, write_report
 from memorization.stats import CI_METHOD, headline
 from memorization.stream import EmbeddedStream, chunked, embed_stream
 
 
-def audit_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def audit_parser() -> ArgumentParser:
+    """The audit's options, jsonargparse like the rest of the CLI: `--config audit.yaml` sets any of them
+    (keys as the long names: `n_samples`, `data_arg`, ...) and `--print_config` shows them. Each option
+    also answers to its name with dashes (`--n-samples`), as before."""
+    parser = ArgumentParser(
         prog="python cli.py audit",
         description="Count the copies of training patients in a synthetic dataset before sharing it.",
+        default_meta=False,
     )
-    parser.add_argument(
-        "--embedder", required=True, help="SimCLR embedder checkpoint (trained on the training images)"
-    )
-    parser.add_argument(
-        "--out", required=True, help="folder for summary.json, pairs.csv, train_nn.csv and the plots"
-    )
+    parser.add_argument("--config", action="config", help="a YAML of these options (see --print_config)")
+    parser.add_argument("--embedder", help="SimCLR embedder checkpoint (trained on the training images)")
+    parser.add_argument("--out", help="folder for report.html, summary.json, pairs.csv, train_nn.csv and the plots")
     real = parser.add_argument_group("real images: --train and --val, or --data")
     real.add_argument(
-        "--train", help="folder of training images (.png, .npy, .nii, .nii.gz; subfolder = patient)"
+        "--train", help="folder of training images (.png, .npy, .nii, .nii.gz, DICOM; subfolder = patient)"
     )
     real.add_argument("--val", help="folder of held-out images, of patients not in --train")
     real.add_argument(
         "--data", help="a config YAML whose data section gives the DataModule, e.g. configs/mrnet_ldm.yaml"
     )
     real.add_argument(
-        "--data-arg", action="append", default=[], metavar="KEY=VALUE",
+        "--data_arg", "--data-arg", action="append", default=[], metavar="KEY=VALUE",
         help="override one of the config's data init_args, e.g. root=/data/MRNet-v1.0 (repeatable)",
     )  # fmt: skip
     real.add_argument(
@@ -90,10 +93,12 @@ def audit_parser() -> argparse.ArgumentParser:
     )
     synthetic.add_argument("--ldm", help="LatentDiffusionModule checkpoint to sample instead")
     synthetic.add_argument(
-        "--n-samples", type=int, help="samples to draw with --ldm (default: the training-set size)"
+        "--n_samples", "--n-samples", type=int, help="samples to draw with --ldm (default: the training-set size)"
     )
     synthetic.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i)")
-    synthetic.add_argument("--num-inference-steps", type=int, default=50, help="DDIM steps per sample")
+    synthetic.add_argument(
+        "--num_inference_steps", "--num-inference-steps", type=int, default=50, help="DDIM steps per sample"
+    )
     parser.add_argument(
         "--intensity", choices=["minmax", "none"], default="minmax",
         help="minmax scales each image from a folder to [0, 1] (as FolderDataModule does); none keeps "
@@ -103,26 +108,38 @@ def audit_parser() -> argparse.ArgumentParser:
         "--percentile", type=float, default=95.0, help="τ is this percentile of training→held-out similarity"
     )
     parser.add_argument(
-        "--release-dir", help="copy the synthetic files that are not copies here, ready to share"
-    )
+        "--release_dir", "--release-dir",
+        help="copy the synthetic files that are not copies here, with manifest.json, ready to share",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify_release", "--verify-release", metavar="DIR",
+        help="check a released folder against its manifest.json (no audit): exit 1 if a file was added, removed or changed",
+    )  # fmt: skip
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out and --release-dir if they hold files"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=32, help="images per embedding (and sampling) batch"
+        "--batch_size", "--batch-size", type=int, default=32, help="images per embedding (and sampling) batch"
     )
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for reading images")
+    parser.add_argument(
+        "--num_workers", "--num-workers", type=int, default=0, help="DataLoader workers for reading images"
+    )
     check = parser.add_argument_group("the detector's self-check (variations of training images vs held-out images)")
     check.add_argument(
-        "--detector-positives", type=int, default=1000,
+        "--detector_positives", "--detector-positives", type=int, default=1000,
         help="training images (evenly spaced) whose variations must be flagged; 0 skips the self-check",
     )  # fmt: skip
-    check.add_argument("--variation-rotation-degrees", type=float, default=ROTATION_DEGREES, help="rotation within ±this")
     check.add_argument(
-        "--variation-contrast-gamma", type=float, nargs=2, default=list(CONTRAST_GAMMA), metavar=("LOW", "HIGH"),
-        help="range of the contrast change's gamma",
+        "--variation_rotation_degrees", "--variation-rotation-degrees", type=float, default=ROTATION_DEGREES,
+        help="rotation within ±this",
     )  # fmt: skip
-    check.add_argument("--variation-noise-std", type=float, default=NOISE_STD, help="std of the added noise")
+    check.add_argument(
+        "--variation_contrast_gamma", "--variation-contrast-gamma", type=float, nargs=2,
+        default=list(CONTRAST_GAMMA), metavar=("LOW", "HIGH"), help="range of the contrast change's gamma",
+    )  # fmt: skip
+    check.add_argument(
+        "--variation_noise_std", "--variation-noise-std", type=float, default=NOISE_STD, help="std of the added noise"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
@@ -130,6 +147,8 @@ def audit_parser() -> argparse.ArgumentParser:
 def run_audit(argv: Sequence[str]) -> dict[str, Any]:
     """Parse `argv` (the words after `audit`), audit, and return the summary written to `OUT/summary.json`."""
     args = audit_parser().parse_args(list(argv))
+    if args.verify_release:
+        return verify_release(Path(args.verify_release))
     _check_arguments(args)
     out = Path(args.out)
     check_output_folder(out, "--out", args.overwrite)
@@ -207,22 +226,34 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         if release_staging is not None:
+            released = release_non_copies(synthetic, report, release_staging)
             summary["release"] = {
-                "dir": args.release_dir,
-                **release_non_copies(synthetic, report.is_copy, release_staging),
-            }
+                "dir": args.release_dir, "n_released": len(released), "n_withheld": len(synthetic) - len(released),
+                "manifest": MANIFEST,
+            }  # fmt: skip
         write_report(
             staging, report, dataset_ids(train), dataset_ids(synthetic), summary,
             train_image=lambda i: train[i]["image"], syn_image=lambda j: synthetic[j]["image"],
             train_patients=train_patients,
         )  # fmt: skip
+        if release_staging is not None:
+            write_manifest(
+                release_staging, released, tau=report.tau, percentile=report.percentile,
+                n_withheld=len(synthetic) - len(released), checkpoints={"embedder": args.embedder, "generator": args.ldm},
+                summary=json.loads((staging / "summary.json").read_text()),
+            )  # fmt: skip
     return {**json.loads((out / "summary.json").read_text()), "out": str(out)}
 
 
 # --- inputs ------------------------------------------------------------------------------
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
+def _check_arguments(args: Namespace) -> None:
+    for option, example in (("embedder", "EMB.ckpt"), ("out", "OUT")):
+        if getattr(args, option) is None:
+            raise InputError(
+                f"--{option} is required: give --{option} {example} (or check a release with --verify-release DIR)"
+            )
     folders, data = args.train is not None or args.val is not None, args.data is not None
     if folders == data or (folders and (args.train is None or args.val is None)):
         raise InputError("give the real images as --train DIR --val DIR, or as --data CONFIG.yaml (not both)")
@@ -250,7 +281,7 @@ def _embedder_size(embedder: SimCLRModule, path: str) -> tuple[int, ...]:
     return tuple(embedder.image_spatial_size)
 
 
-def _load_ldm(args: argparse.Namespace, size: tuple[int, ...], device: torch.device) -> LatentDiffusionModule:
+def _load_ldm(args: Namespace, size: tuple[int, ...], device: torch.device) -> LatentDiffusionModule:
     ldm = LatentDiffusionModule.from_checkpoint(args.ldm, "ldm").to(device).eval()
     if ldm.image_spatial_size is not None and tuple(ldm.image_spatial_size) != size:
         raise InputError(
@@ -260,7 +291,7 @@ def _load_ldm(args: argparse.Namespace, size: tuple[int, ...], device: torch.dev
     return ldm
 
 
-def _check_ldm_patients(ldm: LatentDiffusionModule, args: argparse.Namespace, train_patients: Sequence[str]) -> None:
+def _check_ldm_patients(ldm: LatentDiffusionModule, args: Namespace, train_patients: Sequence[str]) -> None:
     """Refuse to count copies of other patients than those the LDM was trained on (a wrong fold, subset or root)."""
     if ldm.training_patients is None:
         return
@@ -273,7 +304,7 @@ def _check_ldm_patients(ldm: LatentDiffusionModule, args: argparse.Namespace, tr
         )
 
 
-def _reference_data(args: argparse.Namespace, size: tuple[int, ...]) -> MedicalImageDataModule:
+def _reference_data(args: Namespace, size: tuple[int, ...]) -> MedicalImageDataModule:
     if args.data:
         datamodule = datamodule_from_config(Path(args.data), args.data_arg)
     else:
@@ -349,7 +380,7 @@ def dataset_ids(dataset: Dataset) -> list[str]:
     return [record["id"] for record in dataset.data]
 
 
-def _inputs(args: argparse.Namespace) -> dict[str, Any]:
+def _inputs(args: Namespace) -> dict[str, Any]:
     keys = (
         "embedder",
         "train",
@@ -388,19 +419,20 @@ def sample_chunks(
 
 
 def embed(
-    embedder: SimCLRModule, dataset: Dataset, args: argparse.Namespace, device: torch.device, score_pairs: bool = False
+    embedder: SimCLRModule, dataset: Dataset, args: Namespace, device: torch.device, score_pairs: bool = False
 ) -> EmbeddedStream:
     """Embeddings `[N, L]` of a dataset's images in order (and the MS-SSIM of pairs (2k, 2k+1)), in one read."""
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     return embed_stream((batch["image"].to(device) for batch in loader), embedder.embed, score_pairs=score_pairs, device=device)
 
 
-def release_non_copies(synthetic: Dataset, is_copy: torch.Tensor, folder: Path) -> dict[str, int]:
+def release_non_copies(synthetic: Dataset, report: CopyReport, folder: Path) -> list[ReleasedFile]:
     """Copy the synthetic files that are not copies into `folder`, keeping their paths relative to their folder."""
-    kept = 0
-    for path, relative, copy in zip(synthetic.files, synthetic.relative, is_copy.tolist(), strict=True):
+    released = []
+    rows = zip(synthetic.files, synthetic.relative, report.is_copy.tolist(), report.nn_train_corr.tolist(), strict=True)
+    for path, relative, copy, correlation in rows:
         if not copy:
             (folder / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, folder / relative)
-            kept += 1
-    return {"n_released": kept, "n_withheld": len(synthetic.files) - kept}
+            released.append(ReleasedFile(relative.as_posix(), float(correlation)))
+    return released

@@ -5,6 +5,8 @@
     python cli.py fit --config configs/phantom_ae.yaml --print_config
     python cli.py fit --config phantom_ae.yaml        (a name not found here is looked up in configs/)
     python cli.py audit --embedder EMB.ckpt --train DIR --val DIR --synthetic DIR --out OUT   (see audit.py)
+    python cli.py audit --config audit.yaml          (any audit option as a YAML key; --print_config shows them)
+    python cli.py audit --verify-release SHAREABLE   (the released folder still matches its manifest.json)
 
 A user's mistake (a missing checkpoint, mismatched sizes, a bad file) ends the run with
 one line on stderr and exit status 2, before anything is written.
@@ -12,17 +14,20 @@ one line on stderr and exit status 2, before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks import MemorizationCallback
 from datamodules import MedicalImageDataModule
 from errors import InputError, SharedFailure, TrainingFailure
 from lightning_modules import MemwatchModule
@@ -38,11 +43,27 @@ TRAINER_DEFAULTS = {
 
 
 class MemwatchCLI(LightningCLI):
-    """LightningCLI with a `last.ckpt`-saving checkpoint, a rich progress bar and start-up checks."""
+    """LightningCLI with a `last.ckpt`-saving checkpoint, `memorization:` and `early_stopping:`
+    sections of their own, a rich progress bar and start-up checks."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        # Optional: the LDM configs fill them, other stages leave them out. Added in this order, so
+        # the trainer counts copies before EarlyStopping reads the count.
+        parser.add_lightning_class_args(MemorizationCallback, "memorization", subclass_mode=True, required=False)
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping", subclass_mode=True, required=False)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        from audit import audit_parser  # listed in `cli.py --help`; main() runs it without the LightningCLI
+
+        audit = audit_parser()
+        parser._subcommands_action.add_subcommand("audit", audit, help=audit.description)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # A section left out is instantiated as None.
+        return super()._instantiate_trainer(config, [callback for callback in callbacks if callback is not None])
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -144,6 +165,19 @@ def print_audit(summary: dict) -> None:
         print(f"warning: {weak}", file=sys.stderr)
 
 
+def print_verification(result: dict) -> bool:
+    """Say whether a released folder still matches its manifest; True when it does."""
+    if result["verified"]:
+        print(f"verified: the {result['n_files']} files of {result['dir']} match its manifest (audit of {result['created']})")
+        return True
+    for change in ("changed", "added", "missing"):
+        for name in result[change]:
+            print(f"{change}: {name}", file=sys.stderr)
+    counts = ", ".join(f"{len(result[change])} {change}" for change in ("changed", "added", "missing"))
+    print(f"error: {result['dir']} differs from its manifest ({counts}): do not share it as audited", file=sys.stderr)
+    return False
+
+
 def config_path(value: str) -> str:
     """`NAME.yaml` as given when it is a file, else `configs/NAME.yaml` when that one is."""
     if Path(value).is_file() or not value.endswith((".yaml", ".yml")):
@@ -179,9 +213,12 @@ def main(args: list[str] | None = None) -> MemwatchCLI | dict:
         if argv[:1] == ["audit"]:
             from audit import run_audit
 
-            summary = run_audit(argv[1:])
-            print_audit(summary)
-            return summary
+            result = run_audit(argv[1:])
+            if "verified" not in result:
+                print_audit(result)
+            elif not print_verification(result):
+                raise SystemExit(1)
+            return result
         return MemwatchCLI(
             MemwatchModule,
             MedicalImageDataModule,
@@ -198,7 +235,16 @@ def main(args: list[str] | None = None) -> MemwatchCLI | dict:
         # All ranks stop together (memorization.distributed.fail_together); the message is printed once.
         if rank_zero_only.rank == 0:
             print(f"error: {cause}", file=sys.stderr)
+        close_process_group()
         raise SystemExit(status) from None
+
+
+def close_process_group() -> None:
+    """Destroy the process group before exiting on a failure: left to the interpreter's shutdown,
+    gloo's worker threads can be torn down while joinable, which aborts the rank (status -6)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # the run has failed already; exit with its status
+            torch.distributed.destroy_process_group()
 
 
 def one_line_failure(error: BaseException) -> tuple[BaseException | None, int]:

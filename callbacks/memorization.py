@@ -47,6 +47,7 @@ from memorization.stats import CI_METHOD, headline, logged_scalars
 from memorization.stream import Stopwatch, chunked, embed_stream, rng_preserved
 
 MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
+EMBEDDER_OPTION = "--memorization.embedder_ckpt"  # how cli.py sets embedder_ckpt, named in errors
 # One TensorBoard page (the CUSTOM SCALARS tab) with memorization next to the quality metrics
 # that do not see it (the paper's over-training finding) and the loss.
 TENSORBOARD_LAYOUT = {
@@ -143,7 +144,7 @@ class MemorizationCallback(Callback):
             raise InputError(f"sample_batch_size={sample_batch_size} must be at least 1")
         if not 0.0 < percentile < 100.0:
             raise InputError(f"percentile={percentile} must lie in (0, 100), e.g. 95")
-        self.embedder = SimCLRModule.from_checkpoint(embedder_ckpt, "embedder_ckpt").eval().requires_grad_(False)
+        self.embedder = SimCLRModule.from_checkpoint(embedder_ckpt, EMBEDDER_OPTION.removeprefix("--")).eval().requires_grad_(False)
         self.every_n_epochs = every_n_epochs
         self.check_at_start = check_at_start
         self.n_samples = n_samples
@@ -183,7 +184,7 @@ class MemorizationCallback(Callback):
         if hasattr(datamodule, "train_patients"):
             check_patients(
                 self.embedder.training_patients, datamodule.train_patients, datamodule.val_patients, self.percentile,
-                "embedder_ckpt", "MemorizationCallback's embedder_ckpt",
+                "memorization.embedder_ckpt", EMBEDDER_OPTION,
             )  # fmt: skip
 
     def check_trainer(self, trainer: Trainer) -> None:
@@ -225,7 +226,7 @@ class MemorizationCallback(Callback):
                     {f"memorization/detector_{key}": getattr(self.detector, key) for key in ("sensitivity", "specificity")},
                     step=trainer.global_step,
                 )
-            weak = weak_detector_warning(self.detector.sensitivity, self.detector.n_positive, "embedder_ckpt")
+            weak = weak_detector_warning(self.detector.sensitivity, self.detector.n_positive, EMBEDDER_OPTION)
             if weak:
                 rank_zero_warn(weak)
         if trainer.is_global_zero:

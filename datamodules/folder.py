@@ -27,7 +27,9 @@ are ignored; any other file that is not a supported image is an error, never ski
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +51,11 @@ from PIL import Image
 
 from datamodules.base import MedicalImageDataModule
 from errors import InputError
+
+# With pydicom installed, every MONAI LoadImage builds its GPU DICOM reader, which warns (and logs)
+# on each construction where nvImageCodec is absent; DICOM is read by pydicom's own decoders then.
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".npy": "npy", ".png": "png"}  # longest suffix first
 SUPPORTED = ", ".join(sorted(FORMATS))

@@ -63,7 +63,7 @@ class AutoencoderModule(MemwatchModule):
     detection itself when it has a discriminator (see `setup`); nothing to add to a config.
     """
 
-    train_command = "python cli.py fit --config configs/phantom_ae.yaml"
+    train_command = "python cli.py fit --config configs/<dataset>_ae.yaml"
 
     def __init__(
         self,

@@ -89,12 +89,13 @@ class MemwatchModule(LightningModule):
 
     @classmethod
     def from_checkpoint(cls: type[ModuleT], path: str | Path, argument: str, map_location: Any = "cpu") -> ModuleT:
-        """Load a checkpoint written by this module class, or raise an `InputError` naming `argument`."""
+        """Load a checkpoint written by this module class, or raise an `InputError` naming `argument`,
+        the command-line option without its dashes (`memorization.embedder_ckpt`, `embedder`)."""
         path = Path(path)
         if not path.is_file():
             raise InputError(
                 f"{argument}={path} does not exist: train it first ({cls.train_command}) or pass the path of "
-                f"its checkpoints/last.ckpt with --{argument}"
+                f"its checkpoints/last.ckpt with --{argument} PATH"
             )
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -59,7 +59,7 @@ class LatentDiffusionModule(MemwatchModule):
             `autoencoder_ckpt`, saved in this module's checkpoints so they reload without it.
     """
 
-    train_command = "python cli.py fit --config configs/phantom_ldm.yaml"
+    train_command = "python cli.py fit --config configs/<dataset>_ldm.yaml"
 
     def __init__(
         self,

@@ -115,7 +115,7 @@ class SimCLRModule(MemwatchModule):
             stage refuses an embedder whose training patients overlap its validation patients.
     """
 
-    train_command = "python cli.py fit --config configs/phantom_simclr.yaml"
+    train_command = "python cli.py fit --config configs/<dataset>_simclr.yaml"
 
     def __init__(
         self,

@@ -1,10 +1,10 @@
 """Audit reports: the files a person reads before sharing synthetic data, written all at once or not at all.
 
 `write_report` turns a `CopyReport` into `summary.json`, `pairs.csv`, `train_nn.csv`,
-`histogram.png` and (when given pixels) `copies.png`. `staged_output` writes a folder
-under a temporary name and moves it into place only when everything in it is written,
-so a crash never leaves a half-written folder that looks complete, and an existing
-folder is replaced only when the user allows it.
+`histogram.png`, (when given pixels) `copies.png`, and `report.html` (all of it on one page).
+`staged_output` writes a folder under a temporary name and moves it into place only when
+everything in it is written, so a crash never leaves a half-written folder that looks
+complete, and an existing folder is replaced only when the user allows it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import csv
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,10 @@ import torch  # noqa: E402
 
 from errors import InputError  # noqa: E402
 from memorization.detect import CopyReport  # noqa: E402
+from memorization.html_report import ImageLookup, write_html_report  # noqa: E402
 from memorization.stats import memorized_patients  # noqa: E402
 
-REPORT_FILES = ("summary.json", "pairs.csv", "train_nn.csv", "histogram.png", "copies.png")
-ImageLookup = Callable[[int], "np.ndarray | torch.Tensor"]
+REPORT_FILES = ("summary.json", "pairs.csv", "train_nn.csv", "histogram.png", "copies.png", "report.html")
 
 
 def check_output_folder(folder: Path, option: str, overwrite: bool) -> None:
@@ -89,7 +89,8 @@ def write_report(
         summary: extra entries for `summary.json` (`memorization.stats.headline`, inputs, quality metrics).
         train_image, syn_image: row index → image `[C, *spatial]`; with both, `copies.png`
             shows each of the `max_pairs` most similar copies beside its training image
-            (the middle slice of the last axis for 3D). Without them no patient pixels are written.
+            (the middle slice of the last axis for 3D), and `report.html` shows them too (three
+            planes for 3D). Without them no patient pixels are written.
         train_patients: the patient of each row of `train` (default: each image its own patient).
     """
     folder = Path(folder)
@@ -102,17 +103,26 @@ def write_report(
     patients = list(train_patients) if train_patients is not None else list(train_ids)
     if len(patients) != len(train_ids):
         raise ValueError(f"{len(patients)} patient ids for {len(train_ids)} training images")
+    summary_file = _write_summary(folder / "summary.json", report, train_ids, syn_ids, patients, summary or {})
+    histogram = _plot_histogram(folder / "histogram.png", report)
     written = [
-        _write_summary(folder / "summary.json", report, train_ids, syn_ids, patients, summary or {}),
+        summary_file,
         _write_pairs(folder / "pairs.csv", report, train_ids, syn_ids, patients),
         _write_train_nn(folder / "train_nn.csv", report, train_ids, syn_ids, patients),
-        _plot_histogram(folder / "histogram.png", report),
+        histogram,
     ]
-    if train_image is not None and syn_image is not None:
+    with_images = train_image is not None and syn_image is not None
+    if with_images:
         written.append(
             _plot_copies(folder / "copies.png", report, train_ids, syn_ids, train_image, syn_image, max_pairs)
         )
-    return written
+    page = write_html_report(
+        folder / "report.html", report, train_ids, syn_ids, patients,
+        json.loads(summary_file.read_text()), histogram.read_bytes(),
+        shown=copy_order(report)[:max_pairs] if with_images else (),
+        train_image=train_image, syn_image=syn_image,
+    )  # fmt: skip
+    return [*written, page]
 
 
 def copy_order(report: CopyReport) -> list[int]:

@@ -89,7 +89,7 @@ def main() -> None:
     ldm_ckpt = fit(
         "phantom_ldm", version,
         "--model.init_args.autoencoder_ckpt", str(autoencoder),
-        "--trainer.callbacks.init_args.embedder_ckpt", str(embedder),
+        "--memorization.embedder_ckpt", str(embedder),
     )  # fmt: skip
     print_history(ROOT / "runs" / "phantom_ldm" / version / "memorization_history.csv")
 

@@ -821,10 +821,10 @@ def ldm_flags(scale: Scale, run: Run, autoencoder: Path, embedder: Path) -> list
         "--trainer.check_val_every_n_epoch", every_n_epochs, "--checkpoint.every_n_epochs", every_n_epochs,
         "--model.init_args.autoencoder_ckpt", str(autoencoder / "checkpoints" / "last.ckpt"),
         # the memorization callback is the last callback of phantom_ldm.yaml: these reach it
-        "--trainer.callbacks.init_args.embedder_ckpt", str(embedder / "checkpoints" / "last.ckpt"),
-        "--trainer.callbacks.init_args.every_n_epochs", every_n_epochs,
-        "--trainer.callbacks.init_args.num_inference_steps", str(scale.num_inference_steps),
-        "--trainer.callbacks.init_args.seed", str(run.seed),
+        "--memorization.embedder_ckpt", str(embedder / "checkpoints" / "last.ckpt"),
+        "--memorization.every_n_epochs", every_n_epochs,
+        "--memorization.num_inference_steps", str(scale.num_inference_steps),
+        "--memorization.seed", str(run.seed),
     ]  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cli import main
 from datamodules.phantom import render_phantom
 from datamodules.transforms import vary
 from lightning_modules import LatentDiffusionModule
+from memorization.release import ReleasedFile, write_manifest
 from memorization.report import REPORT_FILES
 from tests.conftest import MEMORIZATION_SIZE, memorization_phantoms, quiet_trainer, run_cli, tiny_autoencoder
 
@@ -75,9 +78,23 @@ def test_audit_finds_planted_copies_and_releases_only_the_rest(embedder_ckpt, fo
     assert copy_00["nearest_train_id"] == memorization_phantoms().train_ids[0]
     train_nn = read_csv(out / "train_nn.csv")
     assert len(train_nn) == 32 and sum(row["memorized"] == "True" for row in train_nn) == written["n_mem"]
-    released = {p.stem for p in release.iterdir()}
+    released = {p.stem for p in release.iterdir() if p.name != "manifest.json"}
     assert released == {row["synthetic_id"] for row in pairs} - flagged
     assert written["release"]["n_released"] == len(released)
+    manifest = json.loads((release / "manifest.json").read_text())
+    correlations = {row["synthetic_id"]: float(row["correlation"]) for row in pairs}
+    assert {Path(entry["path"]).stem for entry in manifest["files"]} == released
+    for entry in manifest["files"]:
+        assert entry["sha256"] == hashlib.sha256((release / entry["path"]).read_bytes()).hexdigest()
+        assert entry["nearest_train_correlation"] == pytest.approx(correlations[Path(entry["path"]).stem], abs=1e-5)
+        assert entry["margin_below_tau"] == pytest.approx(written["tau"] - entry["nearest_train_correlation"], abs=1e-5)
+        assert entry["margin_below_tau"] > 0
+    assert manifest["n_withheld"] == len(flagged) and manifest["tau"] == written["tau"] and manifest["percentile"] == 95.0
+    assert manifest["checkpoints"]["embedder"]["sha256"] == hashlib.sha256(Path(embedder_ckpt).read_bytes()).hexdigest()
+    assert manifest["memwatch"]["version"] and manifest["created"]
+    assert manifest["summary"]["n_copies"] == written["n_copies"]
+    # a release leaves the hospital: no training patient's id in it
+    assert not set(memorization_phantoms().train_ids) & set(json.dumps(manifest).replace('"', " ").split())
     assert written["fd"] > 0 and 0 < written["ms_ssim"] < 1
     assert not list(tmp_path.glob(".*partial*"))
     # one image per patient here: the per-patient numbers equal the per-image ones
@@ -240,3 +257,50 @@ def test_the_real_command_exits_2_without_a_traceback(embedder_ckpt, folders, tm
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().startswith("error: ")
+
+
+def test_verify_release_reports_every_file_added_removed_or_changed(tmp_path):
+    release = tmp_path / "shareable"
+    (release / "sub").mkdir(parents=True)
+    for name in ("a.npy", "b.npy", "sub/c.npy"):
+        save_npy(release / name, np.full((4, 4), len(name), dtype=np.float32))
+    checkpoint = tmp_path / "embedder.ckpt"
+    checkpoint.write_bytes(b"weights")
+    files = [ReleasedFile(name, 0.5) for name in ("a.npy", "b.npy", "sub/c.npy")]
+    write_manifest(release, files, tau=0.9, percentile=95.0, n_withheld=1, checkpoints={"embedder": str(checkpoint)}, summary={})
+    verified = run_cli("audit", "--verify-release", str(release))
+    assert verified.returncode == 0 and "verified: the 3 files" in verified.stdout, verified.stderr
+    save_npy(release / "a.npy", np.zeros((4, 4)))  # changed
+    (release / "sub" / "c.npy").unlink()  # missing
+    save_npy(release / "extra.npy", np.zeros((2, 2)))  # added
+    tampered = run_cli("audit", "--verify_release", str(release))
+    assert tampered.returncode == 1
+    lines = tampered.stderr.strip().splitlines()
+    assert {"changed: a.npy", "missing: sub/c.npy", "added: extra.npy"} <= set(lines), lines
+    assert lines[-1].startswith("error: ") and "1 changed, 1 added, 1 missing" in lines[-1]
+    assert "b.npy" not in tampered.stderr
+
+
+def test_verify_release_without_a_manifest_is_one_line(tmp_path):
+    (tmp_path / "plain").mkdir()
+    result = run_cli("audit", "--verify-release", str(tmp_path / "plain"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'plain' / 'manifest.json'} does not exist: --verify-release needs a folder written by "
+        "cli.py audit --release-dir"
+    ]
+
+
+def test_audit_options_come_from_a_config_file_and_print_config_shows_them(embedder_ckpt, folders, tmp_path, capsys):
+    config = tmp_path / "audit.yaml"
+    config.write_text(
+        f"embedder: {embedder_ckpt}\ntrain: {folders / 'train'}\nval: {folders / 'val'}\n"
+        f"synthetic: {folders / 'synthetic'}\nout: {tmp_path / 'out'}\nintensity: none\npercentile: 90.0\n"
+        "detector_positives: 4\ndata_arg: []\n"
+    )
+    with pytest.raises(SystemExit) as stop:
+        main(["audit", "--config", str(config), "--batch-size", "8", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert stop.value.code == 0
+    assert printed["percentile"] == 90.0 and printed["batch_size"] == 8 and printed["embedder"] == str(embedder_ckpt)
+    summary = main(["audit", "--config", str(config)])
+    assert summary["percentile"] == 90.0 and summary["detector"]["n_positive"] == 4

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,7 +15,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cli import config_path, main, with_config_names
+from cli import MemwatchCLI, config_path, main, with_config_names
+from datamodules import MedicalImageDataModule
+from lightning_modules import MemwatchModule
 from tests.conftest import ROOT, run_cli
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -40,6 +45,11 @@ DATA_OVERRIDES: dict[str, list[str] | Callable[[Path], list[str]]] = {
         "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
         "--model.init_args.channels", "[32, 32, 32]", "--trainer.precision", "32-true",
     ],  # fmt: skip
+    "dicom": lambda root: [
+        "--data.init_args.root", str(root), "--data.init_args.spatial_size", "[32, 32, 32]",
+        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+        "--model.init_args.channels", "[32, 32, 32]", "--trainer.precision", "32-true",
+    ],  # fmt: skip
 }
 # Per dataset and stage: smaller networks where a config's real ones are slow on a CPU.
 MODEL_OVERRIDES = {
@@ -52,7 +62,15 @@ MODEL_OVERRIDES = {
         "ldm": ["--model.init_args.channels", "[32, 64, 64]", "--model.init_args.num_head_channels", "32"],
     },
 }  # fmt: skip
-DATA_FIXTURES = {"folder": "folder_dataset", "chestxray": "chestxray_dataset", "mrnet": "mrnet_dataset", "nifti": "nifti_dataset"}
+DATA_FIXTURES = {"folder": "folder_dataset", "chestxray": "chestxray_dataset", "mrnet": "mrnet_dataset", "nifti": "nifti_dataset", "dicom": "dicom_dataset"}
+
+
+@pytest.fixture(scope="module")
+def dicom_dataset(tmp_path_factory) -> Path:
+    """8 patient folders of CT-like DICOM series (34 slices of 34×34), for `DicomDataModule`."""
+    from tests.test_dicom import write_dicom_dataset
+
+    return write_dicom_dataset(tmp_path_factory.mktemp("dicom_dataset"))
 
 
 def tiny(save_dir: Path, steps: int = 2) -> list[str]:
@@ -72,25 +90,16 @@ def fit(config: str, save_dir: Path, *extra: str, steps: int = 2):
 
 
 def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
-    """Point a config's MemorizationCallback (if any) at `embedder_ckpt`, few steps.
+    """Point a config's `memorization:` section (if any) at `embedder_ckpt`, few steps.
 
     The tiny fixtures hold out as few as 2 images: τ at the 50th percentile leaves one above it.
     """
-    callbacks = yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"].get("callbacks") or []
-    classes = [callback["class_path"] for callback in callbacks]
-    if "callbacks.MemorizationCallback" in classes[:-1]:
-        # Followed by an EarlyStopping on memorization/*, while jsonargparse applies
-        # --trainer.callbacks.init_args.* to the last callback only: give the whole list.
-        for callback in callbacks:
-            if callback["class_path"] == "callbacks.MemorizationCallback":
-                callback["init_args"].update(embedder_ckpt=str(embedder_ckpt), num_inference_steps=2, percentile=50.0)
-        return ["--trainer.callbacks", yaml.safe_dump(callbacks, default_flow_style=True, width=1 << 20)]
-    if not callbacks or classes[-1] != "callbacks.MemorizationCallback":
+    if "memorization" not in yaml.safe_load((ROOT / "configs" / config).read_text()):
         return []
     return [
-        "--trainer.callbacks.init_args.embedder_ckpt", str(embedder_ckpt),
-        "--trainer.callbacks.init_args.num_inference_steps", "2",
-        "--trainer.callbacks.init_args.percentile", "50",
+        "--memorization.embedder_ckpt", str(embedder_ckpt),
+        "--memorization.num_inference_steps", "2",
+        "--memorization.percentile", "50",
     ]  # fmt: skip
 
 
@@ -114,6 +123,12 @@ def test_print_config(config, capsys):
     assert printed["model"]["class_path"].startswith("lightning_modules.")
     assert printed["data"]["class_path"].startswith("datamodules.")
     assert printed["checkpoint"]["save_last"] is True
+    if "_ldm" in config.stem:
+        assert printed["memorization"]["class_path"] == "callbacks.MemorizationCallback"
+        assert printed["memorization"]["init_args"]["embedder_ckpt"].endswith("simclr/version_0/checkpoints/last.ckpt")
+        assert printed["early_stopping"]["init_args"]["monitor"] == "memorization/excess_frac_mem"
+    else:
+        assert printed["memorization"] is None and printed["early_stopping"] is None
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -209,8 +224,10 @@ def _bad_runs(trained_runs) -> dict[str, tuple[list[str], str]]:
         ),
         "missing embedder_ckpt": (
             ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]),
-             "--trainer.callbacks.init_args.embedder_ckpt", "/nonexistent/embedder.ckpt"],
-            "embedder_ckpt=/nonexistent/embedder.ckpt does not exist",
+             "--memorization.embedder_ckpt", "/nonexistent/embedder.ckpt"],
+            "memorization.embedder_ckpt=/nonexistent/embedder.ckpt does not exist: train it first (python cli.py fit "
+            "--config configs/<dataset>_simclr.yaml) or pass the path of its checkpoints/last.ckpt with "
+            "--memorization.embedder_ckpt PATH",
         ),
         "embedder of another image size": (
             ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder,
@@ -254,6 +271,29 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained_runs, tmp_path)
         "phantom_ae", "phantom_ae/version_0", "phantom_ae/version_0/keep.txt",
     ]  # fmt: skip
     assert (existing / "keep.txt").read_text() == "an earlier run"
+
+
+def test_memorization_and_early_stopping_flags_reach_their_callbacks_in_order(trained_runs, tmp_path):
+    cli = MemwatchCLI(
+        MemwatchModule, MedicalImageDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=[
+            "--config", str(ROOT / "configs" / "phantom_ldm.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]),
+            "--memorization.embedder_ckpt", str(trained_runs["simclr"]), "--memorization.every_n_epochs", "7",
+            "--early_stopping.divergence_threshold", "0.3",
+        ],
+    )  # fmt: skip
+    kinds = [type(callback).__name__ for callback in cli.trainer.callbacks]
+    memorization = cli.trainer.callbacks[kinds.index("MemorizationCallback")]
+    stopper = cli.trainer.callbacks[kinds.index("EarlyStopping")]
+    assert kinds.count("MemorizationCallback") == 1 and kinds.index("MemorizationCallback") < kinds.index("EarlyStopping")
+    assert memorization.every_n_epochs == 7 and memorization.check_at_start is True  # the rest from the YAML
+    assert stopper.divergence_threshold == 0.3 and stopper.monitor == "memorization/excess_frac_mem"
+    ae = MemwatchCLI(
+        MemwatchModule, MedicalImageDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=["--config", str(ROOT / "configs" / "phantom_ae.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)],
+    )  # fmt: skip
+    assert not any(type(c).__name__ in ("MemorizationCallback", "EarlyStopping") for c in ae.trainer.callbacks)
 
 
 def test_ldm_trains_as_two_cpu_processes(trained_runs, tmp_path):
@@ -309,3 +349,77 @@ def test_a_config_name_is_found_in_configs_and_a_plain_run_prints_no_lightningcl
     assert result.returncode == 0, result.stderr[-2000:]
     assert "class_path: lightning_modules.SimCLRModule" in result.stdout
     assert "args parameter is intended" not in result.stderr
+
+
+FLAG = re.compile(r"(?<![\w-])--([a-z][\w.-]*[a-z0-9_])")
+CODE = [ROOT / "cli.py", ROOT / "audit.py", ROOT / "errors.py"] + [
+    path for package in ("callbacks", "datamodules", "lightning_modules", "memorization", "networks")
+    for path in sorted((ROOT / package).rglob("*.py"))
+]  # fmt: skip
+PROSE = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *CONFIGS]
+OTHER_TOOLS = {"raw"}  # gdcmconv --raw, named by the DICOM reader's error for compressed files
+
+
+def named_flags() -> dict[str, set[str]]:
+    """Every `--flag` in the project's strings (errors, warnings, help, docstrings), and every dotted
+    `--section.key` in its prose (README, docs, config comments): flag → where it is named."""
+    named: dict[str, set[str]] = {}
+    for path in CODE:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for flag in FLAG.findall(node.value):
+                    named.setdefault(flag, set()).add(path.name)
+    for path in PROSE:
+        for flag in FLAG.findall(path.read_text()):
+            if "." in flag:
+                named.setdefault(flag, set()).add(path.name)
+    return named
+
+
+class ParsedConfig(Exception):
+    pass
+
+
+class ParseOnlyCLI(MemwatchCLI):
+    """Parses like `cli.py fit` and stops before building anything (no checkpoint is read)."""
+
+    def before_instantiate_classes(self) -> None:
+        raise ParsedConfig(self.config["fit"])
+
+
+def parsed(*args: str):
+    with pytest.raises(ParsedConfig) as stop:
+        ParseOnlyCLI(MemwatchModule, MedicalImageDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     args=["fit", *args])  # fmt: skip
+    return stop.value.args[0]
+
+
+def vars_of(namespace) -> dict:
+    return namespace.as_dict()
+
+
+def test_every_flag_the_project_names_exists():
+    from audit import audit_parser
+
+    named = named_flags()
+    assert {"memorization.embedder_ckpt", "early_stopping.divergence_threshold", "verify-release", "embedder"} <= named.keys()
+    audit_options = audit_parser()._option_string_actions
+    defaults = {config: parsed("--config", str(config)) for config in CONFIGS}
+    missing = {}
+    for flag, where in sorted(named.items()):
+        if f"--{flag}" in audit_options or flag in ("config", "print_config", "help", *OTHER_TOOLS):
+            continue
+        section, _, rest = flag.partition(".")
+        keys = [flag, f"{section}.init_args.{rest}"]
+        config, key = next(
+            ((c, k) for c in CONFIGS for k in keys if rest and defaults[c].get(k, ParsedConfig) is not ParsedConfig),
+            (None, None),
+        )
+        if config is None:
+            missing[flag] = where
+            continue
+        value = defaults[config].get(key)
+        # parses (jsonargparse rejects an unknown key) and lands where the flag says
+        given = parsed("--config", str(config), f"--{flag}", value if isinstance(value, str) else json.dumps(value, default=vars_of))
+        assert str(given.get(key)) == str(value), flag
+    assert not missing, missing

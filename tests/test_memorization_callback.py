@@ -361,6 +361,8 @@ def test_without_log_images_no_patient_pixels_are_written(embedder_ckpt, tmp_pat
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run")
     fit_with_callback(ScriptedGenerator(copied_ids=phantoms().train_ids[:2]), callback, epochs=1, logger=logger)
     assert "copies.png" not in {p.name for p in (tmp_path / "r" / "check_000").iterdir()}
+    page = (tmp_path / "r" / "check_000" / "report.html").read_text()
+    assert page.count("<img") == 1 and "Images are not shown" in page  # the histogram alone
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert not events.Tags()["images"]

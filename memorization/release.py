@@ -1,0 +1,135 @@
+"""A verifiable release: `manifest.json` records what the audit checked, `verify_release` checks a folder against it.
+
+The manifest lists every released file with its sha256, its nearest-training correlation and
+its margin below τ, together with τ, the percentile, the sha256 of the embedder (and generator)
+checkpoint, memwatch's version, the date and the audit's summary. It names no training patient:
+a release leaves the hospital, so the summary's lists of memorized patients and images stay in
+the audit's own report. Anyone holding the folder can re-hash it later and learn whether a file
+was added, removed or changed since the audit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import subprocess
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from errors import InputError
+
+MANIFEST = "manifest.json"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Lists of training ids: they identify patients and stay in the audit's report.
+PRIVATE_SUMMARY_KEYS = ("memorized_train_ids", "memorized_patient_ids", "copy_syn_ids", "inputs", "release", "out")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def memwatch_version() -> dict[str, str | None]:
+    """The package version (from the installed metadata or pyproject.toml) and the git commit, where known."""
+    try:
+        version = metadata.version("memwatch")
+    except metadata.PackageNotFoundError:
+        version = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"version": version, "git_commit": commit or None}
+
+
+@dataclass(frozen=True)
+class ReleasedFile:
+    path: str  # relative to the release folder, with "/"
+    nearest_train_correlation: float
+
+
+def write_manifest(
+    folder: Path,
+    files: Sequence[ReleasedFile],
+    *,
+    tau: float,
+    percentile: float,
+    n_withheld: int,
+    checkpoints: Mapping[str, str | None],
+    summary: Mapping[str, Any],
+) -> Path:
+    """Write `folder/manifest.json` for the released `files` (already in `folder`); `checkpoints` maps a role
+    (`embedder`, `generator`) to its checkpoint path."""
+    manifest = {
+        "format": "memwatch-release-manifest/1",
+        "memwatch": memwatch_version(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "tau": tau,
+        "percentile": percentile,
+        "n_released": len(files),
+        "n_withheld": n_withheld,
+        "checkpoints": {
+            role: {"file": Path(path).name, "sha256": sha256(Path(path))}
+            for role, path in checkpoints.items()
+            if path is not None
+        },
+        "files": [
+            {
+                "path": released.path,
+                "sha256": sha256(folder / released.path),
+                "nearest_train_correlation": round(released.nearest_train_correlation, 6),
+                "margin_below_tau": round(tau - released.nearest_train_correlation, 6),
+            }
+            for released in files
+        ],
+        "summary": {key: value for key, value in summary.items() if key not in PRIVATE_SUMMARY_KEYS},
+    }
+    path = folder / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def verify_release(folder: Path) -> dict[str, Any]:
+    """Re-hash `folder` against its manifest: the files `added`, `missing` and `changed` since the audit."""
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise InputError(f"--verify-release {folder} is not a folder: pass the --release-dir of an audit")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        recorded = {entry["path"]: entry["sha256"] for entry in manifest["files"]}
+    except FileNotFoundError:
+        raise InputError(
+            f"{manifest_path} does not exist: --verify-release needs a folder written by cli.py audit --release-dir"
+        ) from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(
+            f"{manifest_path} is not a memwatch release manifest ({type(error).__name__}: {error}): "
+            "restore it from the audit's --release-dir"
+        ) from None
+    present = {
+        path.relative_to(folder).as_posix(): path
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path != manifest_path
+    }
+    changed = [name for name in sorted(recorded.keys() & present.keys()) if sha256(present[name]) != recorded[name]]
+    added, missing = sorted(present.keys() - recorded.keys()), sorted(recorded.keys() - present.keys())
+    return {
+        "verified": not (added or missing or changed),
+        "dir": str(folder),
+        "n_files": len(recorded),
+        "added": added,
+        "missing": missing,
+        "changed": changed,
+        "created": manifest.get("created"),
+        "tau": manifest.get("tau"),
+    }

@@ -1,0 +1,297 @@
+"""`report.html`: verdict first with the summary's numbers, self-contained, patient pixels only when asked, ids escaped,
+and it renders in a real browser without console errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.phantom import render_phantom
+from memorization import detect_copies
+from memorization.chance import chance_level, detector_check, held_out_exceedances
+from memorization.html_report import overall_status
+from memorization.report import write_report
+from memorization.stats import binomial_interval, headline
+
+N_PATIENTS = 20  # two training images each
+PLANTED_ROWS = [0, 4, 8, 12, 16, 20]  # one image of each of 6 patients is copied
+N_NOVEL = 14
+MAX_PAIRS = 4
+HOSTILE = "<script>alert(1)</script>"
+CHANCE_KEYS = ("null_frac_mem", "null_frac_copies", "null_frac_mem_patients", "null_frac_mem_ci", "null_frac_copies_ci",
+               "null_frac_mem_patients_ci", "excess_frac_mem", "excess_frac_copies", "excess_frac_mem_patients")  # fmt: skip
+
+
+def pct(fraction: float) -> str:
+    return f"{100 * fraction:.1f}"
+
+
+class PageParser(HTMLParser):
+    """The page's text in order, with a marker where each <img> stands, and every src/href."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.images: list[dict[str, str]] = []
+        self.links: list[str] = []
+        self.in_style = False
+
+    def handle_starttag(self, tag, attrs):
+        self.in_style = tag == "style"
+        attributes = dict(attrs)
+        self.links += [value for name, value in attrs if name in ("src", "href") and value]
+        if tag == "img":
+            self.images.append(attributes)
+            self.text.append(f"[img {attributes.get('class', '')}]")
+
+    def handle_endtag(self, tag):
+        self.in_style = False
+
+    def handle_data(self, data):
+        if not self.in_style:
+            self.text.append(data)
+
+
+def parse(page: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(page)
+    return parser
+
+
+def planted_report(spatial_size: tuple[int, ...], hostile_ids: bool = False):
+    """A report on clustered embeddings with 6 planted copies, its ids, patients, summary and image lookups."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((10, 64))
+    n_train = 2 * N_PATIENTS
+    train = centres[rng.integers(0, 10, n_train)] + 0.5 * rng.standard_normal((n_train, 64))
+    val = centres[rng.integers(0, 10, 40)] + 0.5 * rng.standard_normal((40, 64))
+    copies = train[PLANTED_ROWS] + 0.01 * rng.standard_normal((len(PLANTED_ROWS), 64))
+    syn = np.concatenate([copies, rng.standard_normal((N_NOVEL, 64))])
+    train, val, syn = (torch.from_numpy(x).float() for x in (train, val, syn))
+    prefix = HOSTILE if hostile_ids else ""
+    train_ids = [f"{prefix}img-{i:03d}" for i in range(n_train)]
+    patients = [f"{prefix}patient-{i // 2:02d}" for i in range(n_train)]
+    syn_ids = [f"{prefix}syn-{j:03d}" for j in range(len(syn))]
+
+    report = detect_copies(train, val, syn)
+    exceedances = held_out_exceedances(train, val, 95.0, patients)
+    varied = train + 0.05 * torch.randn(train.shape, generator=torch.Generator().manual_seed(0))
+    summary = {
+        **headline(report, patients, chance_level(exceedances, len(syn))),
+        "detector": detector_check(varied, train, exceedances).as_dict(),
+        "inputs": {"train": f"/data/{prefix}train", "synthetic": "/data/synthetic"},
+        "created": "2025-01-01T00:00:00+00:00",
+    }
+
+    def train_image(i: int) -> np.ndarray:
+        return render_phantom(train_ids[i], spatial_size)
+
+    def syn_image(j: int) -> np.ndarray:
+        return render_phantom(
+            train_ids[PLANTED_ROWS[j]] if j < len(PLANTED_ROWS) else syn_ids[j], spatial_size
+        )
+
+    return report, train_ids, syn_ids, patients, summary, train_image, syn_image
+
+
+def write_page(
+    folder: Path, spatial_size=(24, 24), with_images=True, hostile_ids=False, summary_edit=None
+) -> tuple:
+    report, train_ids, syn_ids, patients, summary, train_image, syn_image = planted_report(
+        spatial_size, hostile_ids
+    )
+    if summary_edit is not None:
+        summary = summary_edit(summary)
+    lookups = {"train_image": train_image, "syn_image": syn_image} if with_images else {}
+    write_report(
+        folder, report, train_ids, syn_ids, summary, max_pairs=MAX_PAIRS, train_patients=patients, **lookups
+    )
+    return (folder / "report.html").read_text(encoding="utf-8"), report
+
+
+@pytest.mark.parametrize("spatial_size, planes", [((24, 24), 1), ((12, 14, 10), 3)], ids=["2d", "3d"])
+def test_verdict_comes_first_with_the_summary_numbers_then_histogram_gallery_and_table(
+    tmp_path, spatial_size, planes
+):
+    page, report = write_page(tmp_path, spatial_size)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert report.n_copies == len(PLANTED_ROWS) and summary["n_mem_patients"] == len(PLANTED_ROWS)
+    parsed = parse(page)
+    text = "".join(parsed.text)
+    before_histogram = text[: text.index("[img histogram]")]
+
+    low, high = binomial_interval(len(PLANTED_ROWS), N_PATIENTS)
+    patient_sentence = (
+        f"6 of 20 training patients (30.0%, 95% CI {pct(low)}–{pct(high)}%) have a near-copy among 20 synthetic "
+        f"images; chance level {pct(summary['null_frac_mem_patients'])}%"
+    )
+    low, high = binomial_interval(len(PLANTED_ROWS), 2 * N_PATIENTS)
+    image_sentence = f"6 of 40 training images (15.0%, 95% CI {pct(low)}–{pct(high)}%) have a near-copy"
+    low, high = binomial_interval(len(PLANTED_ROWS), len(PLANTED_ROWS) + N_NOVEL)
+    copy_sentence = (
+        f"6 of 20 synthetic images (30.0%, 95% CI {pct(low)}–{pct(high)}%) are near-copies of a training image; "
+        f"chance level {pct(summary['null_frac_copies'])}%"
+    )
+    detector = summary["detector"]
+    assert detector["sensitivity"] == 1.0  # every lightly varied training image is found
+    detector_sentence = (
+        f"the detector flagged 100% (95% CI {pct(detector['sensitivity_ci'][0])}–100%) of 40 varied training images "
+        f"(known copies) and passed {pct(detector['specificity'])}%"
+    )
+    for sentence in (
+        patient_sentence,
+        image_sentence,
+        copy_sentence,
+        detector_sentence,
+        f"τ = {summary['tau']:.3f}",
+    ):
+        assert sentence in before_histogram, sentence
+    assert "Above chance" in before_histogram  # 30% of patients against a chance level of a few percent
+    assert "not measured" not in text and "Warning" not in text
+
+    gallery = [image for image in parsed.images if image.get("class") == "slice"]
+    assert len(gallery) == 2 * planes * min(MAX_PAIRS, report.n_copies)
+    assert len(parsed.images) == len(gallery) + 1  # and the histogram
+    assert text.index("[img slice]") > text.index("[img histogram]")
+    assert text.index("Memorized training patients") > text.rindex("[img slice]")
+    assert text.index("Inputs and provenance") > text.index("Memorized training patients")
+    memorized_patients = {f"patient-{row // 2:02d}" for row in PLANTED_ROWS}
+    assert all(patient in text[text.index("Memorized training patients") :] for patient in memorized_patients)
+    if planes == 3:
+        assert all(f"{plane}" in text for plane in ("axial", "coronal", "sagittal"))
+
+    assert "http://" not in page and "https://" not in page
+    assert all(link.startswith("data:image/png;base64,") for link in parsed.links), parsed.links
+    for image in parsed.images:
+        png = base64.b64decode(image["src"].removeprefix("data:image/png;base64,"), validate=True)
+        with Image.open(io.BytesIO(png)) as decoded:
+            assert decoded.format == "PNG" and decoded.width > 0 and decoded.height > 0
+            decoded.verify()
+
+
+def test_without_image_lookups_the_page_holds_no_patient_pixels(tmp_path):
+    page, _ = write_page(tmp_path, with_images=False)
+    parsed = parse(page)
+    assert [image.get("class") for image in parsed.images] == ["histogram"]
+    assert "Images are not shown" in "".join(parsed.text) and "log_images: true" in page
+    assert not (tmp_path / "copies.png").exists()
+
+
+def test_ids_are_escaped(tmp_path):
+    page, _ = write_page(tmp_path, hostile_ids=True)
+    assert "<script" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;patient-00" in page  # in the memorized-patients table
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;img-000" in page  # in the gallery captions
+
+
+def without(*keys):
+    return lambda summary: {key: value for key, value in summary.items() if key not in keys}
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda s: {**s, "detector": None}, "Detector self-check: skipped"),
+        (without("detector"), "Detector self-check: not measured"),
+        (
+            lambda s: {**s, "detector": {**s["detector"], "sensitivity": 0.6, "sensitivity_ci": [0.4, 0.8]}},
+            "Warning: the detector recognised only 60.0% of known copies (below 90%)",
+        ),
+        (without(*CHANCE_KEYS), "chance level not measured"),
+        (
+            lambda s: {
+                **s,
+                "release": {
+                    "dir": "/share/<out>",
+                    "n_released": 14,
+                    "n_withheld": 6,
+                    "manifest": "manifest.json",
+                },
+            },
+            "Release: 14 synthetic files were copied to /share/<out>; 6 near-copies were withheld.",
+        ),
+        (
+            without("n_mem_patients", "frac_mem_patients", "frac_mem_patients_ci"),
+            "How many training patients have a near-copy among 20 synthetic images: not measured.",
+        ),
+    ],
+    ids=[
+        "detector-skipped",
+        "detector-absent",
+        "detector-weak",
+        "no-chance-level",
+        "release",
+        "no-patient-counts",
+    ],
+)
+def test_missing_or_weak_numbers_are_said_not_crashed_on(tmp_path, edit, expected):
+    page, _ = write_page(tmp_path, with_images=False, summary_edit=edit)
+    assert expected in "".join(parse(page).text)
+
+
+def test_status_compares_the_interval_with_chance():
+    base = {"frac_mem_patients": 0.10, "frac_mem_patients_ci": [0.06, 0.15], "null_frac_mem_patients": 0.05}
+    assert overall_status(base)[0] == "bad"
+    assert overall_status({**base, "frac_mem_patients_ci": [0.04, 0.15]})[0] == "unclear"
+    assert (
+        overall_status({**base, "frac_mem_patients": 0.03, "frac_mem_patients_ci": [0.01, 0.08]})[0] == "good"
+    )
+    assert (
+        overall_status({**base, "frac_mem_patients": 0.0, "frac_mem_patients_ci": [0.0, 0.05]})[0] == "good"
+    )
+    weak = {"detector": {"sensitivity": 0.5}}
+    assert overall_status({**base, "frac_mem_patients": 0.0, **weak})[0] == "unclear"
+    assert overall_status({})[0] == "unclear"
+
+
+# --- a real browser -----------------------------------------------------------------------
+
+
+def browser() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no Chromium or Chrome installed (apt-get install chromium)")
+
+
+def render(page: Path, folder: Path) -> tuple[str, Path, list[str]]:
+    """Open `page` headless and offline: its DOM after load, a 1200×2000 screenshot, and the console's messages."""
+    screenshot = folder / "screenshot.png"
+    result = subprocess.run(
+        [
+            browser(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={folder / 'profile'}",
+            "--host-resolver-rules=MAP * ~NOTFOUND", "--enable-logging=stderr", "--v=0",
+            f"--screenshot={screenshot}", "--window-size=1200,2000", "--dump-dom", page.resolve().as_uri(),
+        ],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    # Chromium logs each console message, uncaught exceptions included, as "...:CONSOLE:<line>] "<message>", source: ..."
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    return result.stdout, screenshot, console
+
+
+def test_the_page_renders_in_a_real_browser_without_console_errors(tmp_path):
+    broken = tmp_path / "broken" / "page.html"
+    broken.parent.mkdir()
+    broken.write_text('<!DOCTYPE html><p>x</p><script>throw new Error("deliberate")</script>')
+    # the console check below sees an uncaught error
+    assert any("deliberate" in line for line in render(broken, broken.parent)[2])
+
+    page, _ = write_page(tmp_path / "report", spatial_size=(12, 14, 10))
+    dom, screenshot, console = render(tmp_path / "report" / "report.html", tmp_path)
+    assert console == []
+    assert "6 of 20 training patients (30.0%" in dom and 'id="verdict"' in dom
+    with Image.open(screenshot) as shot:
+        assert shot.size == (1200, 2000)
+        colours = shot.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert len(colours) > 50  # text, coloured boxes and images: not a blank page
