@@ -3,24 +3,28 @@
     python cli.py audit --embedder EMB.ckpt --train DIR --val DIR --synthetic DIR --out OUT
     python cli.py audit --embedder EMB.ckpt --data configs/mrnet_ldm.yaml --data-arg root=/data/MRNet-v1.0 \\
         --ldm LDM.ckpt --n-samples 904 --seed 0 --out OUT --release-dir SHAREABLE
+    python cli.py audit --config audit.yaml             (the same options as YAML keys: n_samples, data_arg, ...)
+    python cli.py audit --verify-release SHAREABLE      (is the released folder still what was audited?)
 
 The training and validation images come from two folders (read as `FolderDataModule`
-reads them) or from a config's DataModule; the synthetic images from a folder or from an
-LDM checkpoint (sampled into `OUT/samples/`, sample `i` seeded by `(seed, i)`). Every image
-is embedded by the SimCLR embedder, copies are counted with `memorization.detect_copies`
-(τ = the `--percentile` of training → held-out similarities), and `OUT` receives
+reads them, or as `DicomDataModule` when they hold DICOM) or from a config's DataModule;
+the synthetic images from a folder or from an LDM checkpoint (sampled into `OUT/samples/`,
+sample `i` seeded by `(seed, i)`). Every image is embedded by the SimCLR embedder, copies are
+counted with `memorization.detect_copies` (τ = the `--percentile` of training → held-out
+similarities), and `OUT` receives `report.html` (the verdict and evidence on one page),
 `summary.json`, `pairs.csv`, `train_nn.csv`, `histogram.png` and `copies.png`.
-`--release-dir` receives only the synthetic files that are not copies.
+`--release-dir` receives only the synthetic files that are not copies, and `manifest.json`
+(`memorization.release`), which `--verify-release` checks later.
 
 `OUT` (and the release folder) appear only complete: everything is written under a
 temporary name and moved into place at the end.
 """
-
 from __future__ import annotations
 
 import datetime
 import json
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,7 +38,7 @@ from lightning.pytorch.cli import instantiate_class
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd, SelectItemsd
 
-from datamodules import FolderDataModule, MedicalImageDataModule
+from datamodules import DicomDataModule, FolderDataModule, MedicalImageDataModule, is_dicom_folder
 from datamodules.folder import CheckUnitRange, LoadImageFile, image_records
 from datamodules.transforms import (
     CONTRAST_GAMMA,
@@ -57,7 +61,7 @@ from memorization.detect import CopyReport
 from memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
 from memorization.report import check_output_folder, staged_output, write_report
 from memorization.stats import CI_METHOD, headline
-from memorization.stream import EmbeddedStream, chunked, embed_stream
+from memorization.stream import EmbeddedStream, Progress, chunked, embed_stream
 
 
 def audit_parser() -> ArgumentParser:
@@ -141,6 +145,10 @@ def audit_parser() -> ArgumentParser:
         "--variation_noise_std", "--variation-noise-std", type=float, default=NOISE_STD, help="std of the added noise"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--progress_seconds", "--progress-seconds", type=float, default=30.0,
+        help="while sampling and embedding, a line on stderr every this many seconds (0: after every batch)",
+    )  # fmt: skip
     return parser
 
 
@@ -186,14 +194,15 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
             )
             # Embedded while sampled: one pass, never all samples in memory.
             syn = embed_stream(
-                chunks, embedder.embed, score_pairs=True, require_finite=f"--ldm {args.ldm}", device=device
-            )
+                chunks, embedder.embed, score_pairs=True, require_finite=f"--ldm {args.ldm}", device=device,
+                progress=progress(args, "sampling and embedding --ldm samples", args.n_samples or len(train)),
+            )  # fmt: skip
             synthetic = synthetic_folder(samples, tuple(ldm.image_spatial_size), "none")
         else:
-            syn = embed(embedder, synthetic, args, device, score_pairs=True)
+            syn = embed(embedder, synthetic, args, device, "--synthetic", score_pairs=True)
         embeddings = {
-            "train": embed(embedder, train, args, device).embeddings,
-            "val": embed(embedder, val, args, device).embeddings,
+            "train": embed(embedder, train, args, device, "training").embeddings,
+            "val": embed(embedder, val, args, device, "held-out").embeddings,
             "syn": syn.embeddings,
         }
         report = detect_copies(
@@ -205,7 +214,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
             rows = positive_rows(len(train), args.detector_positives)
             varied = embed_stream(
                 (images.to(device) for images in variation_batches(train, rows, args.batch_size, args.seed, variation)),
-                embedder.embed, device=device,
+                embedder.embed, device=device, progress=progress(args, "embedding varied training images", len(rows)),
             ).embeddings  # fmt: skip
             detector = detector_check(varied, embeddings["train"], exceedances)
         chance = chance_level(exceedances, len(embeddings["syn"]))
@@ -307,6 +316,12 @@ def _check_ldm_patients(ldm: LatentDiffusionModule, args: Namespace, train_patie
 def _reference_data(args: Namespace, size: tuple[int, ...]) -> MedicalImageDataModule:
     if args.data:
         datamodule = datamodule_from_config(Path(args.data), args.data_arg)
+    elif is_dicom_folder(Path(args.train)):
+        # Intensity as DicomDataModule reads it (a CT window in 3D, min-max in 2D); for the
+        # embedder's own settings give its config: --data configs/dicom_ldm.yaml --data-arg root=...
+        datamodule = DicomDataModule(
+            args.train, val_root=args.val, spatial_size=size, batch_size=args.batch_size, num_workers=args.num_workers
+        )
     else:
         datamodule = FolderDataModule(
             args.train, args.val, spatial_size=size, resize=args.resize, intensity=args.intensity,
@@ -419,11 +434,18 @@ def sample_chunks(
 
 
 def embed(
-    embedder: SimCLRModule, dataset: Dataset, args: Namespace, device: torch.device, score_pairs: bool = False
+    embedder: SimCLRModule, dataset: Dataset, args: Namespace, device: torch.device, name: str, score_pairs: bool = False
 ) -> EmbeddedStream:
     """Embeddings `[N, L]` of a dataset's images in order (and the MS-SSIM of pairs (2k, 2k+1)), in one read."""
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-    return embed_stream((batch["image"].to(device) for batch in loader), embedder.embed, score_pairs=score_pairs, device=device)
+    return embed_stream(
+        (batch["image"].to(device) for batch in loader), embedder.embed, score_pairs=score_pairs, device=device,
+        progress=progress(args, f"embedding the {name} images", len(dataset)),
+    )  # fmt: skip
+
+
+def progress(args: Namespace, label: str, total: int) -> Progress:
+    return Progress(f"audit: {label}", total, lambda line: print(line, file=sys.stderr, flush=True), args.progress_seconds)
 
 
 def release_non_copies(synthetic: Dataset, report: CopyReport, folder: Path) -> list[ReleasedFile]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from monai.data import DataLoader
 from torch.utils.data import Subset
 
@@ -44,7 +45,7 @@ from memorization.detect import CopyReport, nearest_correlation
 from memorization.distributed import fail_together, gather_rows, paired_shard, shard
 from memorization.report import copy_order, staged_output, viewable, write_report
 from memorization.stats import CI_METHOD, headline, logged_scalars
-from memorization.stream import Stopwatch, chunked, embed_stream, rng_preserved
+from memorization.stream import Progress, Stopwatch, chunked, embed_stream, rng_preserved
 
 MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
 EMBEDDER_OPTION = "--memorization.embedder_ckpt"  # how cli.py sets embedder_ckpt, named in errors
@@ -103,6 +104,13 @@ class MemorizationCallback(Callback):
             embeds once per fit (evenly spaced; all when fewer); 0 skips the self-check.
         variation: strengths of the self-check's variation (`rotation_degrees`,
             `contrast_gamma`, `noise_std` of `datamodules.transforms.variation_transform`).
+        progress_seconds: while embedding the reference images and during each check, a line
+            on rank 0 every this many seconds (count, elapsed, time left); `None` for none.
+
+    After every check within the limit of each EarlyStopping on `memorization/*` that has a
+    `divergence_threshold` (the value that would stop training, `≤` it in mode `min`), the model
+    is saved as `last_safe.ckpt` beside `last.ckpt`: the latest model that memorized no more than
+    allowed, the one to share when EarlyStopping fires. Without such a threshold none is saved.
 
     Every check reports per image and per patient (a patient is memorized when any of their
     images is), with 95% Clopper-Pearson intervals (`memorization/<fraction>_low/_high`), and
@@ -132,6 +140,7 @@ class MemorizationCallback(Callback):
         output_dir: str | None = None,
         detector_positives: int = 1000,
         variation: dict[str, Any] | None = None,
+        progress_seconds: float | None = 30.0,
     ) -> None:
         super().__init__()
         if detector_positives < 0:
@@ -156,6 +165,8 @@ class MemorizationCallback(Callback):
         self.output_dir = Path(output_dir) if output_dir else None
         self.detector_positives = detector_positives
         self.variation = dict(variation or {})
+        self.progress_seconds = progress_seconds
+        self._safe_to_save: str | None = None  # why the check just run is within its limits
         try:
             self._variation = variation_transform(self.embedder.spatial_dims, **self.variation)
         except TypeError as error:
@@ -246,8 +257,16 @@ class MemorizationCallback(Callback):
             self.embedder.embed,
             autocast=trainer.precision_plugin.forward_context,
             device=pl_module.device,
+            progress=self._progress(trainer, f"memorization: embedding the {split} images", len(mine)),
         ).embeddings
         return gather_rows(self._as_embeddings(local, pl_module.device))
+
+    def _progress(self, trainer: Trainer, label: str, total: int) -> Progress | None:
+        """Progress lines on rank 0 about its share (all ranks share the work evenly)."""
+        if self.progress_seconds is None or not trainer.is_global_zero:
+            return None
+        share = f" (rank 0's share of {trainer.world_size})" if trainer.world_size > 1 else ""
+        return Progress(label + share, total, rank_zero_info, self.progress_seconds)
 
     def _embed_variations(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
         """Embeddings of variations of evenly spaced training images (the self-check's positives), on every rank."""
@@ -282,6 +301,10 @@ class MemorizationCallback(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._due(trainer):
             self._check(trainer, pl_module)
+        # Saved here, never during validation: there an averaging callback's weights are swapped in.
+        if self._safe_to_save is not None:
+            self._save_last_safe(trainer, self._safe_to_save)
+            self._safe_to_save = None
 
     def _due(self, trainer: Trainer) -> bool:
         epoch = trainer.current_epoch
@@ -336,6 +359,7 @@ class MemorizationCallback(Callback):
                 autocast=trainer.precision_plugin.forward_context,
                 require_finite=f"training failed at {where}",
                 device=device,
+                progress=self._progress(trainer, f"memorization {where}: samples", len(mine)),
             )
         clock = Stopwatch(device)
         synthetic = gather_rows(self._as_embeddings(local.embeddings, device))  # waits for the slowest rank
@@ -359,6 +383,7 @@ class MemorizationCallback(Callback):
             "seconds_quality": round(local.seconds["pairs"] + clock.lap(), 4),
         }
         self.history.append(row)
+        self._safe_to_save = self._within_limits(trainer, row)
         for key, value in self._scalars(row).items():
             # Into callback_metrics, where EarlyStopping and ModelCheckpoint read it; loggers get it below.
             pl_module.log(key, value, logger=False, sync_dist=False)
@@ -376,6 +401,33 @@ class MemorizationCallback(Callback):
                     self._log_copy_pairs(trainer, report, copies)
                 if self.output_dir is not None:
                     self._write_report(trainer, report, row, n_samples, copies)
+
+    def _within_limits(self, trainer: Trainer, row: dict[str, Any]) -> str | None:
+        """Why the check in `row` stays within every memorization EarlyStopping's divergence_threshold,
+        or `None` when it does not (or no such threshold is set)."""
+        scalars, reasons = self._scalars(row), []
+        for stopper in trainer.callbacks:
+            if not (isinstance(stopper, EarlyStopping) and stopper.monitor.startswith("memorization/")):
+                continue
+            if stopper.divergence_threshold is None:
+                continue
+            value = scalars.get(stopper.monitor)
+            if value is None or not math.isfinite(value):
+                return None
+            below = value <= stopper.divergence_threshold if stopper.mode == "min" else value >= stopper.divergence_threshold
+            if not below:
+                return None
+            reasons.append(f"{stopper.monitor} = {value:.4g} {'≤' if stopper.mode == 'min' else '≥'} {stopper.divergence_threshold:g}")
+        return ", ".join(reasons) or None
+
+    def _save_last_safe(self, trainer: Trainer, reason: str) -> None:
+        """`last_safe.ckpt` beside `last.ckpt` (every rank takes part, as in any checkpoint save)."""
+        checkpoint = trainer.checkpoint_callback
+        folder = getattr(checkpoint, "dirpath", None) or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        path = Path(folder) / "last_safe.ckpt"
+        trainer.save_checkpoint(path)
+        row = self.history[-1]
+        rank_zero_info(f"memorization check {row['check']} (step {row['step']}) within the limit ({reason}): saved {path}")
 
     @staticmethod
     def _scalars(row: dict[str, Any]) -> dict[str, float]:

@@ -46,6 +46,49 @@ class Stopwatch:
         return elapsed
 
 
+def duration(seconds: float) -> str:
+    """`42 s`, `3 min 05 s`, `1 h 02 min`."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Progress:
+    """A line every `every_seconds` on a long stream of images, and a last one if any was said.
+
+    A check of 10 000 samples runs for many minutes; a log file (SLURM's, where no progress bar
+    is drawn) must still show that it runs and when it will end. A stream shorter than
+    `every_seconds` says nothing.
+    """
+
+    def __init__(self, label: str, total: int, say: Callable[[str], None], every_seconds: float = 30.0) -> None:
+        self.label, self.total, self.say, self.every_seconds = label, total, say, every_seconds
+        self.done = 0
+        self.started = self.last = time.perf_counter()
+        self.lines = 0
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if now - self.last >= self.every_seconds and self.done < self.total:
+            self._say(now)
+
+    def finish(self) -> None:
+        if self.lines:
+            self._say(time.perf_counter())
+
+    def _say(self, now: float) -> None:
+        elapsed = now - self.started
+        share = self.done / self.total if self.total else 1.0
+        left = f", about {duration(elapsed / self.done * (self.total - self.done))} left" if 0 < self.done < self.total else ""
+        self.say(f"{self.label}: {self.done}/{self.total} ({share:.0%}) in {duration(elapsed)}{left}")
+        self.lines += 1
+        self.last = now
+
+
 @dataclass
 class EmbeddedStream:
     """What `embed_stream` keeps of a stream of images.
@@ -76,6 +119,7 @@ def embed_stream(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     require_finite: str | None = None,
     device: torch.device | str = "cpu",
+    progress: Progress | None = None,
 ) -> EmbeddedStream:
     """Embed a stream of image chunks `[k, C, *spatial]` in `[0, 1]`, keeping only results.
 
@@ -91,6 +135,7 @@ def embed_stream(
         require_finite: when set, a chunk with NaN/inf pixels raises `SamplesNotFinite` whose
             message starts with this text (e.g. "check 3 at step 1200").
         device: where time is measured (CUDA work is waited for at each lap).
+        progress: told the size of every chunk embedded, and finished at the end.
 
     Returns:
         `EmbeddedStream`.
@@ -131,6 +176,10 @@ def embed_stream(
             unpaired = images[paired:] if paired < len(images) else None
             seconds["pairs"] += clock.lap()
         position += len(chunk_embeddings)
+        if progress is not None:
+            progress.advance(len(chunk_embeddings))
+    if progress is not None:
+        progress.finish()
     return EmbeddedStream(
         embeddings=torch.cat(embeddings) if embeddings else torch.empty(0, 0),
         pair_scores=torch.cat(scores) if scores else torch.empty(0),

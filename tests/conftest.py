@@ -182,27 +182,15 @@ def scripted_config(
     generator_args: dict | None = None,
 ) -> Path:
     """A YAML run of the scripted generator with the callback (and EarlyStopping), as a user writes it."""
-    callbacks = [
-        {
-            "class_path": "callbacks.MemorizationCallback",
-            "init_args": {
-                "embedder_ckpt": str(embedder_ckpt), "every_n_epochs": 1, "num_inference_steps": 1,
-                **(callback_args or {}),
-            },
-        }
-    ]  # fmt: skip
+    sections = {
+        "memorization": {
+            "embedder_ckpt": str(embedder_ckpt), "every_n_epochs": 1, "num_inference_steps": 1, **(callback_args or {}),
+        },
+    }  # fmt: skip
     if early_stop:
-        callbacks.append(
-            {
-                "class_path": "lightning.pytorch.callbacks.EarlyStopping",
-                "init_args": {
-                    "monitor": "memorization/frac_mem",
-                    "mode": "min",
-                    "divergence_threshold": 0.2,
-                    "patience": 100,
-                },
-            }
-        )
+        sections["early_stopping"] = {
+            "monitor": "memorization/frac_mem", "mode": "min", "divergence_threshold": 0.2, "patience": 100,
+        }  # fmt: skip
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -214,8 +202,8 @@ def scripted_config(
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(tmp_path), "name": "scripted"},
             },
-            "callbacks": callbacks,
         },
+        **sections,
         "model": {
             "class_path": "tests.doubles.ScriptedGenerator",
             "init_args": {

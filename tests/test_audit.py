@@ -304,3 +304,26 @@ def test_audit_options_come_from_a_config_file_and_print_config_shows_them(embed
     assert printed["percentile"] == 90.0 and printed["batch_size"] == 8 and printed["embedder"] == str(embedder_ckpt)
     summary = main(["audit", "--config", str(config)])
     assert summary["percentile"] == 90.0 and summary["detector"]["n_positive"] == 4
+
+
+def test_audit_reads_dicom_folders_with_patients_from_their_patientid_tags(embedder_ckpt, folders, tmp_path):
+    """Training and held-out patients as DX radiographs, one folder each named unlike the patient."""
+    from tests.test_dicom import write_dicom
+
+    data = memorization_phantoms()
+    for split, ids in [("train", data.train_ids), ("val", data.val_ids)]:
+        for k, patient in enumerate(ids):
+            pixels = np.round(render_phantom(patient, MEMORIZATION_SIZE)[0] * 1000).astype(np.uint16)
+            write_dicom(tmp_path / split / f"case_{k:03d}" / "IM0001", pixels, patient=patient, modality="DX",
+                        position=None, slope=0.001)  # fmt: skip
+    out = tmp_path / "out"
+    summary = main([
+        "audit", "--embedder", str(embedder_ckpt), "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+        "--synthetic", str(folders / "synthetic"), "--out", str(out), "--detector-positives", "0",
+    ])  # fmt: skip
+    planted = {f"copy_{k:02d}" for k in range(N_PLANTED)}
+    assert len(set(summary["copy_syn_ids"]) & planted) >= N_PLANTED - 1, summary["copy_syn_ids"]
+    train_nn = read_csv(out / "train_nn.csv")
+    assert {row["patient_id"] for row in train_nn} == set(data.train_ids)
+    assert all(row["train_id"].startswith("case_") for row in train_nn)
+    assert set(summary["memorized_patient_ids"]) <= set(data.train_ids[:N_PLANTED + 2])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,12 +120,32 @@ def test_bad_configuration_fails_at_construction(embedder_ckpt, tmp_path):
         MemorizationCallback(str(embedder_ckpt), variation={"brightness": 0.1})
 
 
-def test_early_stopping_from_yaml_stops_when_the_generator_starts_copying(embedder_ckpt, tmp_path):
-    config = scripted_config(tmp_path, embedder_ckpt, copy_from_epoch=2, max_epochs=8, early_stop=True)
-    cli = main(["fit", "--config", str(config)])
+def test_early_stopping_from_yaml_stops_when_the_generator_starts_copying(embedder_ckpt, tmp_path, caplog):
+    config = scripted_config(
+        tmp_path, embedder_ckpt, copy_from_epoch=2, max_epochs=8, early_stop=True,
+        callback_args={"sample_batch_size": 8, "progress_seconds": 0},
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        cli = main(["fit", "--config", str(config)])
     rows = memorization_history(Path(cli.trainer.log_dir))
     assert [float(r["frac_mem"]) > 0.2 for r in rows] == [False, False, True]
     assert cli.trainer.current_epoch == 3 and cli.trainer.should_stop
+    # The model to share: the last one whose check stayed within the threshold (check 1, epoch 1).
+    checkpoints = Path(cli.trainer.checkpoint_callback.dirpath)
+    safe = torch.load(checkpoints / "last_safe.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    (history,) = [v["history"] for k, v in safe["callbacks"].items() if k.startswith("MemorizationCallback")]
+    assert safe["epoch"] == 1 and [row["check"] for row in history] == [0, 1]
+    assert last["epoch"] > safe["epoch"]
+    saved = [r.getMessage() for r in caplog.records if "last_safe.ckpt" in r.getMessage()]
+    assert len(saved) == 2 and "memorization/frac_mem = 0 ≤ 0.2" in saved[-1], saved
+    # A check of N_train = 32 samples in chunks of 8 says where it is after each chunk, then at its end.
+    step = re.escape(f"memorization check 0 (epoch 0, step {rows[0]['step']}): samples: ")
+    lines = [r.getMessage() for r in caplog.records if re.match(step, r.getMessage())]
+    assert len(lines) == 4, lines
+    for line, done in zip(lines[:3], (8, 16, 24), strict=True):
+        assert re.fullmatch(step + rf"{done}/32 \({done / 32:.0%}\) in \d+ s, about \d+ s left", line), line
+    assert re.fullmatch(step + r"32/32 \(100%\) in \d+ s", lines[3]), lines
 
 
 def test_resume_continues_the_history_without_gaps_or_repeats(embedder_ckpt, tmp_path):
