@@ -11,6 +11,7 @@ stream as it found it: training with and without the callback ends with the same
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import math
 import tempfile
@@ -153,6 +154,7 @@ class MemorizationCallback(Callback):
             raise InputError(f"sample_batch_size={sample_batch_size} must be at least 1")
         if not 0.0 < percentile < 100.0:
             raise InputError(f"percentile={percentile} must lie in (0, 100), e.g. 95")
+        self.embedder_ckpt = str(embedder_ckpt)
         self.embedder = SimCLRModule.from_checkpoint(embedder_ckpt, EMBEDDER_OPTION.removeprefix("--")).eval().requires_grad_(False)
         self.every_n_epochs = every_n_epochs
         self.check_at_start = check_at_start
@@ -483,7 +485,12 @@ class MemorizationCallback(Callback):
             "ci_method": CI_METHOD,
             "null_method": self._chance.method if self._chance else None,
             "detector": self.detector.as_dict() if self.detector else None,
-        }
+            "inputs": {
+                "embedder_ckpt": self.embedder_ckpt, "n_samples": n_samples, "seed": self.seed,
+                "num_inference_steps": self.num_inference_steps, "sample_batch_size": self.sample_batch_size,
+            },
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }  # fmt: skip
         with staged_output(self.output_dir / f"check_{check:03d}", "output_dir", overwrite=True) as folder:
             write_report(
                 folder,

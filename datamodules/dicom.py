@@ -42,6 +42,7 @@ missing slices and uneven slice spacing; in 2D a multi-frame (3D) file.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -66,7 +67,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from datamodules.base import MedicalImageDataModule
-from datamodules.folder import one_line
+from datamodules.folder import image_format, one_line
 from datamodules.nifti import RAS_LABELS
 from errors import InputError
 
@@ -94,8 +95,18 @@ def is_dicom_file(path: str | Path) -> bool:
         with open(path, "rb") as handle:
             if handle.read(132)[128:] == b"DICM":
                 return True
-        # Files without the preamble (written by older software) are still DICOM if pydicom finds a SOP class.
-        return "SOPClassUID" in pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        if image_format(Path(path)) is not None:  # .png, .npy, .nii: another format, no need to parse
+            return False
+        # Files without the preamble (written by older software) are still DICOM if pydicom finds a SOP
+        # class; parsing anything else makes pydicom warn and log, which must not reach the user.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logger, level = logging.getLogger("pydicom"), logging.getLogger("pydicom").level
+            logger.setLevel(logging.CRITICAL)
+            try:
+                return "SOPClassUID" in pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            finally:
+                logger.setLevel(level)
     except Exception:  # pydicom raises many types for a file that is not DICOM
         return False
 

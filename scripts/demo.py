@@ -111,8 +111,10 @@ def main() -> None:
     ]  # fmt: skip
     console.print(" ".join(command[1:]), style="dim")
     subprocess.run(command, cwd=ROOT, check=True)
-    console.print(f"Report: [bold]{audit / 'report'}[/bold] (summary.json, pairs.csv, copies.png, ...); "
-                  f"the samples that are not copies: [bold]{audit / 'shareable'}")
+    console.print(f"Report: [bold]{audit / 'report' / 'report.html'}[/bold] (open it in a browser; summary.json, "
+                  f"pairs.csv, copies.png beside it); the samples that are not copies, with manifest.json: "
+                  f"[bold]{audit / 'shareable'}")
+    subprocess.run([sys.executable, "cli.py", "audit", "--verify-release", str(audit / "shareable")], cwd=ROOT, check=True)
     console.print(f"Whole demo: {time.perf_counter() - started:.0f} s")
     console.print("TensorBoard logs: [bold]tensorboard --logdir runs[/bold]  (then open http://localhost:6006)")
 
