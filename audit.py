@@ -2,7 +2,7 @@
 
     python cli.py audit --embedder EMB.ckpt --train DIR --val DIR --synthetic DIR --out OUT
     python cli.py audit --embedder EMB.ckpt --data configs/mrnet_ldm.yaml --data-arg root=/data/MRNet-v1.0 \\
-        --ldm LDM.ckpt --n-samples 904 --seed 0 --out OUT --release-dir SHAREABLE
+        --generator LDM.ckpt --n-samples 904 --seed 0 --out OUT --release-dir SHAREABLE
     python cli.py audit --config audit.yaml             (the same options as YAML keys: n_samples, data_arg, ...)
     python cli.py audit --verify-release SHAREABLE      (is the released folder still what was audited?)
 
@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +50,11 @@ from datamodules.transforms import (
     variation_transform,
 )
 from errors import InputError
-from lightning_modules import LatentDiffusionModule, SimCLRModule
+from lightning_modules.plugins import embedder_name, load_embedder, load_generator
 from memorization import detect_copies, frechet_distance
 from memorization.chance import (
+    ChanceLevel,
+    DetectorCheck,
     chance_level,
     check_patients,
     detector_check,
@@ -58,10 +62,18 @@ from memorization.chance import (
     positive_rows,
 )
 from memorization.detect import CopyReport
+from memorization.embedders import Embedder, Generator
 from memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
-from memorization.report import check_output_folder, staged_output, write_report
+from memorization.report import check_output_folder, copy_order, staged_output, write_report
 from memorization.stats import CI_METHOD, headline
 from memorization.stream import EmbeddedStream, Progress, chunked, embed_stream
+
+# The per-embedder numbers in summary.json's `detectors`, beside the headline (the first embedder's).
+DETECTOR_KEYS = (
+    "tau", "n_mem", "frac_mem", "frac_mem_ci", "n_mem_patients", "frac_mem_patients", "frac_mem_patients_ci",
+    "n_copies", "frac_copies", "frac_copies_ci", "null_frac_mem", "null_frac_mem_patients", "null_frac_copies",
+    "excess_frac_mem", "excess_frac_mem_patients", "excess_frac_copies",
+)  # fmt: skip
 
 
 def audit_parser() -> ArgumentParser:
@@ -74,7 +86,16 @@ def audit_parser() -> ArgumentParser:
         default_meta=False,
     )
     parser.add_argument("--config", action="config", help="a YAML of these options (see --print_config)")
-    parser.add_argument("--embedder", help="SimCLR embedder checkpoint (trained on the training images)")
+    parser.add_argument(
+        "--embedder", action="append", default=[],
+        help="the embedder that counts copies: a SimCLR checkpoint (trained on the training images), pixel "
+        "(raw pixels, mirror invariant), or a {class_path: ..., init_args: {...}} YAML such as "
+        "memorization.embedders.TorchScriptEmbedder; repeat it to compare detectors (the first sets the headline)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--spatial_size", "--spatial-size", type=int, nargs="+",
+        help="the image size, when no embedder records one (pixel alone), e.g. 64 64",
+    )  # fmt: skip
     parser.add_argument("--out", help="folder for report.html, summary.json, pairs.csv, train_nn.csv and the plots")
     real = parser.add_argument_group("real images: --train and --val, or --data")
     real.add_argument(
@@ -91,13 +112,17 @@ def audit_parser() -> ArgumentParser:
     real.add_argument(
         "--resize", choices=["resize", "crop_or_pad"], default="resize", help="for --train/--val folders"
     )
-    synthetic = parser.add_argument_group("synthetic images: --synthetic, or --ldm")
+    synthetic = parser.add_argument_group("synthetic images: --synthetic, or --generator")
     synthetic.add_argument(
         "--synthetic", help="folder of synthetic images, each of the embedder's image size"
     )
-    synthetic.add_argument("--ldm", help="LatentDiffusionModule checkpoint to sample instead")
     synthetic.add_argument(
-        "--n_samples", "--n-samples", type=int, help="samples to draw with --ldm (default: the training-set size)"
+        "--generator", "--ldm",
+        help="a generator's checkpoint to sample instead: the LDM, the pixel DDPM, or any LightningModule with "
+        "sample() trained through cli.py fit (memorization.embedders.Generator)",
+    )  # fmt: skip
+    synthetic.add_argument(
+        "--n_samples", "--n-samples", type=int, help="samples to draw with --generator (default: the training-set size)"
     )
     synthetic.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i)")
     synthetic.add_argument(
@@ -165,20 +190,29 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
     device = torch.device(
         args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
-    embedder = SimCLRModule.from_checkpoint(args.embedder, "embedder").to(device).eval()
-    size = _embedder_size(embedder, args.embedder)
-    ldm = _load_ldm(args, size, device) if args.ldm else None
+    embedders, size = load_embedders(args.embedder, args.spatial_size)
+    embedders = {name: embedder.to(device) for name, embedder in embedders.items()}
+    generator = load_generator(args.generator, "generator").to(device).eval() if args.generator else None
     datamodule = _reference_data(args, size)
     train, val = datamodule.reference_dataset("train"), datamodule.reference_dataset("val")
     train_patients = datamodule.train_patients
-    check_patients(embedder.training_patients, train_patients, datamodule.val_patients, args.percentile, "--embedder", "--embedder")
-    if ldm is not None:
-        _check_ldm_patients(ldm, args, train_patients)
-    synthetic = None if ldm else synthetic_folder(Path(args.synthetic), size, args.intensity)
+    for embedder in embedders.values():
+        check_patients(embedder.training_patients, train_patients, datamodule.val_patients, args.percentile, "--embedder", "--embedder")
+    if generator is not None:
+        check_generator(generator, args, size, embedders, train_patients)
+    synthetic = None if generator else synthetic_folder(Path(args.synthetic), size, args.intensity)
     variation = variation_transform(
         len(size), rotation_degrees=args.variation_rotation_degrees,
         contrast_gamma=tuple(args.variation_contrast_gamma), noise_std=args.variation_noise_std,
     )  # fmt: skip
+    # Every embedder sees each image in the same pass: one read of every folder, one sampling run.
+    lengths = [embedder.embedding_dim for embedder in embedders.values()]
+
+    def embed_all(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([embedder.embed(images).float().to(device) for embedder in embedders.values()], dim=1)
+
+    def per_embedder(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(embedders, torch.split(matrix, lengths, dim=1), strict=True))
 
     release = (
         staged_output(args.release_dir, "--release-dir", args.overwrite)
@@ -187,68 +221,75 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
     )
     # Both folders move into place only after everything in both is written.
     with staged_output(out, "--out", args.overwrite) as staging, release as release_staging:
-        if ldm is not None:
+        if generator is not None:
             samples = staging / "samples"
             chunks = sample_chunks(
-                ldm, samples, args.n_samples or len(train), args.seed, args.num_inference_steps, args.batch_size
+                generator, samples, args.n_samples or len(train), args.seed, args.num_inference_steps, args.batch_size
             )
             # Embedded while sampled: one pass, never all samples in memory.
             syn = embed_stream(
-                chunks, embedder.embed, score_pairs=True, require_finite=f"--ldm {args.ldm}", device=device,
-                progress=progress(args, "sampling and embedding --ldm samples", args.n_samples or len(train)),
+                chunks, embed_all, score_pairs=True, require_finite=f"--generator {args.generator}", device=device,
+                progress=progress(args, "sampling and embedding the generator's samples", args.n_samples or len(train)),
             )  # fmt: skip
-            synthetic = synthetic_folder(samples, tuple(ldm.image_spatial_size), "none")
+            synthetic = synthetic_folder(samples, size, "none")
         else:
-            syn = embed(embedder, synthetic, args, device, "--synthetic", score_pairs=True)
-        embeddings = {
-            "train": embed(embedder, train, args, device, "training").embeddings,
-            "val": embed(embedder, val, args, device, "held-out").embeddings,
-            "syn": syn.embeddings,
-        }
-        report = detect_copies(
-            embeddings["train"], embeddings["val"], embeddings["syn"], percentile=args.percentile
-        )
-        exceedances = held_out_exceedances(embeddings["train"], embeddings["val"], args.percentile, train_patients)
-        detector = None
+            syn = embed(embed_all, synthetic, args, device, "--synthetic", score_pairs=True)
+        train_embeddings = per_embedder(embed(embed_all, train, args, device, "training").embeddings)
+        val_embeddings = per_embedder(embed(embed_all, val, args, device, "held-out").embeddings)
+        syn_embeddings = per_embedder(syn.embeddings)
+        varied = None
         if args.detector_positives:
             rows = positive_rows(len(train), args.detector_positives)
-            varied = embed_stream(
+            varied = per_embedder(embed_stream(
                 (images.to(device) for images in variation_batches(train, rows, args.batch_size, args.seed, variation)),
-                embedder.embed, device=device, progress=progress(args, "embedding varied training images", len(rows)),
-            ).embeddings  # fmt: skip
-            detector = detector_check(varied, embeddings["train"], exceedances)
-        chance = chance_level(exceedances, len(embeddings["syn"]))
+                embed_all, device=device, progress=progress(args, "embedding varied training images", len(rows)),
+            ).embeddings)  # fmt: skip
+        detections = {
+            name: detect(train_embeddings[name], val_embeddings[name], syn_embeddings[name],
+                         None if varied is None else varied[name], args.percentile, train_patients)
+            for name in embedders
+        }  # fmt: skip
+        primary = next(iter(detections.values()))
+        report = primary.report
+        syn_ids = dataset_ids(synthetic)
         fd = (
-            frechet_distance(embeddings["syn"], embeddings["val"])
+            frechet_distance(next(iter(syn_embeddings.values())), next(iter(val_embeddings.values())))
             if min(len(synthetic), len(val)) >= 2
             else None
         )
         summary = {
-            **headline(report, train_patients, chance),
+            **headline(report, train_patients, primary.chance),
             "n_val": len(val),
             "ci_method": CI_METHOD,
-            "null_method": chance.method,
-            "detector": detector.as_dict() if detector else None,
+            "null_method": primary.chance.method,
+            "detector": primary.self_check.as_dict() if primary.self_check else None,
             "fd": fd,
             "ms_ssim": float(syn.pair_scores.mean()) if len(syn.pair_scores) else None,
+            "detectors": detectors_summary(detections, syn_ids, train_patients),
             "inputs": _inputs(args),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
+        # A sample any detector flags is withheld.
+        withheld = torch.stack([d.report.is_copy.cpu() for d in detections.values()]).any(dim=0)
         if release_staging is not None:
-            released = release_non_copies(synthetic, report, release_staging)
+            released = release_non_copies(synthetic, withheld, release_staging)
             summary["release"] = {
                 "dir": args.release_dir, "n_released": len(released), "n_withheld": len(synthetic) - len(released),
                 "manifest": MANIFEST,
             }  # fmt: skip
         write_report(
-            staging, report, dataset_ids(train), dataset_ids(synthetic), summary,
+            staging, report, dataset_ids(train), syn_ids, summary,
             train_image=lambda i: train[i]["image"], syn_image=lambda j: synthetic[j]["image"],
             train_patients=train_patients,
         )  # fmt: skip
         if release_staging is not None:
             write_manifest(
-                release_staging, released, tau=report.tau, percentile=report.percentile,
-                n_withheld=len(synthetic) - len(released), checkpoints={"embedder": args.embedder, "generator": args.ldm},
+                release_staging,
+                [ReleasedFile(path, {name: float(d.report.nn_train_corr[j]) for name, d in detections.items()})
+                 for path, j in released],
+                taus={name: d.report.tau for name, d in detections.items()}, percentile=report.percentile,
+                n_withheld=len(synthetic) - len(released),
+                checkpoints={"generator": args.generator, **{f"embedder {name}": _checkpoint_file(spec) for name, spec in zip(embedders, args.embedder, strict=True)}},
                 summary=json.loads((staging / "summary.json").read_text()),
             )  # fmt: skip
     return {**json.loads((out / "summary.json").read_text()), "out": str(out)}
@@ -259,19 +300,19 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
 
 def _check_arguments(args: Namespace) -> None:
     for option, example in (("embedder", "EMB.ckpt"), ("out", "OUT")):
-        if getattr(args, option) is None:
+        if not getattr(args, option):
             raise InputError(
                 f"--{option} is required: give --{option} {example} (or check a release with --verify-release DIR)"
             )
     folders, data = args.train is not None or args.val is not None, args.data is not None
     if folders == data or (folders and (args.train is None or args.val is None)):
         raise InputError("give the real images as --train DIR --val DIR, or as --data CONFIG.yaml (not both)")
-    if (args.synthetic is None) == (args.ldm is None):
+    if (args.synthetic is None) == (args.generator is None):
         raise InputError(
-            "give the synthetic images as --synthetic DIR, or --ldm LDM.ckpt to sample them (not both)"
+            "give the synthetic images as --synthetic DIR, or --generator CKPT (--ldm) to sample them (not both)"
         )
-    if args.n_samples is not None and (args.ldm is None or args.n_samples < 1):
-        raise InputError(f"--n-samples {args.n_samples} needs --ldm and must be at least 1")
+    if args.n_samples is not None and (args.generator is None or args.n_samples < 1):
+        raise InputError(f"--n-samples {args.n_samples} needs --generator and must be at least 1")
     if args.data_arg and not data:
         raise InputError("--data-arg overrides a --data config: give --data CONFIG.yaml too")
     if not 0.0 < args.percentile < 100.0:
@@ -282,32 +323,64 @@ def _check_arguments(args: Namespace) -> None:
         raise InputError(f"--detector-positives {args.detector_positives} must be at least 0 (0 skips the self-check)")
 
 
-def _embedder_size(embedder: SimCLRModule, path: str) -> tuple[int, ...]:
-    if embedder.image_spatial_size is None:
+def load_embedders(specs: Sequence[str], spatial_size: Sequence[int] | None) -> tuple[dict[str, Embedder], tuple[int, ...]]:
+    """Every `--embedder`, by a name unique among them, and the image size they take."""
+    trained = {spec: load_embedder(spec, "embedder") for spec in specs if not spec.startswith("pixel")}
+    sizes = {spec: tuple(e.image_spatial_size) for spec, e in trained.items() if e.image_spatial_size is not None}
+    size = tuple(spatial_size) if spatial_size else next(iter(sizes.values()), None)
+    if size is None:
+        unsized = next(iter(trained), None)
         raise InputError(
-            f"--embedder={path} does not record its image size: retrain it with the current memwatch"
+            f"--embedder={unsized} does not record its image size: retrain it with the current memwatch"
+            if unsized is not None
+            else "--embedder pixel takes any size: give the images' size with --spatial-size, e.g. --spatial-size 64 64"
         )
-    return tuple(embedder.image_spatial_size)
+    embedders: dict[str, Embedder] = {}
+    for spec in specs:
+        embedder = trained.get(spec) or load_embedder(spec, "embedder", spatial_dims=len(size))
+        if spec in sizes and sizes[spec] != size:
+            raise InputError(
+                f"--embedder={spec} was trained on images of size {list(sizes[spec])}, the other embedders (or "
+                f"--spatial-size) on {list(size)}: compare embedders trained on the same data"
+            )
+        if embedder.spatial_dims != len(size):
+            raise InputError(f"--embedder={spec} takes {embedder.spatial_dims}D images, the data is {len(size)}D: pass an embedder of the data's dimensionality")
+        name = embedder_name(spec)
+        embedders[name if name not in embedders else f"{name}#{len(embedders) + 1}"] = embedder
+    return embedders, size
 
 
-def _load_ldm(args: Namespace, size: tuple[int, ...], device: torch.device) -> LatentDiffusionModule:
-    ldm = LatentDiffusionModule.from_checkpoint(args.ldm, "ldm").to(device).eval()
-    if ldm.image_spatial_size is not None and tuple(ldm.image_spatial_size) != size:
+def check_generator(
+    generator: torch.nn.Module, args: Namespace, size: tuple[int, ...], embedders: dict, train_patients: Sequence[str]
+) -> None:
+    """Refuse a generator of other images than the embedders take, or trained on other patients (a wrong fold,
+    subset or root), before anything is sampled for real."""
+    name = f"--generator={args.generator}"
+    recorded = getattr(generator, "image_spatial_size", None)
+    if recorded is not None and tuple(recorded) != size:
         raise InputError(
-            f"--ldm={args.ldm} makes images of size {list(ldm.image_spatial_size)} but the embedder was trained on "
+            f"{name} makes images of size {list(recorded)} but the embedder was trained on "
             f"{list(size)}: pass the embedder trained on that model's data"
         )
-    return ldm
-
-
-def _check_ldm_patients(ldm: LatentDiffusionModule, args: Namespace, train_patients: Sequence[str]) -> None:
-    """Refuse to count copies of other patients than those the LDM was trained on (a wrong fold, subset or root)."""
-    if ldm.training_patients is None:
+    channels = next(iter(embedders.values())).in_channels
+    with torch.no_grad():
+        probe = generator.sample(2, seed=args.seed, num_inference_steps=1, sample_batch_size=2, start_index=0)
+    if not isinstance(probe, torch.Tensor) or list(probe.shape) != [2, channels, *size]:
+        shape = list(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+        raise InputError(
+            f"{name}: sample(2) returns {shape}, but the embedder takes {[2, channels, *size]}: pass the generator "
+            "trained on this data, or make its sample() return [n, C, *spatial] images"
+        )
+    low, high = float(probe.min()), float(probe.max())
+    if not (math.isfinite(low) and math.isfinite(high)) or low < -1e-4 or high > 1 + 1e-4:
+        raise InputError(f"{name}: its samples lie in [{low:.3g}, {high:.3g}], not [0, 1]: scale (or clip) them to [0, 1]")
+    trained_on = getattr(generator, "training_patients", None)
+    if trained_on is None:
         return
-    trained, given = set(ldm.training_patients), set(train_patients)
+    trained, given = set(trained_on), set(train_patients)
     if trained != given:
         raise InputError(
-            f"--ldm={args.ldm} was trained on {len(trained)} patients but the data gives {len(given)} training "
+            f"{name} was trained on {len(trained)} patients but the data gives {len(given)} training "
             f"patients ({len(trained & given)} in common): pass the data options it was trained with "
             "(--data with its config and --data-arg for root, fold, n_train, ...)"
         )
@@ -403,7 +476,7 @@ def _inputs(args: Namespace) -> dict[str, Any]:
         "data",
         "data_arg",
         "synthetic",
-        "ldm",
+        "generator",
         "n_samples",
         "seed",
         "num_inference_steps",
@@ -416,13 +489,13 @@ def _inputs(args: Namespace) -> dict[str, Any]:
 
 
 def sample_chunks(
-    ldm: LatentDiffusionModule, folder: Path, n: int, seed: int, num_inference_steps: int, batch_size: int
+    generator: Generator, folder: Path, n: int, seed: int, num_inference_steps: int, batch_size: int
 ) -> Iterator[torch.Tensor]:
     """Draw `n` samples in chunks of `batch_size`, writing `sample_{i:06d}.npy` (float32 `[*spatial]` in `[0, 1]`) as they come."""
     folder.mkdir(parents=True)
 
     def draw(indices: range) -> torch.Tensor:
-        images = ldm.sample(
+        images = generator.sample(
             len(indices), seed=seed, num_inference_steps=num_inference_steps,
             sample_batch_size=batch_size, start_index=indices.start,
         )  # fmt: skip
@@ -434,12 +507,13 @@ def sample_chunks(
 
 
 def embed(
-    embedder: SimCLRModule, dataset: Dataset, args: Namespace, device: torch.device, name: str, score_pairs: bool = False
+    embed_images: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, args: Namespace, device: torch.device,
+    name: str, score_pairs: bool = False,
 ) -> EmbeddedStream:
     """Embeddings `[N, L]` of a dataset's images in order (and the MS-SSIM of pairs (2k, 2k+1)), in one read."""
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     return embed_stream(
-        (batch["image"].to(device) for batch in loader), embedder.embed, score_pairs=score_pairs, device=device,
+        (batch["image"].to(device) for batch in loader), embed_images, score_pairs=score_pairs, device=device,
         progress=progress(args, f"embedding the {name} images", len(dataset)),
     )  # fmt: skip
 
@@ -448,13 +522,75 @@ def progress(args: Namespace, label: str, total: int) -> Progress:
     return Progress(f"audit: {label}", total, lambda line: print(line, file=sys.stderr, flush=True), args.progress_seconds)
 
 
-def release_non_copies(synthetic: Dataset, report: CopyReport, folder: Path) -> list[ReleasedFile]:
-    """Copy the synthetic files that are not copies into `folder`, keeping their paths relative to their folder."""
+def release_non_copies(synthetic: Dataset, withheld: torch.Tensor, folder: Path) -> list[tuple[str, int]]:
+    """Copy the synthetic files not `withheld` into `folder`, keeping their paths relative to their folder;
+    returns each released file's relative path and row."""
     released = []
-    rows = zip(synthetic.files, synthetic.relative, report.is_copy.tolist(), report.nn_train_corr.tolist(), strict=True)
-    for path, relative, copy, correlation in rows:
-        if not copy:
+    for row, (path, relative, held) in enumerate(zip(synthetic.files, synthetic.relative, withheld.tolist(), strict=True)):
+        if not held:
             (folder / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, folder / relative)
-            released.append(ReleasedFile(relative.as_posix(), float(correlation)))
+            released.append((relative.as_posix(), row))
     return released
+
+
+@dataclass
+class Detection:
+    """What one embedder found: the copy report, its chance level and its self-check."""
+
+    report: CopyReport
+    chance: ChanceLevel
+    self_check: DetectorCheck | None
+
+
+def detect(train, val, syn, varied, percentile: float, train_patients: Sequence[str]) -> Detection:
+    report = detect_copies(train, val, syn, percentile=percentile)
+    exceedances = held_out_exceedances(train, val, percentile, train_patients)
+    self_check = detector_check(varied, train, exceedances) if varied is not None else None
+    return Detection(report, chance_level(exceedances, len(syn)), self_check)
+
+
+def detectors_summary(
+    detections: dict[str, Detection], syn_ids: Sequence[str], train_patients: Sequence[str]
+) -> dict[str, Any]:
+    """Each embedder's counts (as in the summary's headline), and where they agree on the synthetic samples."""
+    summary: dict[str, Any] = {}
+    flagged = {}
+    for name, detection in detections.items():
+        numbers = headline(detection.report, train_patients, detection.chance)
+        flagged[name] = {syn_ids[j] for j in copy_order(detection.report)}
+        summary[name] = {
+            **{key: numbers[key] for key in DETECTOR_KEYS if key in numbers},
+            "detector": detection.self_check.as_dict() if detection.self_check else None,
+            "copy_syn_ids": [syn_ids[j] for j in copy_order(detection.report)],
+        }
+    sets = list(flagged.values())
+    union, common = set().union(*sets), set.intersection(*sets)
+    pairs = []
+    names = list(flagged)
+    for a, first in enumerate(names):
+        for second in names[a + 1 :]:
+            both = len(flagged[first] & flagged[second])
+            neither = len(syn_ids) - len(flagged[first] | flagged[second])
+            pairs.append({
+                "detectors": [first, second], "both": both, "neither": neither,
+                "only_first": len(flagged[first] - flagged[second]), "only_second": len(flagged[second] - flagged[first]),
+                "agreement": (both + neither) / len(syn_ids) if syn_ids else None,
+            })  # fmt: skip
+    return {
+        "by_embedder": summary,
+        "n_copies_any": len(union),
+        "n_copies_all": len(common),
+        "copies_any": sorted(union),
+        "copies_all": sorted(common),
+        "pairwise": pairs,
+    }
+
+
+def _checkpoint_file(spec: str) -> str | None:
+    """The file behind an embedder specification, for the manifest's hash (none for `pixel`)."""
+    if spec.startswith("pixel"):
+        return None
+    if spec.lstrip().startswith("{"):
+        return (yaml.safe_load(spec).get("init_args") or {}).get("path")
+    return spec

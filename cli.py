@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -30,7 +30,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks import MemorizationCallback
 from datamodules import MedicalImageDataModule
 from errors import InputError, SharedFailure, TrainingFailure
-from lightning_modules import MemwatchModule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -84,7 +83,8 @@ class MemwatchCLI(LightningCLI):
         self._load_checkpoints_safely()
         # Fail on mismatched data and model now, before a log directory or config is written.
         self.datamodule.setup("fit")
-        self.model.check_data(self.datamodule)
+        if hasattr(self.model, "check_data"):  # memwatch's modules; a user's generator may have none
+            self.model.check_data(self.datamodule)
         for callback in self.trainer.callbacks:
             if hasattr(callback, "check_data"):
                 callback.check_data(self.datamodule)
@@ -220,7 +220,7 @@ def main(args: list[str] | None = None) -> MemwatchCLI | dict:
                 raise SystemExit(1)
             return result
         return MemwatchCLI(
-            MemwatchModule,
+            LightningModule,  # memwatch's modules, or any generator a user brings (memorization.embedders.Generator)
             MedicalImageDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,

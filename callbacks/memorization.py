@@ -30,7 +30,7 @@ from torch.utils.data import Subset
 
 from datamodules.transforms import variation_batches, variation_transform
 from errors import InputError
-from lightning_modules.simclr import SimCLRModule
+from lightning_modules.plugins import embedder_name, load_embedder
 from memorization import detect_copies, frechet_distance
 from memorization.chance import (
     ChanceLevel,
@@ -86,6 +86,8 @@ class MemorizationCallback(Callback):
 
     Args:
         embedder_ckpt: checkpoint of a trained `SimCLRModule` (trained on the training images).
+        embedder: instead of `embedder_ckpt`, any `memorization.embedders.Embedder`: `pixel`, or a
+            `{class_path, init_args}` mapping (`memorization.embedders.TorchScriptEmbedder`, ...).
         every_n_epochs: epochs between checks.
         check_at_start: also check at the end of the first epoch (a baseline near chance level,
             and a value for EarlyStopping from the start); off by default, since at the paper's
@@ -129,7 +131,7 @@ class MemorizationCallback(Callback):
 
     def __init__(
         self,
-        embedder_ckpt: str,
+        embedder_ckpt: str | None = None,
         every_n_epochs: int = 1,
         check_at_start: bool = False,
         n_samples: int | None = None,
@@ -142,6 +144,7 @@ class MemorizationCallback(Callback):
         detector_positives: int = 1000,
         variation: dict[str, Any] | None = None,
         progress_seconds: float | None = 30.0,
+        embedder: str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if detector_positives < 0:
@@ -154,8 +157,17 @@ class MemorizationCallback(Callback):
             raise InputError(f"sample_batch_size={sample_batch_size} must be at least 1")
         if not 0.0 < percentile < 100.0:
             raise InputError(f"percentile={percentile} must lie in (0, 100), e.g. 95")
-        self.embedder_ckpt = str(embedder_ckpt)
-        self.embedder = SimCLRModule.from_checkpoint(embedder_ckpt, EMBEDDER_OPTION.removeprefix("--")).eval().requires_grad_(False)
+        if (embedder_ckpt is None) == (embedder is None):
+            raise InputError(
+                "MemorizationCallback needs its embedder: embedder_ckpt (a SimCLR checkpoint, "
+                f"{EMBEDDER_OPTION} PATH) or embedder (pixel, or a class_path/init_args mapping, "
+                "--memorization.embedder), not both"
+            )
+        self.embedder_ckpt = str(embedder_ckpt) if embedder_ckpt is not None else embedder_name(embedder)
+        if embedder is not None:
+            self.embedder = load_embedder(embedder, "memorization.embedder")
+        else:
+            self.embedder = load_embedder(str(embedder_ckpt), EMBEDDER_OPTION.removeprefix("--"))
         self.every_n_epochs = every_n_epochs
         self.check_at_start = check_at_start
         self.n_samples = n_samples
@@ -189,6 +201,11 @@ class MemorizationCallback(Callback):
         """Raise `InputError` if the embedder was trained on images of another size or dimensionality."""
         size = getattr(datamodule, "spatial_size", None)
         trained_on = self.embedder.image_spatial_size
+        if size is not None and len(size) != self.embedder.spatial_dims:
+            raise InputError(
+                f"the embedder takes {self.embedder.spatial_dims}D images but the data has spatial_size={list(size)}: "
+                "pass an embedder of the data's dimensionality"
+            )
         if size is not None and trained_on is not None and tuple(size) != tuple(trained_on):
             raise InputError(
                 f"the embedder was trained on images of spatial_size={list(trained_on)} but the data has "
@@ -210,7 +227,11 @@ class MemorizationCallback(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "sample", None)):
-            raise InputError(f"MemorizationCallback needs a model with sample(); {type(pl_module).__name__} has none")
+            raise InputError(
+                f"MemorizationCallback needs a model with sample(); {type(pl_module).__name__} has none: implement "
+                "sample(n, seed, num_inference_steps=..., sample_batch_size=..., start_index=...) as "
+                "memorization.embedders.Generator describes, returning [n, C, *spatial] images in [0, 1]"
+            )
         if trainer.datamodule is not None:
             self.check_data(trainer.datamodule)
         self.check_trainer(trainer)
@@ -221,6 +242,8 @@ class MemorizationCallback(Callback):
     # --- reference embeddings, once per fit --------------------------------------------
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        with rng_preserved(pl_module.device), fail_together(pl_module.device, "checking the generator's samples"):
+            self._check_samples(trainer, pl_module)
         with rng_preserved(pl_module.device), fail_together(pl_module.device, "embedding the reference images"):
             self.embedder.to(pl_module.device)
             self._train = self._embed_reference(trainer, pl_module, "train")
@@ -246,6 +269,26 @@ class MemorizationCallback(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
+
+    def _check_samples(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse, before training, a generator whose samples the embedder cannot take (one cheap draw)."""
+        name = type(pl_module).__name__
+        with torch.no_grad():
+            images = pl_module.sample(2, seed=(self.seed, 0), num_inference_steps=1, sample_batch_size=2, start_index=0)
+        size = getattr(trainer.datamodule, "spatial_size", None)
+        expected = [2, self.embedder.in_channels, *(size or images.shape[2:])]
+        if not isinstance(images, torch.Tensor) or list(images.shape) != expected:
+            shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InputError(
+                f"{name}.sample(2) returns {shape}, but the embedder takes {expected} ([n, channels, *the data's "
+                "spatial_size]): make sample return images of the data's size"
+            )
+        low, high = float(images.min()), float(images.max())
+        if not (math.isfinite(low) and math.isfinite(high)) or low < -1e-4 or high > 1 + 1e-4:
+            raise InputError(
+                f"{name}.sample returns values in [{low:.3g}, {high:.3g}], not [0, 1]: scale (or clip) the samples "
+                "to [0, 1], the range of the training images they are compared with"
+            )
 
     def _embed_reference(self, trainer: Trainer, pl_module: LightningModule, split: str) -> torch.Tensor:
         datamodule = trainer.datamodule
@@ -290,7 +333,7 @@ class MemorizationCallback(Callback):
 
     def _as_embeddings(self, local: torch.Tensor, device: torch.device) -> torch.Tensor:
         # An empty shard (more ranks than images) still has the embedding length, for the gather.
-        return local.to(device) if len(local) else torch.zeros(0, self.embedder.hparams.embedding_dim, device=device)
+        return local.to(device) if len(local) else torch.zeros(0, self.embedder.embedding_dim, device=device)
 
     # --- when to check -----------------------------------------------------------------
 

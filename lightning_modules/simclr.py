@@ -23,6 +23,7 @@ from torch import nn
 from datamodules.transforms import CONTRAST_GAMMA, variation_transform, vary
 from errors import InputError
 from lightning_modules.base import MemwatchModule
+from memorization.embedders import mirror_orbit
 from networks.conv_encoder import ConvEmbeddingEncoder
 
 # MONAI's ContrastiveLoss takes exp(cos / temperature) without a log-sum-exp: float32
@@ -43,13 +44,6 @@ def top1_retrieval(queries: torch.Tensor, references: torch.Tensor) -> torch.Ten
     """Fraction of queries `[N, L]` whose most cosine-similar row of `references` `[N, L]` is their own."""
     similarity = F.normalize(queries.float(), dim=1) @ F.normalize(references.float(), dim=1).T
     return (similarity.argmax(dim=1) == torch.arange(len(queries), device=queries.device)).float().mean()
-
-
-def flip_orbit(images: torch.Tensor) -> list[torch.Tensor]:
-    """The images `[B, C, *spatial]` mirrored along every subset of their spatial axes, the unflipped first."""
-    axes = range(2, images.ndim)
-    subsets = [[a for k, a in enumerate(axes) if mask >> k & 1] for mask in range(2 ** len(axes))]
-    return [images.flip(subset) if subset else images for subset in subsets]
 
 
 def _id_key(image_id: str) -> int:
@@ -174,6 +168,7 @@ class SimCLRModule(MemwatchModule):
             )
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
+        self.embedding_dim = embedding_dim
         channels = [int(c) for c in channels]
         if encoder == "resnet":
             self.encoder = self._resnet(resnet_block, [int(n) for n in resnet_layers], channels)
@@ -259,7 +254,7 @@ class SimCLRModule(MemwatchModule):
             mean, std = images.mean(dim=spatial, keepdim=True), images.std(dim=spatial, keepdim=True)
             images = (images - mean) / std.clamp_min(1e-3)
         if self.hparams.get("flip_invariant"):
-            orbit = flip_orbit(images)
+            orbit = mirror_orbit(images)
             embeddings = self.encoder(torch.cat(orbit)).unflatten(0, (len(orbit), len(images))).mean(dim=0)
         else:
             embeddings = self.encoder(images)

@@ -55,26 +55,32 @@ def memwatch_version() -> dict[str, str | None]:
 @dataclass(frozen=True)
 class ReleasedFile:
     path: str  # relative to the release folder, with "/"
-    nearest_train_correlation: float
+    nearest_train_correlation: dict[str, float]  # per embedder, the audit's first one first
 
 
 def write_manifest(
     folder: Path,
     files: Sequence[ReleasedFile],
     *,
-    tau: float,
+    taus: Mapping[str, float],
     percentile: float,
     n_withheld: int,
     checkpoints: Mapping[str, str | None],
     summary: Mapping[str, Any],
 ) -> Path:
-    """Write `folder/manifest.json` for the released `files` (already in `folder`); `checkpoints` maps a role
-    (`embedder`, `generator`) to its checkpoint path."""
+    """Write `folder/manifest.json` for the released `files` (already in `folder`); `taus` holds each
+    embedder's τ (the first is the headline's), `checkpoints` maps a role to its checkpoint path.
+
+    A file's `nearest_train_correlation` and `margin_below_tau` are the first embedder's; with
+    several embedders `by_embedder` gives every one's.
+    """
+    primary = next(iter(taus))
     manifest = {
         "format": "memwatch-release-manifest/1",
         "memwatch": memwatch_version(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "tau": tau,
+        "tau": taus[primary],
+        "taus": dict(taus),
         "percentile": percentile,
         "n_released": len(files),
         "n_withheld": n_withheld,
@@ -83,20 +89,23 @@ def write_manifest(
             for role, path in checkpoints.items()
             if path is not None
         },
-        "files": [
-            {
-                "path": released.path,
-                "sha256": sha256(folder / released.path),
-                "nearest_train_correlation": round(released.nearest_train_correlation, 6),
-                "margin_below_tau": round(tau - released.nearest_train_correlation, 6),
-            }
-            for released in files
-        ],
+        "files": [_entry(folder, released, taus, primary) for released in files],
         "summary": {key: value for key, value in summary.items() if key not in PRIVATE_SUMMARY_KEYS},
     }
     path = folder / MANIFEST
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
+
+
+def _entry(folder: Path, released: ReleasedFile, taus: Mapping[str, float], primary: str) -> dict[str, Any]:
+    def closeness(name: str) -> dict[str, float]:
+        correlation = released.nearest_train_correlation[name]
+        return {"nearest_train_correlation": round(correlation, 6), "margin_below_tau": round(taus[name] - correlation, 6)}
+
+    entry = {"path": released.path, "sha256": sha256(folder / released.path), **closeness(primary)}
+    if len(taus) > 1:
+        entry["by_embedder"] = {name: closeness(name) for name in taus}
+    return entry
 
 
 def verify_release(folder: Path) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def test_audit_finds_planted_copies_and_releases_only_the_rest(embedder_ckpt, fo
         assert entry["margin_below_tau"] == pytest.approx(written["tau"] - entry["nearest_train_correlation"], abs=1e-5)
         assert entry["margin_below_tau"] > 0
     assert manifest["n_withheld"] == len(flagged) and manifest["tau"] == written["tau"] and manifest["percentile"] == 95.0
-    assert manifest["checkpoints"]["embedder"]["sha256"] == hashlib.sha256(Path(embedder_ckpt).read_bytes()).hexdigest()
+    assert manifest["checkpoints"]["embedder embedder.ckpt"]["sha256"] == hashlib.sha256(Path(embedder_ckpt).read_bytes()).hexdigest()
     assert manifest["memwatch"]["version"] and manifest["created"]
     assert manifest["summary"]["n_copies"] == written["n_copies"]
     # a release leaves the hospital: no training patient's id in it
@@ -232,10 +232,10 @@ def test_bad_arguments_are_one_line_and_an_existing_report_is_kept(embedder_ckpt
     cases = {
         "exists": (audit_args(embedder_ckpt, folders, out), "already holds files"),
         "missing embedder": (audit_args(tmp_path / "none.ckpt", folders, tmp_path / "o"), "none.ckpt does not exist"),
-        "no synthetic": (without_synthetic, "--synthetic DIR, or --ldm"),
+        "no synthetic": (without_synthetic, "--synthetic DIR, or --generator CKPT"),
         "percentile": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--percentile", "100"], "--percentile 100.0 must lie"),
         "synthetic and ldm": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--ldm", "x.ckpt"], "not both"),
-        "ldm is an embedder": ([*without_synthetic, "--ldm", str(embedder_ckpt)], "not of LatentDiffusionModule"),
+        "ldm is an embedder": ([*without_synthetic, "--ldm", str(embedder_ckpt)], "SimCLRModule"),
         "embedder trained on the held-out patients": (swapped, "patient(s) held out here"),
         "percentile above the held-out images": (
             [*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--percentile", "99"], "lower the percentile to at most",
@@ -266,8 +266,8 @@ def test_verify_release_reports_every_file_added_removed_or_changed(tmp_path):
         save_npy(release / name, np.full((4, 4), len(name), dtype=np.float32))
     checkpoint = tmp_path / "embedder.ckpt"
     checkpoint.write_bytes(b"weights")
-    files = [ReleasedFile(name, 0.5) for name in ("a.npy", "b.npy", "sub/c.npy")]
-    write_manifest(release, files, tau=0.9, percentile=95.0, n_withheld=1, checkpoints={"embedder": str(checkpoint)}, summary={})
+    files = [ReleasedFile(name, {"last.ckpt": 0.5}) for name in ("a.npy", "b.npy", "sub/c.npy")]
+    write_manifest(release, files, taus={"last.ckpt": 0.9}, percentile=95.0, n_withheld=1, checkpoints={"embedder": str(checkpoint)}, summary={})
     verified = run_cli("audit", "--verify-release", str(release))
     assert verified.returncode == 0 and "verified: the 3 files" in verified.stdout, verified.stderr
     save_npy(release / "a.npy", np.zeros((4, 4)))  # changed
@@ -293,7 +293,7 @@ def test_verify_release_without_a_manifest_is_one_line(tmp_path):
 def test_audit_options_come_from_a_config_file_and_print_config_shows_them(embedder_ckpt, folders, tmp_path, capsys):
     config = tmp_path / "audit.yaml"
     config.write_text(
-        f"embedder: {embedder_ckpt}\ntrain: {folders / 'train'}\nval: {folders / 'val'}\n"
+        f"embedder: [{embedder_ckpt}]\ntrain: {folders / 'train'}\nval: {folders / 'val'}\n"
         f"synthetic: {folders / 'synthetic'}\nout: {tmp_path / 'out'}\nintensity: none\npercentile: 90.0\n"
         "detector_positives: 4\ndata_arg: []\n"
     )
@@ -301,7 +301,7 @@ def test_audit_options_come_from_a_config_file_and_print_config_shows_them(embed
         main(["audit", "--config", str(config), "--batch-size", "8", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert stop.value.code == 0
-    assert printed["percentile"] == 90.0 and printed["batch_size"] == 8 and printed["embedder"] == str(embedder_ckpt)
+    assert printed["percentile"] == 90.0 and printed["batch_size"] == 8 and printed["embedder"] == [str(embedder_ckpt)]
     summary = main(["audit", "--config", str(config)])
     assert summary["percentile"] == 90.0 and summary["detector"]["n_positive"] == 4
 
