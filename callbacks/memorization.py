@@ -30,6 +30,7 @@ from torch.utils.data import Subset
 
 from datamodules.transforms import variation_batches, variation_transform
 from errors import InputError
+from lightning_modules.base import MemwatchModule
 from lightning_modules.plugins import embedder_name, load_embedder
 from memorization import detect_copies, frechet_distance
 from memorization.chance import (
@@ -271,7 +272,13 @@ class MemorizationCallback(Callback):
                     logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
 
     def _check_samples(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refuse, before training, a generator whose samples the embedder cannot take (one cheap draw)."""
+        """Refuse, before training, a user's generator whose samples the embedder cannot take (one cheap draw).
+
+        memwatch's own generators are left out: their samples are tested to fit, and the LDM cannot
+        sample before its first training batch has set the latent scale.
+        """
+        if isinstance(pl_module, MemwatchModule):
+            return
         name = type(pl_module).__name__
         with torch.no_grad():
             images = pl_module.sample(2, seed=(self.seed, 0), num_inference_steps=1, sample_batch_size=2, start_index=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -49,6 +50,27 @@ def top1_retrieval(queries: torch.Tensor, references: torch.Tensor) -> torch.Ten
 def _id_key(image_id: str) -> int:
     """A 63-bit key of an image id, equal on every process (Python's `hash` of a str is not)."""
     return int.from_bytes(hashlib.blake2b(str(image_id).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Representation(nn.Module):
+    """What `SimCLRModule.embed` computes, as a plain module (the one `export_torchscript` traces)."""
+
+    def __init__(self, encoder: nn.Module, standardize: nn.Module, flip_invariant: bool, standardize_input: bool) -> None:
+        super().__init__()
+        self.encoder, self.standardize = encoder, standardize
+        self.flip_invariant, self.standardize_input = flip_invariant, standardize_input
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.standardize_input:
+            spatial = tuple(range(2, images.ndim))
+            mean, std = images.mean(dim=spatial, keepdim=True), images.std(dim=spatial, keepdim=True)
+            images = (images - mean) / std.clamp_min(1e-3)
+        if self.flip_invariant:
+            orbit = mirror_orbit(images)
+            embeddings = self.encoder(torch.cat(orbit)).unflatten(0, (len(orbit), -1)).mean(dim=0)
+        else:
+            embeddings = self.encoder(images)
+        return self.standardize(embeddings)
 
 
 class SimCLRModule(MemwatchModule):
@@ -249,16 +271,28 @@ class SimCLRModule(MemwatchModule):
 
     def represent(self, images: torch.Tensor) -> torch.Tensor:
         """The representation `[B, embedding_dim]` that `embed` returns (see `flip_invariant`, `standardize_input`)."""
-        if self.hparams.get("standardize_input"):
-            spatial = tuple(range(2, images.ndim))
-            mean, std = images.mean(dim=spatial, keepdim=True), images.std(dim=spatial, keepdim=True)
-            images = (images - mean) / std.clamp_min(1e-3)
-        if self.hparams.get("flip_invariant"):
-            orbit = mirror_orbit(images)
-            embeddings = self.encoder(torch.cat(orbit)).unflatten(0, (len(orbit), len(images))).mean(dim=0)
-        else:
-            embeddings = self.encoder(images)
-        return self.standardize(embeddings)
+        return self._representation()(images)
+
+    def _representation(self) -> Representation:
+        return Representation(
+            self.encoder, self.standardize, bool(self.hparams.get("flip_invariant")),
+            bool(self.hparams.get("standardize_input")),
+        )  # fmt: skip
+
+    def export_torchscript(self, path: str | Path) -> Path:
+        """Save what `embed` computes as a TorchScript file (traced), for `TorchScriptEmbedder` or use elsewhere."""
+        size = self.image_spatial_size or (32,) * self.spatial_dims
+        example = torch.rand(2, self.in_channels, *size, device=next(self.parameters()).device)
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        try:
+            with torch.no_grad():
+                traced = torch.jit.trace(self._representation(), example)
+        finally:
+            for module, training in modes:
+                module.train(training)
+        torch.jit.save(traced, str(path))
+        return Path(path)
 
     # --- training ----------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ def write_html_report(
     sections = [
         _header(summary, with_images),
         _verdict(summary),
+        _detectors_section(summary),
         "<h2>How close the synthetic images come to training images</h2>",
         f'<img class="histogram" alt="histogram of nearest-neighbour correlations" src="{_data_uri(histogram_png)}">',
         _histogram_caption(),
@@ -227,6 +228,47 @@ def _verdict(summary: Mapping[str, Any]) -> str:
             "misses copies and the counts above are likely too low. Train the embedder longer or on more images "
             "before relying on this report.</p>"
         )
+    return "\n".join(lines)
+
+
+def _detectors_section(summary: Mapping[str, Any]) -> str:
+    """One section per embedder when the audit compared several, and where they agree."""
+    detectors = summary.get("detectors") or {}
+    by_embedder = detectors.get("by_embedder") or {}
+    if len(by_embedder) < 2:
+        return ""
+    totals = {key: summary.get(key) for key in ("n_train", "n_train_patients", "n_syn", "percentile")}
+    n_syn = summary.get("n_syn")
+    among = f"among {int(n_syn)} synthetic images" if n_syn else "among the synthetic images"
+    lines = [
+        "<h2>Each detector</h2>",
+        f"<p>{len(by_embedder)} embedders counted copies. The verdict above is the first one's; a synthetic image "
+        "that any of them flags is withheld from a release.</p>",
+    ]
+    for name, numbers in by_embedder.items():
+        merged = {**totals, **numbers}
+        items = [
+            _count_sentence(merged, "n_mem_patients", "frac_mem_patients", "n_train_patients", "training patients",
+                            f"have a near-copy {among}"),
+            _count_sentence(merged, "n_copies", "frac_copies", "n_syn", "synthetic images",
+                            "are near-copies of a training image"),
+            _detector_sentence(merged),
+            _threshold_sentence(merged),
+        ]  # fmt: skip
+        lines.append(f'<section class="detector-section"><h3>{html.escape(name)}</h3><ul>')
+        lines += [f"<li>{html.escape(item)}</li>" for item in items]
+        lines.append("</ul></section>")
+    agreement = [
+        f"<li>flagged by any: {int(detectors.get('n_copies_any', 0))}; by all: {int(detectors.get('n_copies_all', 0))}</li>"
+    ]
+    for pair in detectors.get("pairwise") or []:
+        first, second = (html.escape(name) for name in pair["detectors"])
+        share = f" ({percent(pair['agreement'])} agree)" if pair.get("agreement") is not None else ""
+        agreement.append(
+            f"<li>{first} and {second}: both {pair['both']}, only {first} {pair['only_first']}, only {second} "
+            f"{pair['only_second']}, neither {pair['neither']}{share}</li>"
+        )
+    lines.append("<h3>Where they agree</h3><ul>" + "".join(agreement) + "</ul>")
     return "\n".join(lines)
 
 

@@ -1,0 +1,225 @@
+"""Plug-in models: a generator from outside the project, PixelEmbedder, a TorchScript embedder, several embedders at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cli import main
+from datamodules.phantom import render_phantom
+from errors import InputError
+from lightning_modules import SimCLRModule
+from memorization import detect_copies
+from memorization.embedders import Embedder, Generator, PixelEmbedder, TorchScriptEmbedder
+from tests.conftest import (
+    MEMORIZATION_SIZE,
+    ROOT,
+    memorization_history,
+    memorization_phantoms,
+    reference_images,
+)
+from tests.test_audit import audit_args, folders  # noqa: F401 - the planted-copies folders fixture
+
+# A user's generator in a package of their own: it stores the first training images it sees and
+# samples them back, a model that memorizes everyone. It knows nothing of memwatch.
+MEMORIZING_GENERATOR = '''
+import torch
+from lightning.pytorch import LightningModule
+
+
+class MemorizingGenerator(LightningModule):
+    def __init__(self, capacity: int = 32, spatial_size: list[int] = [32, 32], low: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer("stored", torch.zeros(capacity, 1, *spatial_size))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def training_step(self, batch, batch_idx):
+        images = batch["image"][: self.hparams.capacity - int(self.filled)]
+        self.stored[int(self.filled) : int(self.filled) + len(images)] = images.detach()
+        self.filled += len(images)
+        return (self.weight - batch["image"].mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def sample(self, n, seed=0, num_inference_steps=50, sample_batch_size=16, start_index=0):
+        rows = [i % max(int(self.filled), 1) for i in range(start_index, start_index + n)]
+        return (self.stored[rows] + self.hparams.low).clamp(max=1.0)
+'''
+
+
+@pytest.fixture(scope="module")
+def user_package(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("user_package")
+    (folder / "my_generators.py").write_text(MEMORIZING_GENERATOR)
+    return folder
+
+
+def run_with(user_package: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": f"{user_package}{os.pathsep}{ROOT}"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def generator_config(tmp_path: Path, embedder_ckpt: Path, **model_args) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(tmp_path), "name": "user"}},
+        },
+        "memorization": {"embedder_ckpt": str(embedder_ckpt), "every_n_epochs": 1, "num_inference_steps": 1},
+        "model": {"class_path": "my_generators.MemorizingGenerator", "init_args": {"spatial_size": list(MEMORIZATION_SIZE), **model_args}},
+        "data": {"class_path": "datamodules.PhantomDataModule",
+                 "init_args": {"spatial_size": list(MEMORIZATION_SIZE), "n_patients": 64, "val_fraction": 0.5, "batch_size": 16}},
+    }  # fmt: skip
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_generator_from_outside_the_project_trains_with_the_callback_and_its_checkpoint_audits(
+    user_package, embedder_ckpt, tmp_path
+):
+    config = generator_config(tmp_path, embedder_ckpt)
+    fit = run_with(user_package, "fit", "--config", str(config))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "user" / "version_0"
+    rows = memorization_history(run_dir)
+    # It stores 32 training images in its first epoch and samples them back: every one is a copy.
+    assert [int(row["check"]) for row in rows] == [0, 1]
+    assert int(rows[-1]["n_copies"]) >= 30 and int(rows[-1]["n_mem"]) >= 28, rows[-1]
+    out = tmp_path / "audit"
+    audit = run_with(
+        user_package, "audit", "--embedder", str(embedder_ckpt), "--data", str(config),
+        "--generator", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(out), "--detector-positives", "0",
+    )  # fmt: skip
+    assert audit.returncode == 0, audit.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_syn"] == 32 and summary["n_copies"] >= 30 and summary["inputs"]["generator"].endswith("last.ckpt")
+    assert len(list((out / "samples").glob("sample_*.npy"))) == 32
+
+
+def test_a_generator_whose_samples_leave_0_1_is_refused_before_training(user_package, embedder_ckpt, tmp_path):
+    config = generator_config(tmp_path, embedder_ckpt, low=-0.5)
+    result = run_with(user_package, "fit", "--config", str(config))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("error: MemorizingGenerator.sample returns values in [-0.5") and "not [0, 1]" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "user" / "version_0" / "memorization_history.csv").exists()
+
+
+def test_both_protocols_describe_memwatch_s_own_models(embedder_ckpt):
+    embedder = SimCLRModule.from_checkpoint(embedder_ckpt, "embedder")
+    assert isinstance(embedder, Embedder) and isinstance(PixelEmbedder(), Embedder)
+    assert not isinstance(embedder, Generator)
+    from tests.doubles import ScriptedGenerator
+
+    assert isinstance(ScriptedGenerator(), Generator)
+
+
+def test_pixel_embedder_with_mirror_invariance_flags_a_mirrored_copy_and_not_a_different_image():
+    data = memorization_phantoms()
+    train, val = (torch.stack(list(reference_images(data, split).values())) for split in ("train", "val"))
+    novel = torch.from_numpy(render_phantom("novel-0001", MEMORIZATION_SIZE))[None]
+    synthetic = torch.cat([train[:1].flip(-1), novel])
+    found = {}
+    for mirror_invariant in (True, False):
+        embedder = PixelEmbedder(size=(16, 16), mirror_invariant=mirror_invariant)
+        report = detect_copies(embedder.embed(train), embedder.embed(val), embedder.embed(synthetic))
+        found[mirror_invariant] = report
+    invariant = found[True]
+    assert invariant.is_copy.tolist() == [True, False]
+    assert int(invariant.nn_train_index[0]) == 0 and float(invariant.nn_train_corr[0]) == pytest.approx(1.0, abs=1e-5)
+    # without the invariance the mirrored copy is further from its source than from itself
+    assert float(found[False].nn_train_corr[0]) < float(invariant.nn_train_corr[0]) - 1e-3
+
+
+def test_a_torchscript_export_reproduces_the_simclr_embeddings(embedder_ckpt, tmp_path):
+    simclr = SimCLRModule.from_checkpoint(embedder_ckpt, "embedder")
+    path = simclr.export_torchscript(tmp_path / "embedder.pt")
+    scripted = TorchScriptEmbedder(str(path), spatial_size=MEMORIZATION_SIZE)
+    images = torch.stack(list(reference_images(memorization_phantoms(), "val").values()))[:5]  # not the trace's batch size
+    assert scripted.embedding_dim == simclr.embedding_dim
+    torch.testing.assert_close(scripted.embed(images), simclr.embed(images), atol=1e-5, rtol=1e-5)
+
+
+def test_a_bad_torchscript_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a torchscript archive")
+    with pytest.raises(InputError, match=r"TorchScript embedder .*broken.pt cannot be loaded .*torch.jit.save"):
+        TorchScriptEmbedder(str(tmp_path / "broken.pt"), spatial_size=MEMORIZATION_SIZE)
+    wrong = torch.jit.script(torch.nn.Flatten(0))  # one vector for the whole batch
+    torch.jit.save(wrong, str(tmp_path / "flat.pt"))
+    with pytest.raises(InputError, match=r"returns \[2048\] for 2 images, not \[2, L\]"):
+        TorchScriptEmbedder(str(tmp_path / "flat.pt"), spatial_size=MEMORIZATION_SIZE)
+
+
+def test_several_embedders_in_one_audit_count_what_each_counts_alone(embedder_ckpt, folders, tmp_path):  # noqa: F811
+    size = [str(s) for s in MEMORIZATION_SIZE]
+    common = ["--detector-positives", "4", "--spatial-size", *size]
+    both = main([*audit_args(embedder_ckpt, folders, tmp_path / "both", "--embedder", "pixel"), *common])
+    simclr = main([*audit_args(embedder_ckpt, folders, tmp_path / "simclr"), *common])
+    pixel_args = audit_args(embedder_ckpt, folders, tmp_path / "pixel")
+    pixel_args[pixel_args.index("--embedder") + 1] = "pixel"
+    pixel = main([*pixel_args, *common])
+    detectors = both["detectors"]
+    assert list(detectors["by_embedder"]) == ["embedder.ckpt", "pixel"]
+    for name, alone in [("embedder.ckpt", simclr), ("pixel", pixel)]:
+        mine = detectors["by_embedder"][name]
+        for key in ("tau", "n_mem", "n_copies", "n_mem_patients", "null_frac_copies"):
+            assert mine[key] == pytest.approx(alone[key]), (name, key)
+        assert mine["copy_syn_ids"] == alone["copy_syn_ids"] and mine["detector"] == alone["detector"]
+    assert both["n_copies"] == simclr["n_copies"]  # the first embedder sets the headline
+    flagged = [set(simclr["copy_syn_ids"]), set(pixel["copy_syn_ids"])]
+    assert set(detectors["copies_any"]) == flagged[0] | flagged[1] and set(detectors["copies_all"]) == flagged[0] & flagged[1]
+    (pair,) = detectors["pairwise"]
+    assert pair["both"] + pair["only_first"] + pair["only_second"] + pair["neither"] == both["n_syn"]
+    page = (tmp_path / "both" / "report.html").read_text()
+    assert page.count('class="detector-section"') == 2 and "pixel" in page
+
+
+def test_pixel_alone_needs_the_image_size(embedder_ckpt, folders, tmp_path, capsys):  # noqa: F811
+    args = audit_args(embedder_ckpt, folders, tmp_path / "out")
+    args[args.index("--embedder") + 1] = "pixel"
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert "give the images' size with --spatial-size" in capsys.readouterr().err
+
+
+def test_the_callback_counts_with_pixel_embedder_from_yaml(tmp_path):
+    from tests.conftest import scripted_config
+
+    config = scripted_config(tmp_path, Path("unused"), copy_from_epoch=0, max_epochs=1, early_stop=False)
+    written = yaml.safe_load(config.read_text())
+    del written["memorization"]["embedder_ckpt"]
+    written["memorization"]["embedder"] = {
+        "class_path": "memorization.embedders.PixelEmbedder", "init_args": {"size": [16, 16]},
+    }  # fmt: skip
+    config.write_text(yaml.safe_dump(written))
+    cli = main(["fit", "--config", str(config)])
+    (row,) = memorization_history(Path(cli.trainer.log_dir))
+    assert int(row["n_copies"]) >= 24, row  # the scripted generator copies 12 patients in every sample
+
+
+@pytest.mark.parametrize("spec", ["pixel:8"])
+def test_embedder_specifications_are_understood(spec):
+    from lightning_modules.plugins import load_embedder
+
+    embedder = load_embedder(spec, "embedder", spatial_dims=3)
+    assert isinstance(embedder, PixelEmbedder) and embedder.size == (8, 8, 8)
+    assert embedder.embed(torch.rand(2, 1, 12, 12, 12)).shape == (2, 512)
+    assert np.isfinite(embedder.embed(torch.zeros(1, 1, 8, 8, 8)).numpy()).all()
