@@ -123,7 +123,7 @@ def test_print_config(config, capsys):
     assert printed["model"]["class_path"].startswith("lightning_modules.")
     assert printed["data"]["class_path"].startswith("datamodules.")
     assert printed["checkpoint"]["save_last"] is True
-    if "_ldm" in config.stem:
+    if "_ldm" in config.stem or config.stem.endswith("_ddpm"):
         assert printed["memorization"]["class_path"] == "callbacks.MemorizationCallback"
         assert printed["memorization"]["init_args"]["embedder_ckpt"].endswith("simclr/version_0/checkpoints/last.ckpt")
         assert printed["early_stopping"]["init_args"]["monitor"] == "memorization/excess_frac_mem"

@@ -1,0 +1,261 @@
+"""Unconditional DDPMs: what the latent and the pixel-space model share, and the pixel-space model.
+
+`DiffusionModule` holds MONAI's `DiffusionModelUNet`, DDPM training (noise or v prediction)
+and DDIM/DDPM sampling in a space of its subclass's choosing: `LatentDiffusionModule` works in
+a frozen autoencoder's latents, `PixelDiffusionModule` (here) on the images themselves, scaled to
+`[-1, 1]`. `sample(n, seed)` makes sample `i` a function of `(seed, i)` only, never of the batch
+size, the rank or the world size: that is what makes memorization counts identical on 1 or N
+processes, for either model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from errors import InputError
+from lightning_modules.base import MemwatchModule, nearest_multiple
+
+
+def sample_generator(
+    seed: int | Sequence[int], index: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A generator seeded from `(seed..., index)` through NumPy's SeedSequence (no collisions between pairs)."""
+    entropy = [*(seed if isinstance(seed, Sequence) else [seed]), index]
+    state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class DiffusionModule(MemwatchModule):
+    """DDPM training and sampling in the space `to_model_space` maps images to.
+
+    Subclasses build `self.unet` (`build_unet`), set `self.spatial_dims`, `self.image_channels`,
+    `self.model_channels` and `self.downsample` (model-space size = image size // it), and
+    define `to_model_space(images)`, `to_images(x)` (into `[0, 1]`) and `clip_sample`.
+    """
+
+    clip_sample = False  # latents have unit std, not a [-1, 1] range: clipping x0 would distort them
+    downsample = 1
+
+    def build_unet(self, in_channels: int) -> DiffusionModelUNet:
+        hp = self.hparams
+        if hp.prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"prediction_type={hp.prediction_type!r} must be 'epsilon' or 'v_prediction'")
+        if any(c % hp.norm_num_groups for c in hp.channels):
+            raise InputError(f"channels={list(hp.channels)} must all be multiples of norm_num_groups={hp.norm_num_groups}")
+        return DiffusionModelUNet(
+            spatial_dims=self.spatial_dims,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            channels=tuple(hp.channels),
+            attention_levels=tuple(hp.attention_levels) if hp.attention_levels else (False,) * len(hp.channels),
+            num_res_blocks=hp.num_res_blocks,
+            num_head_channels=hp.num_head_channels,
+            norm_num_groups=hp.norm_num_groups,
+            use_flash_attention=torch.cuda.is_available() if hp.use_flash_attention is None else hp.use_flash_attention,
+        )
+
+    def _make_scheduler(self, kind: Literal["ddpm", "ddim"]) -> DDPMScheduler | DDIMScheduler:
+        hp = self.hparams
+        cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
+        return cls(
+            num_train_timesteps=hp.num_train_timesteps,
+            schedule=hp.schedule,
+            beta_start=hp.beta_start,
+            beta_end=hp.beta_end,
+            prediction_type=hp.prediction_type,
+            clip_sample=self.clip_sample,
+        )
+
+    def check_data(self, datamodule: LightningDataModule) -> None:
+        super().check_data(datamodule)
+        factor = self.downsample * 2 ** (len(self.hparams.channels) - 1)
+        size = list(datamodule.spatial_size)
+        if any(s % factor for s in size):
+            fixed = [nearest_multiple(s, factor) for s in size]
+            parts = f"autoencoder ×{self.downsample}, UNet ×{factor // self.downsample}" if self.downsample > 1 else "the UNet's downsampling"
+            raise InputError(
+                f"data spatial_size={size} is not divisible by {factor} ({parts}): set --data.init_args.spatial_size {fixed}"
+            )
+
+    # --- subclass hooks ------------------------------------------------------------------
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ready_to_sample(self) -> str | None:
+        """Why this model cannot sample yet, or `None`."""
+        if self.image_spatial_size is None:
+            return "this model does not know its image size: sample from a checkpoint written by fit, or fit it first"
+        return None
+
+    # --- training ----------------------------------------------------------------------
+
+    def _diffusion_loss(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(
+            z.shape, generator=generator, device=generator.device if generator else z.device
+        ).to(z)
+        timesteps = torch.randint(
+            0,
+            self.scheduler.num_train_timesteps,
+            (z.shape[0],),
+            generator=generator,
+            device=generator.device if generator else z.device,
+        ).to(z.device)
+        noisy = self.scheduler.add_noise(original_samples=z, noise=noise, timesteps=timesteps)
+        prediction = self.unet(noisy, timesteps=timesteps)
+        target = (
+            noise
+            if self.hparams.prediction_type == "epsilon"
+            else self.scheduler.get_velocity(z, noise, timesteps)
+        )
+        return F.mse_loss(prediction.float(), target.float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._diffusion_loss(self.to_model_space(batch["image"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if not self.can_validate():
+            return
+        generator = torch.Generator().manual_seed(batch_idx)  # same noise every epoch: comparable curves
+        loss = self._diffusion_loss(self.to_model_space(batch["image"]), generator=generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["id"]))
+
+    def can_validate(self) -> bool:
+        return True
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)
+
+    # --- sampling ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        seed: int | Sequence[int] = 0,
+        num_inference_steps: int | None = None,
+        scheduler: Literal["ddim", "ddpm"] = "ddim",
+        sample_batch_size: int | None = None,
+        start_index: int = 0,
+    ) -> torch.Tensor:
+        """Draw `n` images, `[n, C, *spatial]` in `[0, 1]`, on this module's device.
+
+        Sample `start_index + k` is a function of `(seed, start_index + k)` only: its initial
+        noise (and, for DDPM, its per-step noise) comes from its own generator, so it does not
+        depend on `sample_batch_size`, on the other samples, on the rank or the world size.
+        `seed` may be a tuple, e.g. `(seed, check)`, to draw fresh samples per check.
+        DDIM (eta 0) is deterministic given the initial noise.
+
+        Under autocast (e.g. Lightning's `trainer.precision_plugin.forward_context()` with
+        `bf16-mixed`) only the UNet (and decoder) forwards run in low precision: the initial and
+        per-step noise, the model-space tensors and the scheduler's arithmetic stay float32, and
+        the images come back float32.
+        """
+        problem = self.ready_to_sample()
+        if problem:
+            raise InputError(problem)
+        steps = num_inference_steps or self.hparams.num_inference_steps
+        batch_size = sample_batch_size or self.hparams.sample_batch_size
+        shape = (self.model_channels, *(s // self.downsample for s in self.image_spatial_size))
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [
+                self._sample_indices(range(first, min(first + batch_size, start_index + n)), seed, steps, scheduler, shape)
+                for first in range(start_index, start_index + n, batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks) if chunks else torch.empty(0, self.image_channels, *self.image_spatial_size)
+
+    def _sample_indices(
+        self, indices: range, seed: int | Sequence[int], steps: int, kind: str, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        if kind not in ("ddim", "ddpm"):
+            raise InputError(f"scheduler={kind!r} must be 'ddim' or 'ddpm'")
+        scheduler = self._make_scheduler(kind)
+        scheduler.set_timesteps(num_inference_steps=steps, device=self.device)
+        x = torch.stack(
+            [torch.randn(shape, generator=sample_generator(seed, i), dtype=torch.float32) for i in indices]
+        ).to(self.device)
+        step_generators = [sample_generator(seed, i, self.device) for i in indices] if kind == "ddpm" else []
+        for t in scheduler.timesteps:
+            timesteps = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
+            prediction = self.unet(x, timesteps=timesteps).float()  # the UNet in the caller's precision
+            with torch.autocast(self.device.type, enabled=False):  # the scheduler in float32, always
+                if kind == "ddim":
+                    x, _ = scheduler.step(prediction, int(t), x)
+                else:
+                    x = torch.cat(
+                        [
+                            scheduler.step(prediction[k : k + 1], int(t), x[k : k + 1], generator=g)[0]
+                            for k, g in enumerate(step_generators)
+                        ]
+                    )
+        return self.to_images(x).float().clamp(0.0, 1.0)
+
+
+class PixelDiffusionModule(DiffusionModule):
+    """An unconditional DDPM on the images themselves (no autoencoder), 2D or 3D, with the LDM's `sample` contract.
+
+    Images in `[0, 1]` are trained on as `2x − 1` (DDPM's `[-1, 1]`, with the predicted clean
+    image clipped there while sampling) and sampled back into `[0, 1]`. Without an autoencoder
+    every UNet pass runs at full resolution: use it on small images (the phantoms, patches).
+
+    Args:
+        spatial_dims: 2 or 3; must match the data.
+        in_channels: image channels.
+        channels, attention_levels, num_res_blocks, num_head_channels, use_flash_attention,
+        norm_num_groups, num_train_timesteps, schedule, beta_start, beta_end, prediction_type,
+        lr, sample_batch_size, num_inference_steps: as `LatentDiffusionModule`'s.
+    """
+
+    train_command = "python cli.py fit --config configs/<dataset>_ddpm.yaml"
+    clip_sample = True
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 64),
+        attention_levels: Sequence[bool] | None = None,
+        num_res_blocks: int = 1,
+        num_head_channels: int = 32,
+        use_flash_attention: bool | None = None,
+        norm_num_groups: int = 32,
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+        lr: float = 2.5e-4,
+        sample_batch_size: int = 16,
+        num_inference_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if spatial_dims not in (2, 3):
+            raise InputError(f"spatial_dims={spatial_dims} must be 2 or 3: set --model.init_args.spatial_dims")
+        self.spatial_dims = spatial_dims
+        self.image_channels = self.model_channels = in_channels
+        self.unet = self.build_unet(in_channels)
+        self.scheduler = self._make_scheduler("ddpm")
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * 2.0 - 1.0
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 1.0) / 2.0
