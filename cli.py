@@ -148,6 +148,14 @@ def print_audit(summary: dict) -> None:
             f"({detector['n_positive']} varied training / {detector['n_negative']} held-out images)",
         )
     table.add_row(f"τ ({summary['percentile']:g}th percentile)", f"{summary['tau']:.4f}")
+    detectors = summary.get("detectors") or {}
+    if len(detectors.get("by_embedder") or {}) > 1:
+        for name, numbers in detectors["by_embedder"].items():
+            table.add_row(
+                f"embedder {name}: patients memorized / copies",
+                f"{numbers['n_mem_patients']} / {numbers['n_copies']} (τ {numbers['tau']:.4f})",
+            )
+        table.add_row("copies flagged by any / by every embedder", f"{detectors['n_copies_any']} / {detectors['n_copies_all']}")
     for key, label in [
         ("fd", "Fréchet distance (embeddings, vs validation)"),
         ("ms_ssim", "MS-SSIM between samples"),

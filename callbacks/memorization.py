@@ -87,8 +87,9 @@ class MemorizationCallback(Callback):
 
     Args:
         embedder_ckpt: checkpoint of a trained `SimCLRModule` (trained on the training images).
-        embedder: instead of `embedder_ckpt`, any `memorization.embedders.Embedder`: `pixel`, or a
-            `{class_path, init_args}` mapping (`memorization.embedders.TorchScriptEmbedder`, ...).
+        embedder: any `memorization.embedders.Embedder`: `pixel`, or a `{class_path, init_args}`
+            mapping (`memorization.embedders.TorchScriptEmbedder`, ...); when given, it replaces
+            `embedder_ckpt`.
         every_n_epochs: epochs between checks.
         check_at_start: also check at the end of the first epoch (a baseline near chance level,
             and a value for EarlyStopping from the start); off by default, since at the paper's
@@ -158,13 +159,13 @@ class MemorizationCallback(Callback):
             raise InputError(f"sample_batch_size={sample_batch_size} must be at least 1")
         if not 0.0 < percentile < 100.0:
             raise InputError(f"percentile={percentile} must lie in (0, 100), e.g. 95")
-        if (embedder_ckpt is None) == (embedder is None):
+        if embedder_ckpt is None and embedder is None:
             raise InputError(
                 "MemorizationCallback needs its embedder: embedder_ckpt (a SimCLR checkpoint, "
                 f"{EMBEDDER_OPTION} PATH) or embedder (pixel, or a class_path/init_args mapping, "
-                "--memorization.embedder), not both"
+                "--memorization.embedder)"
             )
-        self.embedder_ckpt = str(embedder_ckpt) if embedder_ckpt is not None else embedder_name(embedder)
+        self.embedder_ckpt = embedder_name(embedder) if embedder is not None else str(embedder_ckpt)
         if embedder is not None:
             self.embedder = load_embedder(embedder, "memorization.embedder")
         else:

@@ -55,6 +55,10 @@ class MemorizingGenerator(LightningModule):
     def sample(self, n, seed=0, num_inference_steps=50, sample_batch_size=16, start_index=0):
         rows = [i % max(int(self.filled), 1) for i in range(start_index, start_index + n)]
         return (self.stored[rows] + self.hparams.low).clamp(max=1.0)
+
+
+class NotAGenerator(MemorizingGenerator):
+    sample = None
 '''
 
 
@@ -120,6 +124,14 @@ def test_a_generator_whose_samples_leave_0_1_is_refused_before_training(user_pac
     assert errors[0].startswith("error: MemorizingGenerator.sample returns values in [-0.5") and "not [0, 1]" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "user" / "version_0" / "memorization_history.csv").exists()
+
+
+def test_a_model_without_sample_is_refused_before_training(user_package, embedder_ckpt, tmp_path):
+    config = generator_config(tmp_path, embedder_ckpt)
+    result = run_with(user_package, "fit", "--config", str(config), "--model.class_path", "my_generators.NotAGenerator")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("error: MemorizationCallback needs a model with sample(); NotAGenerator has none")
 
 
 def test_both_protocols_describe_memwatch_s_own_models(embedder_ckpt):
