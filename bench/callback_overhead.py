@@ -6,7 +6,7 @@ Trains the demo's autoencoder and SimCLR embedder (configs/phantom_ae.yaml, phan
 into a temporary directory, then fits configs/phantom_ldm.yaml three times, each through the CLI
 (`cli.main`, what `python cli.py` runs) in its own subprocess:
 
-- `baseline`: the callback removed from `trainer.callbacks` (EMA kept): fit time without checks;
+- `baseline`: the `memorization:` section set to null (EMA kept): fit time without checks;
 - `one_process`: the config as it is (1 process);
 - `two_processes`: `--trainer.devices 2 --trainer.strategy ddp --trainer.accelerator cpu` (gloo).
 
@@ -23,7 +23,7 @@ Each process (every DDP rank) measures itself in-process and writes its own JSON
   `seconds_gather` (waiting in the gather for the other ranks), `seconds_embed_detect` (embedding the
   samples + `detect_copies`) and `seconds_quality`;
 - `reference_seconds`: wall time of `on_fit_start` (training and validation embeddings, once per fit);
-- `reference_embeddings_computed` (the callback's counter) and the number of `_embed_split` calls;
+- `reference_embeddings_computed` (the callback's counter) and the number of `_embed_reference` calls;
 - the wall time between the ends of two training steps (stamped by the EMA callback's batch-end hook,
   in the baseline too), and the time of the callback's epoch-end hooks outside the checks.
 
@@ -113,7 +113,7 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
         setattr(MemorizationCallback, hook, timed("hooks", getattr(MemorizationCallback, hook)))
     MemorizationCallback._check = timed("check", MemorizationCallback._check)
     MemorizationCallback.on_fit_start = timed("reference", MemorizationCallback.on_fit_start)
-    MemorizationCallback._embed_split = counted(MemorizationCallback._embed_split)
+    MemorizationCallback._embed_reference = counted(MemorizationCallback._embed_reference)
 
     trainer = cli.main(cli_args).trainer
     memorization = [c for c in trainer.callbacks if isinstance(c, MemorizationCallback)]
@@ -175,10 +175,9 @@ def ldm_fit(name: str, tmp: Path, autoencoder: Path, embedder: Path, steps: int,
     """One LDM fit in a worker subprocess; the per-rank measurements and the machine's CPU use around it."""
     result_dir = tmp / f"result_{name}"
     callbacks = (
-        [f"--trainer.callbacks={json.dumps([EMA, TIMER])}"]
+        [f"--trainer.callbacks={json.dumps([EMA, TIMER])}", "--memorization", "null", "--early_stopping", "null"]
         if name == "baseline"
-        else ["--trainer.callbacks.init_args.embedder_ckpt", str(embedder),
-              f"--trainer.callbacks+={TIMER['class_path']}", "--trainer.callbacks.init_args.interval=step"]
+        else ["--memorization.embedder_ckpt", str(embedder), f"--trainer.callbacks={json.dumps([EMA, TIMER])}"]
     )  # fmt: skip
     command = [sys.executable, __file__, "--worker", str(result_dir),
                "fit", "--config", "configs/phantom_ldm.yaml",
