@@ -176,7 +176,7 @@ def print_audit(summary: dict) -> None:
 def print_verification(result: dict) -> bool:
     """Say whether a released folder still matches its manifest; True when it does."""
     if result["verified"]:
-        print(f"verified: the {result['n_files']} files of {result['dir']} match its manifest (audit of {result['created']})")
+        print(f"verified: the {result['n_files']} file{'s' if result['n_files'] != 1 else ''} of {result['dir']} match its manifest (audit of {result['created']})")
         return True
     for change in ("changed", "added", "missing"):
         for name in result[change]:
