@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -62,7 +61,7 @@ from memorization.chance import (
     positive_rows,
 )
 from memorization.detect import CopyReport
-from memorization.embedders import Embedder, Generator
+from memorization.embedders import Embedder, Generator, probe_generator
 from memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
 from memorization.report import check_output_folder, copy_order, staged_output, write_report
 from memorization.stats import CI_METHOD, headline
@@ -363,17 +362,7 @@ def check_generator(
             f"{list(size)}: pass the embedder trained on that model's data"
         )
     channels = next(iter(embedders.values())).in_channels
-    with torch.no_grad():
-        probe = generator.sample(2, seed=args.seed, num_inference_steps=1, sample_batch_size=2, start_index=0)
-    if not isinstance(probe, torch.Tensor) or list(probe.shape) != [2, channels, *size]:
-        shape = list(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
-        raise InputError(
-            f"{name}: sample(2) returns {shape}, but the embedder takes {[2, channels, *size]}: pass the generator "
-            "trained on this data, or make its sample() return [n, C, *spatial] images"
-        )
-    low, high = float(probe.min()), float(probe.max())
-    if not (math.isfinite(low) and math.isfinite(high)) or low < -1e-4 or high > 1 + 1e-4:
-        raise InputError(f"{name}: its samples lie in [{low:.3g}, {high:.3g}], not [0, 1]: scale (or clip) them to [0, 1]")
+    probe_generator(generator, args.seed, channels, size, f"{type(generator).__name__} ({name})")
     trained_on = getattr(generator, "training_patients", None)
     if trained_on is None:
         return

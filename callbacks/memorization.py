@@ -45,6 +45,7 @@ from memorization.chance import (
 )
 from memorization.detect import CopyReport, nearest_correlation
 from memorization.distributed import fail_together, gather_rows, paired_shard, shard
+from memorization.embedders import probe_generator
 from memorization.report import copy_order, staged_output, viewable, write_report
 from memorization.stats import CI_METHOD, headline, logged_scalars
 from memorization.stream import Progress, Stopwatch, chunked, embed_stream, rng_preserved
@@ -280,23 +281,8 @@ class MemorizationCallback(Callback):
         """
         if isinstance(pl_module, MemwatchModule):
             return
-        name = type(pl_module).__name__
-        with torch.no_grad():
-            images = pl_module.sample(2, seed=(self.seed, 0), num_inference_steps=1, sample_batch_size=2, start_index=0)
         size = getattr(trainer.datamodule, "spatial_size", None)
-        expected = [2, self.embedder.in_channels, *(size or images.shape[2:])]
-        if not isinstance(images, torch.Tensor) or list(images.shape) != expected:
-            shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise InputError(
-                f"{name}.sample(2) returns {shape}, but the embedder takes {expected} ([n, channels, *the data's "
-                "spatial_size]): make sample return images of the data's size"
-            )
-        low, high = float(images.min()), float(images.max())
-        if not (math.isfinite(low) and math.isfinite(high)) or low < -1e-4 or high > 1 + 1e-4:
-            raise InputError(
-                f"{name}.sample returns values in [{low:.3g}, {high:.3g}], not [0, 1]: scale (or clip) the samples "
-                "to [0, 1], the range of the training images they are compared with"
-            )
+        probe_generator(pl_module, (self.seed, 0), self.embedder.in_channels, size, type(pl_module).__name__)
 
     def _embed_reference(self, trainer: Trainer, pl_module: LightningModule, split: str) -> torch.Tensor:
         datamodule = trainer.datamodule

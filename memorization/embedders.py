@@ -9,6 +9,7 @@ with `torch.jit.save`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -57,6 +58,31 @@ class Embedder(Protocol):
     training_patients: list[str] | None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def probe_generator(
+    generator: Generator, seed: int | tuple[int, ...], in_channels: int, spatial_size: Sequence[int] | None, name: str
+) -> None:
+    """Draw 2 samples with 1 inference step; `InputError` unless they are `[2, in_channels, *spatial_size]`
+    (any size when `None`) in `[0, 1]`. A cheap check of a user's generator before anything runs for real."""
+    with torch.no_grad():
+        images = generator.sample(2, seed=seed, num_inference_steps=1, sample_batch_size=2, start_index=0)
+    if isinstance(images, torch.Tensor) and images.ndim >= 3:
+        expected = [2, in_channels, *(spatial_size if spatial_size is not None else images.shape[2:])]
+    else:
+        expected = [2, in_channels, *(spatial_size or ["..."])]
+    if not isinstance(images, torch.Tensor) or list(images.shape) != expected:
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InputError(
+            f"{name}.sample(2) returns {shape}, but the embedder takes {expected} ([n, channels, *the data's "
+            "spatial_size]): make sample return images of the data's size"
+        )
+    low, high = float(images.min()), float(images.max())
+    if not (math.isfinite(low) and math.isfinite(high)) or low < -1e-4 or high > 1 + 1e-4:
+        raise InputError(
+            f"{name}.sample returns values in [{low:.3g}, {high:.3g}], not [0, 1]: scale (or clip) the samples "
+            "to [0, 1], the range of the training images they are compared with"
+        )
 
 
 def mirror_orbit(images: torch.Tensor) -> list[torch.Tensor]:
