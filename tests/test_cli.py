@@ -404,22 +404,29 @@ def test_every_flag_the_project_names_exists():
     named = named_flags()
     assert {"memorization.embedder_ckpt", "early_stopping.divergence_threshold", "verify-release", "embedder"} <= named.keys()
     audit_options = audit_parser()._option_string_actions
-    defaults = {config: parsed("--config", str(config)) for config in CONFIGS}
-    missing = {}
+    defaults: dict[Path, dict] = {}  # parsed on first need: each parse builds a whole LightningCLI
+
+    def default_of(config: Path, key: str):
+        if config not in defaults:
+            defaults[config] = parsed("--config", str(config))
+        return defaults[config].get(key, ParsedConfig)
+
+    missing, given_per_config = {}, {}
     for flag, where in sorted(named.items()):
         if f"--{flag}" in audit_options or flag in ("config", "print_config", "help", *OTHER_TOOLS):
             continue
         section, _, rest = flag.partition(".")
         keys = [flag, f"{section}.init_args.{rest}"]
-        config, key = next(
-            ((c, k) for c in CONFIGS for k in keys if rest and defaults[c].get(k, ParsedConfig) is not ParsedConfig),
-            (None, None),
-        )
-        if config is None:
+        found = next(((c, k) for c in CONFIGS for k in keys if rest and default_of(c, k) is not ParsedConfig), None)
+        if found is None:
             missing[flag] = where
             continue
-        value = defaults[config].get(key)
+        given_per_config.setdefault(found[0], []).append((flag, found[1], default_of(*found)))
+    for config, flags in given_per_config.items():
         # parses (jsonargparse rejects an unknown key) and lands where the flag says
-        given = parsed("--config", str(config), f"--{flag}", value if isinstance(value, str) else json.dumps(value, default=vars_of))
-        assert str(given.get(key)) == str(value), flag
+        args = [part for flag, _, value in flags
+                for part in (f"--{flag}", value if isinstance(value, str) else json.dumps(value, default=vars_of))]  # fmt: skip
+        given = parsed("--config", str(config), *args)
+        for flag, key, value in flags:
+            assert str(given.get(key)) == str(value), flag
     assert not missing, missing
