@@ -220,7 +220,10 @@ class PixelDiffusionModule(DiffusionModule):
         in_channels: image channels.
         channels, attention_levels, num_res_blocks, num_head_channels, use_flash_attention,
         norm_num_groups, num_train_timesteps, schedule, beta_start, beta_end, prediction_type,
-        lr, sample_batch_size, num_inference_steps: as `LatentDiffusionModule`'s.
+        lr, sample_batch_size, num_inference_steps: as `LatentDiffusionModule`'s, with
+        pixel-space defaults: Ho et al.'s linear betas, and v-prediction at lr 1e-3 (on the
+        phantoms, epsilon prediction at 2.5e-4 still drew grey, noisy images after 1500 steps;
+        BENCHMARKS.md).
     """
 
     train_command = "python cli.py fit --config configs/<dataset>_ddpm.yaml"
@@ -240,8 +243,8 @@ class PixelDiffusionModule(DiffusionModule):
         schedule: str = "linear_beta",
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
-        prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
-        lr: float = 2.5e-4,
+        prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction",
+        lr: float = 1e-3,
         sample_batch_size: int = 16,
         num_inference_steps: int = 50,
     ) -> None:

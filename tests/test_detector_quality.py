@@ -94,7 +94,7 @@ def test_the_benchmark_at_a_tiny_size_retrieves_planted_copies_and_scores_them_a
         [
             "--families", "vessels", "--n-train", "32", "--n-val", "24", "--n-copies", "12", "--n-novel", "16",
             "--size", "32", "--work-dir", str(tmp_path), "--threads", "1",
-            "--fit-arg=--trainer.max_steps=100", "--fit-arg=--model.init_args.channels=[16,32,64,128]",
+            "--fit-arg=--trainer.max_steps=50", "--fit-arg=--model.init_args.channels=[16,32,64,128]",
             "--fit-arg=--model.init_args.embedding_dim=32",
         ]
     )  # fmt: skip
@@ -103,8 +103,8 @@ def test_the_benchmark_at_a_tiny_size_retrieves_planted_copies_and_scores_them_a
     for key in ("sensitivity", "specificity", "n_copies_flagged", "n_novel_flagged", "fit_seconds", "tau", "sensitivity_ci"):
         assert key in family
     assert family["n_copies"] == 12 and family["n_novel"] == 16 and family["fit_seconds"] > 0
-    # Chance retrieval is 1/32; measured 1.00 with the flip-invariant default (0.83 before), copies' median correlation 0.90 against
-    # 0.64 for novel images (0.78 against 0.71 before). At this size τ is too coarse for sensitivity to be
+    # Chance retrieval is 1/32; measured 1.00 with the flip-invariant default (0.83 before), copies' median correlation 0.88 against
+    # 0.59 for novel images after these 50 steps (0.90 against 0.64 after 100). At this size τ is too coarse for sensitivity to be
     # a stable claim (24 held-out images); the correlation gap and the retrieval are.
     assert family["retrieved"] >= 0.5, family
     assert family["median_correlation_copies"] > family["median_correlation_novel"], family
