@@ -2,6 +2,7 @@
 
     python bench/check_memory.py                                  # n_samples 64 and 1024, 64×64, batch 16
     python bench/check_memory.py --n-samples 64 1024 --size 128 --sample-batch-size 16
+    python bench/check_memory.py --jobs 2                         # two workers at once, one core each
 
 Each run is a fresh process: it builds a generator of seeded phantom variations (sample `i` a
 function of `i`, like the LDM's) and a real `SimCLRModule` (ResNet-18-sized, random weights:
@@ -20,6 +21,7 @@ import os
 import resource
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,22 +81,29 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="images are size × size")
     parser.add_argument("--sample-batch-size", type=int, default=16)
     parser.add_argument("--embedder", choices=sorted(EMBEDDERS), default="resnet18")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes at once, the cores shared among them")
     parser.add_argument("--worker", choices=["streamed", "held"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(one_check(args.n_samples[0], args.size, args.sample_batch_size, args.worker, args.embedder)))
         return
     figures: dict = {"size": [args.size, args.size], "sample_batch_size": args.sample_batch_size, "embedder": args.embedder}
+    # A fixed mmap threshold: glibc's adaptive one keeps freed blocks resident, hiding new allocations.
+    # Each worker measures only its own peak, so workers may run at once.
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+
+    def run_worker(mode: str, n: int) -> dict:
+        command = [sys.executable, __file__, "--worker", mode, "--n-samples", str(n), "--size", str(args.size),
+                   "--sample-batch-size", str(args.sample_batch_size), "--embedder", args.embedder]  # fmt: skip
+        output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
+        return json.loads(output.strip().splitlines()[-1])
+
+    runs = [(mode, n) for n in sorted(args.n_samples, reverse=True) for mode in ("streamed", "held")]  # longest first
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = dict(zip(runs, pool.map(lambda run: run_worker(*run), runs), strict=True))
     for mode in ("streamed", "held"):
-        runs = []
-        for n in args.n_samples:
-            command = [sys.executable, __file__, "--worker", mode, "--n-samples", str(n), "--size", str(args.size),
-                       "--sample-batch-size", str(args.sample_batch_size), "--embedder", args.embedder]  # fmt: skip
-            # A fixed mmap threshold: glibc's adaptive one keeps freed blocks resident, hiding new allocations.
-            environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            output = subprocess.run(command, capture_output=True, text=True, check=True, env=environment).stdout
-            runs.append(json.loads(output.strip().splitlines()[-1]))
-        figures[mode] = runs
+        figures[mode] = [results[mode, n] for n in args.n_samples]
     first, last = figures["streamed"][0], figures["streamed"][-1]
     figures["streamed_peak_ratio"] = round(last["peak_rss_mib"] / first["peak_rss_mib"], 3)
     figures["held_peak_ratio"] = round(figures["held"][-1]["peak_rss_mib"] / figures["held"][0]["peak_rss_mib"], 3)

@@ -74,7 +74,8 @@ def _instantiate(spec: Mapping[str, Any], option: str) -> Embedder:
 
 
 def embedder_name(spec: EmbedderSpec) -> str:
-    """A short name for reports: the checkpoint's file name, `pixel`, or the class and its file."""
+    """A short name for reports: the checkpoint's file name (after its run, `name/version/`, when it lies in
+    a run's `checkpoints/`: every run has a `last.ckpt`), `pixel`, or the class and its file."""
     if isinstance(spec, str) and spec.lstrip().startswith("{"):
         spec = yaml.safe_load(spec)
     if isinstance(spec, Mapping):
@@ -83,7 +84,11 @@ def embedder_name(spec: EmbedderSpec) -> str:
         return f"{cls}({Path(path).name})" if path else cls
     if str(spec).startswith("pixel"):
         return str(spec)
-    return Path(spec).name
+    path = Path(spec)
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        run = path.parent.parent
+        return f"{run.parent.name}/{run.name}/{path.name}" if run.parent.name else f"{run.name}/{path.name}"
+    return path.name
 
 
 def load_generator(path: str, option: str) -> LightningModule:

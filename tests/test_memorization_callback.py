@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,8 +177,8 @@ def test_resume_continues_the_history_without_gaps_or_repeats(embedder_ckpt, tmp
 
 def test_one_and_two_processes_report_the_same_counts(embedder_ckpt, tmp_path):
     config = scripted_config(tmp_path, embedder_ckpt, copy_from_epoch=0, max_epochs=2, early_stop=False)
-    runs = {}
-    for devices in (1, 2):
+
+    def fit_on(devices: int) -> list[dict]:
         save_dir = tmp_path / f"devices{devices}"
         result = run_cli(
             "fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(save_dir),
@@ -185,7 +186,10 @@ def test_one_and_two_processes_report_the_same_counts(embedder_ckpt, tmp_path):
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         (run_dir,) = save_dir.glob("scripted/version_*")
-        runs[devices] = memorization_history(run_dir)
+        return memorization_history(run_dir)
+
+    with ThreadPoolExecutor(2) as pool:  # independent runs, each mostly importing: at once
+        runs = {devices: history for devices, history in zip((1, 2), pool.map(fit_on, (1, 2)), strict=True)}
     keys = ("check", "epoch", "n_mem", "n_copies", "tau")
     assert [[r[k] for k in keys] for r in runs[1]] == [[r[k] for k in keys] for r in runs[2]]
     assert int(runs[1][0]["n_mem"]) > 0

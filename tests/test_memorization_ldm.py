@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -91,15 +92,18 @@ def test_one_and_two_processes_agree_on_one_ldm_with_uneven_sizes(autoencoder_ck
     start = tmp_path / "ldm" / "start" / "checkpoints" / "last.ckpt"
     config["trainer"] |= {"max_epochs": 3, "callbacks": [callback]}
     path.write_text(yaml.safe_dump(config))
-    runs = {}
-    for devices in (1, 2):
+
+    def fit_on(devices: int) -> list[dict]:
         result = run_cli(
             "fit", "--config", str(path), "--ckpt_path", str(start), "--trainer.devices", str(devices),
             "--trainer.strategy", "ddp" if devices == 2 else "auto",
             "--trainer.logger.init_args.version", f"devices{devices}",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[devices] = memorization_history(tmp_path / "ldm" / f"devices{devices}")
+        return memorization_history(tmp_path / "ldm" / f"devices{devices}")
+
+    with ThreadPoolExecutor(2) as pool:  # independent runs from one checkpoint, each mostly importing: at once
+        runs = {devices: history for devices, history in zip((1, 2), pool.map(fit_on, (1, 2)), strict=True)}
     assert [row["epoch"] for row in runs[1]] == ["1", "2"]  # resumed at epoch 1: no epoch-0 check
     for one, two in zip(runs[1], runs[2], strict=True):
         assert [one[k] for k in ("check", "epoch", "n_mem", "n_copies")] == [

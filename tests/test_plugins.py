@@ -227,6 +227,21 @@ def test_the_callback_counts_with_pixel_embedder_from_yaml(tmp_path):
     assert int(row["n_copies"]) >= 24, row  # the scripted generator copies 12 patients in every sample
 
 
+@pytest.mark.parametrize(
+    ("spec", "name"),
+    [
+        ("runs/phantom_simclr/version_3/checkpoints/last.ckpt", "phantom_simclr/version_3/last.ckpt"),
+        ("/data/embedder.ckpt", "embedder.ckpt"),
+        ("pixel:8", "pixel:8"),
+        ("{class_path: memorization.embedders.TorchScriptEmbedder, init_args: {path: /m/net.pt}}", "TorchScriptEmbedder(net.pt)"),
+    ],
+)
+def test_reports_name_an_embedder_by_its_run_and_file(spec, name):
+    from lightning_modules.plugins import embedder_name
+
+    assert embedder_name(spec) == name
+
+
 @pytest.mark.parametrize("spec", ["pixel:8"])
 def test_embedder_specifications_are_understood(spec):
     from lightning_modules.plugins import load_embedder

@@ -104,7 +104,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_samples():
     # bench/check_memory.py measures RSS in fresh processes; holding every image at once is its control.
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "check_memory.py"), "--n-samples", "32", "544", "--size", "96",
-         "--embedder", "small"],
+         "--embedder", "small", "--jobs", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
