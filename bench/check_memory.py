@@ -90,8 +90,9 @@ def main() -> None:
     figures: dict = {"size": [args.size, args.size], "sample_batch_size": args.sample_batch_size, "embedder": args.embedder}
     # A fixed mmap threshold: glibc's adaptive one keeps freed blocks resident, hiding new allocations.
     # Each worker measures only its own peak, so workers may run at once.
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    if args.jobs > 1:  # the cores shared out; one job keeps the caller's thread settings, as before --jobs
+        environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
     def run_worker(mode: str, n: int) -> dict:
         command = [sys.executable, __file__, "--worker", mode, "--n-samples", str(n), "--size", str(args.size),
