@@ -36,7 +36,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import instantiate_class
-from monai.data import DataLoader, Dataset
+from monai.data import Dataset
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd, SelectItemsd
 
 from datamodules import DicomDataModule, FolderDataModule, MedicalImageDataModule, is_dicom_folder
@@ -65,7 +65,7 @@ from memorization.embedders import Embedder, Generator, probe_generator
 from memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
 from memorization.report import check_output_folder, copy_order, staged_output, write_report
 from memorization.stats import CI_METHOD, headline
-from memorization.stream import EmbeddedStream, Progress, chunked, embed_stream
+from memorization.stream import EmbeddedStream, Progress, blocks, dataset_blocks, embed_stream
 
 # The per-embedder numbers in summary.json's `detectors`, beside the headline (the first embedder's).
 DETECTOR_KEYS = (
@@ -480,19 +480,22 @@ def _inputs(args: Namespace) -> dict[str, Any]:
 def sample_chunks(
     generator: Generator, folder: Path, n: int, seed: int, num_inference_steps: int, batch_size: int
 ) -> Iterator[torch.Tensor]:
-    """Draw `n` samples in chunks of `batch_size`, writing `sample_{i:06d}.npy` (float32 `[*spatial]` in `[0, 1]`) as they come."""
+    """Draw `n` samples in blocks of `batch_size` (as the callback draws them), writing `sample_{i:06d}.npy`
+    (float32 `[*spatial]` in `[0, 1]`) as they come."""
     folder.mkdir(parents=True)
 
     def draw(indices: range) -> torch.Tensor:
-        images = generator.sample(
+        return generator.sample(
             len(indices), seed=seed, num_inference_steps=num_inference_steps,
             sample_batch_size=batch_size, start_index=indices.start,
         )  # fmt: skip
-        for offset, image in enumerate(images.float().cpu().numpy()):
-            np.save(folder / f"sample_{indices.start + offset:06d}.npy", image[0])
-        return images
 
-    return chunked(draw, range(n), batch_size)
+    start = 0
+    for images in blocks(draw, range(n), batch_size):
+        for offset, image in enumerate(images.float().cpu().numpy()):
+            np.save(folder / f"sample_{start + offset:06d}.npy", image[0])
+        start += len(images)
+        yield images
 
 
 def embed(
@@ -500,9 +503,9 @@ def embed(
     name: str, score_pairs: bool = False,
 ) -> EmbeddedStream:
     """Embeddings `[N, L]` of a dataset's images in order (and the MS-SSIM of pairs (2k, 2k+1)), in one read."""
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    images = dataset_blocks(dataset, range(len(dataset)), args.batch_size, args.num_workers)
     return embed_stream(
-        (batch["image"].to(device) for batch in loader), embed_images, score_pairs=score_pairs, device=device,
+        (block.to(device) for block in images), embed_images, score_pairs=score_pairs, device=device,
         progress=progress(args, f"embedding the {name} images", len(dataset)),
     )  # fmt: skip
 

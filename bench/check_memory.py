@@ -47,7 +47,7 @@ def one_check(n_samples: int, size: int, sample_batch_size: int, mode: str, embe
     from datamodules.transforms import vary
     from lightning_modules import SimCLRModule
     from memorization.detect import nearest_correlation
-    from memorization.stream import chunked, embed_stream
+    from memorization.stream import blocks, embed_stream
 
     torch.manual_seed(0)
     embedder = SimCLRModule(**EMBEDDERS[embedder_size]).eval()
@@ -58,13 +58,13 @@ def one_check(n_samples: int, size: int, sample_batch_size: int, mode: str, embe
 
     reference = embedder.embed(sample(range(16)))
     options = dict(score_pairs=True, keep=16, rank_by=lambda e: nearest_correlation(e, reference))
-    embed_stream(chunked(sample, range(sample_batch_size), sample_batch_size), embedder.embed, **options)
+    embed_stream(blocks(sample, range(sample_batch_size), sample_batch_size), embedder.embed, **options)
     before = peak_rss_mib()
     if mode == "streamed":
-        result = embed_stream(chunked(sample, range(n_samples), sample_batch_size), embedder.embed, **options)
+        result = embed_stream(blocks(sample, range(n_samples), sample_batch_size), embedder.embed, **options)
         kept = len(result.embeddings)
     else:  # the control: every sample held at once, then embedded chunk by chunk
-        held = torch.cat(list(chunked(sample, range(n_samples), sample_batch_size)))
+        held = torch.cat(list(blocks(sample, range(n_samples), sample_batch_size)))
         kept = len(embed_stream(held.split(sample_batch_size), embedder.embed, **options).embeddings)
     assert kept == n_samples
     return {

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import csv
 import datetime
+import inspect
 import json
 import math
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,6 @@ from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from monai.data import DataLoader
-from torch.utils.data import Subset
 
 from datamodules.transforms import variation_batches, variation_transform
 from errors import InputError
@@ -44,11 +45,20 @@ from memorization.chance import (
     weak_detector_warning,
 )
 from memorization.detect import CopyReport, nearest_correlation
-from memorization.distributed import fail_together, gather_rows, paired_shard, shard
+from memorization.distributed import block_shard, distributed, fail_together, gather_rows
 from memorization.embedders import probe_generator
 from memorization.report import copy_order, staged_output, viewable, write_report
 from memorization.stats import CI_METHOD, headline, logged_scalars
-from memorization.stream import Progress, Stopwatch, chunked, embed_stream, rng_preserved
+from memorization.stream import (
+    EmbeddedStream,
+    Progress,
+    Stopwatch,
+    blocks,
+    dataset_blocks,
+    deterministic_kernels,
+    embed_stream,
+    rng_preserved,
+)
 
 MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
 EMBEDDER_OPTION = "--memorization.embedder_ckpt"  # how cli.py sets embedder_ckpt, named in errors
@@ -60,10 +70,17 @@ TENSORBOARD_LAYOUT = {
             "Multiline",
             ["memorization/n_mem", "memorization/n_copies"],
         ],
-        "fraction memorized and fraction of copies": ["Multiline", ["memorization/frac_mem", "memorization/frac_copies"]],
+        "fraction memorized and fraction of copies": [
+            "Multiline",
+            ["memorization/frac_mem", "memorization/frac_copies"],
+        ],
         "fraction of training patients memorized, 95% interval": [
             "Margin",
-            ["memorization/frac_mem_patients", "memorization/frac_mem_patients_low", "memorization/frac_mem_patients_high"],
+            [
+                "memorization/frac_mem_patients",
+                "memorization/frac_mem_patients_low",
+                "memorization/frac_mem_patients_high",
+            ],
         ],
         "fraction memorized above chance (excess) and chance level": [
             "Multiline",
@@ -72,6 +89,10 @@ TENSORBOARD_LAYOUT = {
         "Fréchet distance in embedder space (synthetic vs validation)": ["Multiline", ["memorization/fd"]],
         "MS-SSIM between synthetic samples (lower: more diverse)": ["Multiline", ["memorization/ms_ssim"]],
         "threshold τ": ["Multiline", ["memorization/tau"]],
+        "cost: a check's seconds, and its share of the training time since the previous check": [
+            "Multiline",
+            ["memorization/check_seconds", "memorization/overhead"],
+        ],
         "loss": ["Multiline", ["train/loss", "val/loss"]],
     }
 }
@@ -97,7 +118,17 @@ class MemorizationCallback(Callback):
             scale a check costs 15–30 minutes.
         n_samples: synthetic images per check; default the training-set size (the paper's N_syn = N_train).
         num_inference_steps: DDIM steps per sample.
-        sample_batch_size: images per sampling and embedding pass; a check holds O(this) images.
+        sample_batch_size: images per sampling (UNet) and embedding pass; a check holds O(this)
+            images. Samples and reference images are drawn in fixed blocks of this many, aligned to
+            global indices, and ranks take whole blocks: every image is computed in the same batch
+            on any number of GPUs, so the counts are the same bitwise.
+        decode_batch_size: latents decoded to images at a time (default: `sample_batch_size`); in 3D
+            the decoder's full-resolution activations limit the batch, not the UNet's. Passed to the
+            generator's `sample` (memwatch's diffusion modules take it).
+        sampler_graphs: replay the sampling step's UNet forward as a CUDA graph (memwatch's diffusion
+            modules; a no-op with one notice on a CPU).
+        max_overhead: warn when a check takes more than this share of the training time since the
+            previous check (`memorization/overhead`, logged with `memorization/check_seconds`).
         percentile: τ is this percentile of the training→validation nearest-neighbour correlations.
         seed: sample `i` of check `k` is seeded by `(seed, k, i)`.
         log_images: also log the most similar copy pairs (training image | synthetic copy) to
@@ -148,16 +179,27 @@ class MemorizationCallback(Callback):
         variation: dict[str, Any] | None = None,
         progress_seconds: float | None = 30.0,
         embedder: str | dict[str, Any] | None = None,
+        decode_batch_size: int | None = None,
+        sampler_graphs: bool = False,
+        max_overhead: float = 0.25,
     ) -> None:
         super().__init__()
         if detector_positives < 0:
-            raise InputError(f"detector_positives={detector_positives} must be at least 0 (0 skips the self-check)")
+            raise InputError(
+                f"detector_positives={detector_positives} must be at least 0 (0 skips the self-check)"
+            )
         if every_n_epochs < 1:
             raise InputError(f"every_n_epochs={every_n_epochs} must be at least 1")
         if n_samples is not None and n_samples < 1:
             raise InputError(f"n_samples={n_samples} must be at least 1 (or null for the training-set size)")
         if sample_batch_size < 1:
-            raise InputError(f"sample_batch_size={sample_batch_size} must be at least 1")
+            raise InputError(f"--memorization.sample_batch_size={sample_batch_size} must be at least 1")
+        if decode_batch_size is not None and decode_batch_size < 1:
+            raise InputError(
+                f"--memorization.decode_batch_size={decode_batch_size} must be at least 1 (or null for sample_batch_size)"
+            )
+        if not 0.0 < max_overhead <= 10.0:
+            raise InputError(f"--memorization.max_overhead={max_overhead} must lie in (0, 10], e.g. 0.25")
         if not 0.0 < percentile < 100.0:
             raise InputError(f"percentile={percentile} must lie in (0, 100), e.g. 95")
         if embedder_ckpt is None and embedder is None:
@@ -176,6 +218,10 @@ class MemorizationCallback(Callback):
         self.n_samples = n_samples
         self.num_inference_steps = num_inference_steps
         self.sample_batch_size = sample_batch_size
+        self.decode_batch_size = decode_batch_size
+        self.sampler_graphs = sampler_graphs
+        self.max_overhead = max_overhead
+        self._training_since: float | None = None  # when training resumed after the previous check
         self.percentile = percentile
         self.seed = seed
         self.log_images = log_images
@@ -228,6 +274,23 @@ class MemorizationCallback(Callback):
                 if problem:
                     raise InputError(problem)
 
+    def check_sampler_options(self, generator: LightningModule, device: torch.device) -> None:
+        """Raise `InputError` for a sampler option the generator cannot take; a notice where it does nothing."""
+        if self.decode_batch_size is not None and not accepts_keyword(generator.sample, "decode_batch_size"):
+            raise InputError(
+                f"--memorization.decode_batch_size: {type(generator).__name__}.sample takes no decode_batch_size: "
+                "leave it unset, or add the keyword to sample"
+            )
+        if self.sampler_graphs and not callable(getattr(generator, "sampler_graphs", None)):
+            raise InputError(
+                f"--memorization.sampler_graphs: {type(generator).__name__} has no sampler_graphs() to capture its "
+                "sampling step (memwatch's diffusion modules have one): set --memorization.sampler_graphs false"
+            )
+        if self.sampler_graphs and device.type != "cuda":
+            rank_zero_info(
+                "memorization.sampler_graphs: CUDA graphs need a GPU; on this CPU sampling runs as without"
+            )
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "sample", None)):
             raise InputError(
@@ -235,6 +298,7 @@ class MemorizationCallback(Callback):
                 "sample(n, seed, num_inference_steps=..., sample_batch_size=..., start_index=...) as "
                 "memorization.embedders.Generator describes, returning [n, C, *spatial] images in [0, 1]"
             )
+        self.check_sampler_options(pl_module, trainer.strategy.root_device)
         if trainer.datamodule is not None:
             self.check_data(trainer.datamodule)
         self.check_trainer(trainer)
@@ -245,9 +309,20 @@ class MemorizationCallback(Callback):
     # --- reference embeddings, once per fit --------------------------------------------
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        with rng_preserved(pl_module.device), fail_together(pl_module.device, "checking the generator's samples"):
+        with (
+            rng_preserved(pl_module.device),
+            fail_together(pl_module.device, "checking the generator's samples"),
+        ):
             self._check_samples(trainer, pl_module)
-        with rng_preserved(pl_module.device), fail_together(pl_module.device, "embedding the reference images"):
+            if self.sampler_graphs and pl_module.device.type == "cuda":
+                probe = getattr(pl_module, "probe_sampler_graphs", None)
+                if probe is not None:
+                    with trainer.precision_plugin.forward_context():
+                        probe(self.sample_batch_size)
+        with (
+            rng_preserved(pl_module.device),
+            fail_together(pl_module.device, "embedding the reference images"),
+        ):
             self.embedder.to(pl_module.device)
             self._train = self._embed_reference(trainer, pl_module, "train")
             self._val = self._embed_reference(trainer, pl_module, "val")
@@ -262,7 +337,10 @@ class MemorizationCallback(Callback):
         if self.detector is not None:
             for logger in trainer.loggers:
                 logger.log_metrics(
-                    {f"memorization/detector_{key}": getattr(self.detector, key) for key in ("sensitivity", "specificity")},
+                    {
+                        f"memorization/detector_{key}": getattr(self.detector, key)
+                        for key in ("sensitivity", "specificity")
+                    },
                     step=trainer.global_step,
                 )
             weak = weak_detector_warning(self.detector.sensitivity, self.detector.n_positive, EMBEDDER_OPTION)
@@ -287,12 +365,10 @@ class MemorizationCallback(Callback):
     def _embed_reference(self, trainer: Trainer, pl_module: LightningModule, split: str) -> torch.Tensor:
         datamodule = trainer.datamodule
         dataset = datamodule.reference_dataset(split)
-        mine = shard(len(dataset), trainer.global_rank, trainer.world_size)
-        loader = DataLoader(
-            Subset(dataset, mine), batch_size=self.sample_batch_size, num_workers=getattr(datamodule, "num_workers", 0)
-        )
+        mine = block_shard(len(dataset), self.sample_batch_size, trainer.global_rank, trainer.world_size)
+        images = dataset_blocks(dataset, mine, self.sample_batch_size, getattr(datamodule, "num_workers", 0))
         local = embed_stream(
-            (batch["image"].to(pl_module.device) for batch in loader),
+            (block.to(pl_module.device) for block in images),
             self.embedder.embed,
             autocast=trainer.precision_plugin.forward_context,
             device=pl_module.device,
@@ -311,14 +387,16 @@ class MemorizationCallback(Callback):
         """Embeddings of variations of evenly spaced training images (the self-check's positives), on every rank."""
         dataset = trainer.datamodule.reference_dataset("train")
         rows = positive_rows(len(dataset), self.detector_positives)
-        mine = shard(len(rows), trainer.global_rank, trainer.world_size)
+        mine = block_shard(len(rows), self.sample_batch_size, trainer.global_rank, trainer.world_size)
+
+        def vary_block(block: range) -> torch.Tensor:
+            padded = [rows[min(k, len(rows) - 1)] for k in block]  # the last block repeats its last row
+            return next(
+                variation_batches(dataset, padded, len(block), self.seed, self._variation, block.start)
+            )
+
         local = embed_stream(
-            (
-                images.to(pl_module.device)
-                for images in variation_batches(
-                    dataset, rows[mine.start : mine.stop], self.sample_batch_size, self.seed, self._variation, mine.start
-                )
-            ),
+            (images.to(pl_module.device) for images in blocks(vary_block, mine, self.sample_batch_size)),
             self.embedder.embed,
             autocast=trainer.precision_plugin.forward_context,
             device=pl_module.device,
@@ -333,7 +411,9 @@ class MemorizationCallback(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Only the validation that ends a training epoch; before EarlyStopping and ModelCheckpoint read it.
-        at_epoch_end = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and trainer.is_last_batch
+        at_epoch_end = (
+            trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and trainer.is_last_batch
+        )
         if at_epoch_end and self._due(trainer):
             self._check(trainer, pl_module)
 
@@ -358,37 +438,52 @@ class MemorizationCallback(Callback):
     def _generator(self, trainer: Trainer, pl_module: LightningModule) -> LightningModule:
         """The EMA copy of the model where a weight-averaging callback keeps one, else the model."""
         for callback in trainer.callbacks:
-            averaged = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+            averaged = (
+                getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+            )
             if averaged is not None and averaged.n_averaged > 0:
                 # During validation the averaging callback swaps its weights into the model until its own
                 # on_validation_epoch_end; listed after this callback, it has not swapped them back yet.
                 if trainer.validating and trainer.callbacks.index(callback) > trainer.callbacks.index(self):
                     return pl_module
-                averaged.module.image_spatial_size = pl_module.image_spatial_size
+                if hasattr(
+                    pl_module, "image_spatial_size"
+                ):  # memwatch's modules learn their size from the data
+                    averaged.module.image_spatial_size = pl_module.image_spatial_size
                 return averaged.module
         return pl_module
 
     def _check(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        with rng_preserved(pl_module.device):
+        with rng_preserved(pl_module.device), deterministic_kernels():
             self._check_without_randomness(trainer, pl_module)
 
-    def _check_without_randomness(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        device = pl_module.device
-        check_index = len(self.history)
-        where = f"check {check_index} (epoch {trainer.current_epoch}, step {trainer.global_step})"
-        n_samples = self.n_samples or len(self._train)
-        mine = paired_shard(n_samples, trainer.global_rank, trainer.world_size)
-        generator = self._generator(trainer, pl_module)
+    def _sample_and_embed(
+        self, trainer: Trainer, generator: LightningModule, check_index: int, where: str
+    ) -> EmbeddedStream:
+        """This rank's whole blocks of the check's samples, drawn and embedded one block at a time."""
+        device = generator.device
+        mine = block_shard(
+            self.n_samples or len(self._train),
+            self.sample_batch_size,
+            trainer.global_rank,
+            trainer.world_size,
+        )
+        options = {} if self.decode_batch_size is None else {"decode_batch_size": self.decode_batch_size}
 
-        def draw(indices: range) -> torch.Tensor:
+        def draw(block: range) -> torch.Tensor:
             return generator.sample(
-                len(indices), seed=(self.seed, check_index), num_inference_steps=self.num_inference_steps,
-                sample_batch_size=self.sample_batch_size, start_index=indices.start,
+                len(block), seed=(self.seed, check_index), num_inference_steps=self.num_inference_steps,
+                sample_batch_size=self.sample_batch_size, start_index=block.start, **options,
             )  # fmt: skip
 
-        with fail_together(device, "sampling"):
-            local = embed_stream(
-                chunked(draw, mine, self.sample_batch_size),
+        graphs = generator.sampler_graphs() if self.sampler_graphs else nullcontext()
+        with (
+            fail_together(device, "sampling"),
+            graphs,
+            out_of_memory_named(self.sample_batch_size, self.decode_batch_size),
+        ):
+            return embed_stream(
+                blocks(draw, mine, self.sample_batch_size),
                 self.embedder.embed,
                 first_index=mine.start,
                 score_pairs=True,
@@ -400,6 +495,17 @@ class MemorizationCallback(Callback):
                 device=device,
                 progress=self._progress(trainer, f"memorization {where}: samples", len(mine)),
             )
+
+    def _check_without_randomness(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        device = pl_module.device
+        started = Stopwatch(device)
+        training_seconds = started.last - self._training_since if self._training_since is not None else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        check_index = len(self.history)
+        where = f"check {check_index} (epoch {trainer.current_epoch}, step {trainer.global_step})"
+        n_samples = self.n_samples or len(self._train)
+        local = self._sample_and_embed(trainer, self._generator(trainer, pl_module), check_index, where)
         clock = Stopwatch(device)
         synthetic = gather_rows(self._as_embeddings(local.embeddings, device))  # waits for the slowest rank
         pair_scores = gather_rows(local.pair_scores.to(device))
@@ -411,7 +517,9 @@ class MemorizationCallback(Callback):
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             **headline(report, self._train_patients, self._chance),
-            "fd": frechet_distance(synthetic, self._val) if min(len(synthetic), len(self._val)) >= 2 else None,
+            "fd": frechet_distance(synthetic, self._val)
+            if min(len(synthetic), len(self._val)) >= 2
+            else None,
             "ms_ssim": float(pair_scores.double().mean()) if len(pair_scores) else None,
         }
         # What a check costs this rank, in seconds (the CSV shows it; bench/callback_overhead.py reads it).
@@ -421,7 +529,9 @@ class MemorizationCallback(Callback):
             "seconds_embed_detect": round(local.seconds["embed"] + detecting, 4),
             "seconds_quality": round(local.seconds["pairs"] + clock.lap(), 4),
         }
+        row |= self._cost(started.lap(), training_seconds, device)
         self.history.append(row)
+        self._warn_if_costly(row, device)
         self._safe_to_save = self._within_limits(trainer, row)
         for key, value in self._scalars(row).items():
             # Into callback_metrics, where EarlyStopping and ModelCheckpoint read it; loggers get it below.
@@ -440,6 +550,47 @@ class MemorizationCallback(Callback):
                     self._log_copy_pairs(trainer, report, copies)
                 if self.output_dir is not None:
                     self._write_report(trainer, report, row, n_samples, copies)
+        self._training_since = Stopwatch(device).last
+
+    @staticmethod
+    def _cost(
+        check_seconds: float, training_seconds: float | None, device: torch.device
+    ) -> dict[str, float | None]:
+        """`check_seconds` and `overhead` (÷ the training seconds since the previous check), the slowest rank's."""
+        seconds = torch.tensor(
+            [check_seconds, -1.0 if training_seconds is None else training_seconds], device=device
+        )
+        if distributed():
+            torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+        check, training = seconds.tolist()
+        return {
+            "check_seconds": round(check, 3),
+            "overhead": round(check / training, 4) if training > 0 else None,
+        }
+
+    def _warn_if_costly(self, row: dict[str, Any], device: torch.device) -> None:
+        if row["overhead"] is not None and row["overhead"] > self.max_overhead:
+            rank_zero_warn(
+                f"memorization check {row['check']} took {row['check_seconds']:.1f} s, {row['overhead']:.2f} of the "
+                f"training time since the previous check (max_overhead {self.max_overhead:g}): check less often "
+                "(--memorization.every_n_epochs) or fewer samples (--memorization.n_samples); on a GPU sample larger "
+                "blocks (--memorization.sample_batch_size, with --memorization.decode_batch_size to keep decoding "
+                "within memory) and --memorization.sampler_graphs true"
+            )
+        if device.type == "cuda":
+            peak, total = (
+                torch.cuda.max_memory_allocated(device),
+                torch.cuda.get_device_properties(device).total_memory,
+            )
+            if peak > 0.9 * total:
+                rank_zero_warn(
+                    f"memorization check {row['check']} peaked at {peak / 2**30:.1f} of {total / 2**30:.0f} GiB: "
+                    f"a larger block would not fit; lower --memorization.decode_batch_size (now "
+                    f"{self.decode_batch_size or self.sample_batch_size}) before --memorization.sample_batch_size"
+                )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._training_since = Stopwatch(pl_module.device).last
 
     def _within_limits(self, trainer: Trainer, row: dict[str, Any]) -> str | None:
         """Why the check in `row` stays within every memorization EarlyStopping's divergence_threshold,
@@ -453,26 +604,46 @@ class MemorizationCallback(Callback):
             value = scalars.get(stopper.monitor)
             if value is None or not math.isfinite(value):
                 return None
-            below = value <= stopper.divergence_threshold if stopper.mode == "min" else value >= stopper.divergence_threshold
+            below = (
+                value <= stopper.divergence_threshold
+                if stopper.mode == "min"
+                else value >= stopper.divergence_threshold
+            )
             if not below:
                 return None
-            reasons.append(f"{stopper.monitor} = {value:.4g} {'≤' if stopper.mode == 'min' else '≥'} {stopper.divergence_threshold:g}")
+            reasons.append(
+                f"{stopper.monitor} = {value:.4g} {'≤' if stopper.mode == 'min' else '≥'} {stopper.divergence_threshold:g}"
+            )
         return ", ".join(reasons) or None
 
     def _save_last_safe(self, trainer: Trainer, reason: str) -> None:
         """`last_safe.ckpt` beside `last.ckpt` (every rank takes part, as in any checkpoint save)."""
         checkpoint = trainer.checkpoint_callback
-        folder = getattr(checkpoint, "dirpath", None) or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        folder = (
+            getattr(checkpoint, "dirpath", None)
+            or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        )
         path = Path(folder) / "last_safe.ckpt"
         trainer.save_checkpoint(path)
         row = self.history[-1]
-        rank_zero_info(f"memorization check {row['check']} (step {row['step']}) within the limit ({reason}): saved {path}")
+        rank_zero_info(
+            f"memorization check {row['check']} (step {row['step']}) within the limit ({reason}): saved {path}"
+        )
 
     @staticmethod
     def _scalars(row: dict[str, Any]) -> dict[str, float]:
         # fd and ms_ssim are None when there are too few samples to compute them.
-        skip = {"check", "epoch", "step", "n_train", "n_train_patients", "n_syn"}
-        return logged_scalars({k: v for k, v in row.items() if k not in skip and not k.startswith("seconds_")})
+        skip = {
+            "check",
+            "epoch",
+            "step",
+            "n_train",
+            "n_train_patients",
+            "n_syn",
+        }  # check_seconds, overhead: logged
+        return logged_scalars(
+            {k: v for k, v in row.items() if k not in skip and not k.startswith("seconds_")}
+        )
 
     def _gather_shown(
         self, trainer: Trainer, report: CopyReport, kept: dict[int, torch.Tensor], device: torch.device
@@ -497,8 +668,12 @@ class MemorizationCallback(Callback):
     def _log_histograms(self, trainer: Trainer, report: CopyReport) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram("memorization/rho_nn_val", report.nn_val_corr.cpu(), trainer.global_step)
-                logger.experiment.add_histogram("memorization/rho_nn_syn", report.nn_syn_corr.cpu(), trainer.global_step)
+                logger.experiment.add_histogram(
+                    "memorization/rho_nn_val", report.nn_val_corr.cpu(), trainer.global_step
+                )
+                logger.experiment.add_histogram(
+                    "memorization/rho_nn_syn", report.nn_syn_corr.cpu(), trainer.global_step
+                )
 
     def _log_copy_pairs(self, trainer: Trainer, report: CopyReport, copies: dict[int, torch.Tensor]) -> None:
         if not copies:
@@ -510,10 +685,17 @@ class MemorizationCallback(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 images = torch.stack(pairs)[:, None]  # [pairs, 1, H, 2W]: training image | synthetic copy
-                logger.experiment.add_images("memorization/copies", images, trainer.global_step, dataformats="NCHW")
+                logger.experiment.add_images(
+                    "memorization/copies", images, trainer.global_step, dataformats="NCHW"
+                )
 
     def _write_report(
-        self, trainer: Trainer, report: CopyReport, row: dict[str, Any], n_samples: int, copies: dict[int, torch.Tensor]
+        self,
+        trainer: Trainer,
+        report: CopyReport,
+        row: dict[str, Any],
+        n_samples: int,
+        copies: dict[int, torch.Tensor],
     ) -> None:
         check = row["check"]
         summary = {
@@ -544,11 +726,16 @@ class MemorizationCallback(Callback):
     def _write_history(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / "memorization_history.csv").open("w", newline="") as handle:
-            columns = dict.fromkeys(key for row in self.history for key in row)  # rows resumed from older runs may lack some
+            columns = dict.fromkeys(
+                key for row in self.history for key in row
+            )  # rows resumed from older runs may lack some
             writer = csv.DictWriter(handle, fieldnames=list(columns))
             writer.writeheader()
             # intervals as JSON lists, "[low, high]"
-            writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in self.history)
+            writer.writerows(
+                {k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()}
+                for row in self.history
+            )
 
     # --- resume ------------------------------------------------------------------------
 
@@ -613,3 +800,21 @@ def stale_early_stopping(
         )
     return None
 
+
+def accepts_keyword(method: Callable, name: str) -> bool:
+    """Whether `method` takes the keyword `name` (named, or through `**kwargs`)."""
+    parameters = inspect.signature(method).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+@contextmanager
+def out_of_memory_named(sample_batch_size: int, decode_batch_size: int | None) -> Iterator[None]:
+    """A check that runs out of GPU memory is one line naming the options that size its blocks."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise InputError(
+            f"a memorization check ran out of GPU memory with blocks of sample_batch_size={sample_batch_size} "
+            f"(decode_batch_size={decode_batch_size or sample_batch_size}): lower --memorization.decode_batch_size "
+            "first (decoding to full-size images takes the most), then --memorization.sample_batch_size"
+        ) from None

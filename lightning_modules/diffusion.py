@@ -10,7 +10,8 @@ processes, for either model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -49,17 +50,23 @@ class DiffusionModule(MemwatchModule):
         if hp.prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"prediction_type={hp.prediction_type!r} must be 'epsilon' or 'v_prediction'")
         if any(c % hp.norm_num_groups for c in hp.channels):
-            raise InputError(f"channels={list(hp.channels)} must all be multiples of norm_num_groups={hp.norm_num_groups}")
+            raise InputError(
+                f"channels={list(hp.channels)} must all be multiples of norm_num_groups={hp.norm_num_groups}"
+            )
         return DiffusionModelUNet(
             spatial_dims=self.spatial_dims,
             in_channels=in_channels,
             out_channels=in_channels,
             channels=tuple(hp.channels),
-            attention_levels=tuple(hp.attention_levels) if hp.attention_levels else (False,) * len(hp.channels),
+            attention_levels=tuple(hp.attention_levels)
+            if hp.attention_levels
+            else (False,) * len(hp.channels),
             num_res_blocks=hp.num_res_blocks,
             num_head_channels=hp.num_head_channels,
             norm_num_groups=hp.norm_num_groups,
-            use_flash_attention=torch.cuda.is_available() if hp.use_flash_attention is None else hp.use_flash_attention,
+            use_flash_attention=torch.cuda.is_available()
+            if hp.use_flash_attention is None
+            else hp.use_flash_attention,
         )
 
     def _make_scheduler(self, kind: Literal["ddpm", "ddim"]) -> DDPMScheduler | DDIMScheduler:
@@ -80,7 +87,11 @@ class DiffusionModule(MemwatchModule):
         size = list(datamodule.spatial_size)
         if any(s % factor for s in size):
             fixed = [nearest_multiple(s, factor) for s in size]
-            parts = f"autoencoder ×{self.downsample}, UNet ×{factor // self.downsample}" if self.downsample > 1 else "the UNet's downsampling"
+            parts = (
+                f"autoencoder ×{self.downsample}, UNet ×{factor // self.downsample}"
+                if self.downsample > 1
+                else "the UNet's downsampling"
+            )
             raise InputError(
                 f"data spatial_size={size} is not divisible by {factor} ({parts}): set --data.init_args.spatial_size {fixed}"
             )
@@ -150,6 +161,7 @@ class DiffusionModule(MemwatchModule):
         scheduler: Literal["ddim", "ddpm"] = "ddim",
         sample_batch_size: int | None = None,
         start_index: int = 0,
+        decode_batch_size: int | None = None,
     ) -> torch.Tensor:
         """Draw `n` images, `[n, C, *spatial]` in `[0, 1]`, on this module's device.
 
@@ -157,7 +169,13 @@ class DiffusionModule(MemwatchModule):
         noise (and, for DDPM, its per-step noise) comes from its own generator, so it does not
         depend on `sample_batch_size`, on the other samples, on the rank or the world size.
         `seed` may be a tuple, e.g. `(seed, check)`, to draw fresh samples per check.
-        DDIM (eta 0) is deterministic given the initial noise.
+        DDIM (eta 0) is deterministic given the initial noise. (On a GPU the rounding also depends on
+        the batch an image is computed in: the memorization check draws fixed blocks for that.)
+
+        The UNet runs on `sample_batch_size` images at a time and the decoder back to images on
+        `decode_batch_size` (default: the same): in 3D the decoder's full-resolution activations, not
+        the UNet's, limit the batch. Timesteps are Python ints, read once: nothing is read back from
+        the device at a step. Inside `sampler_graphs()` the UNet's forwards replay CUDA graphs.
 
         Under autocast (e.g. Lightning's `trainer.precision_plugin.forward_context()` with
         `bf16-mixed`) only the UNet (and decoder) forwards run in low precision: the initial and
@@ -168,44 +186,148 @@ class DiffusionModule(MemwatchModule):
         if problem:
             raise InputError(problem)
         steps = num_inference_steps or self.hparams.num_inference_steps
-        batch_size = sample_batch_size or self.hparams.sample_batch_size
+        batch_size = self.hparams.sample_batch_size if sample_batch_size is None else sample_batch_size
+        decode = batch_size if decode_batch_size is None else decode_batch_size
+        for name, value in (("sample_batch_size", batch_size), ("decode_batch_size", decode)):
+            if value < 1:
+                raise InputError(f"{name}={value} must be at least 1")
+        if scheduler not in ("ddim", "ddpm"):
+            raise InputError(f"scheduler={scheduler!r} must be 'ddim' or 'ddpm'")
         shape = (self.model_channels, *(s // self.downsample for s in self.image_spatial_size))
         was_training = self.training
         self.eval()
         try:
             chunks = [
-                self._sample_indices(range(first, min(first + batch_size, start_index + n)), seed, steps, scheduler, shape)
+                self._decode(
+                    self._denoise_indices(
+                        range(first, min(first + batch_size, start_index + n)), seed, steps, scheduler, shape
+                    ),
+                    decode,
+                )
                 for first in range(start_index, start_index + n, batch_size)
             ]
         finally:
             self.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, self.image_channels, *self.image_spatial_size)
 
-    def _sample_indices(
+    def _denoise_indices(
         self, indices: range, seed: int | Sequence[int], steps: int, kind: str, shape: tuple[int, ...]
     ) -> torch.Tensor:
-        if kind not in ("ddim", "ddpm"):
-            raise InputError(f"scheduler={kind!r} must be 'ddim' or 'ddpm'")
+        """The model-space samples `[k, *shape]` of `indices` after `steps` denoising steps."""
         scheduler = self._make_scheduler(kind)
-        scheduler.set_timesteps(num_inference_steps=steps, device=self.device)
+        scheduler.set_timesteps(num_inference_steps=steps)  # on the CPU: Python ints, no read-back per step
+        timesteps = scheduler.timesteps.tolist()
         x = torch.stack(
             [torch.randn(shape, generator=sample_generator(seed, i), dtype=torch.float32) for i in indices]
         ).to(self.device)
         step_generators = [sample_generator(seed, i, self.device) for i in indices] if kind == "ddpm" else []
-        for t in scheduler.timesteps:
-            timesteps = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
-            prediction = self.unet(x, timesteps=timesteps).float()  # the UNet in the caller's precision
+        for t in timesteps:
+            prediction = self._unet_forward(x, t).float()  # the UNet in the caller's precision
             with torch.autocast(self.device.type, enabled=False):  # the scheduler in float32, always
                 if kind == "ddim":
-                    x, _ = scheduler.step(prediction, int(t), x)
+                    x, _ = scheduler.step(prediction, t, x)
                 else:
                     x = torch.cat(
                         [
-                            scheduler.step(prediction[k : k + 1], int(t), x[k : k + 1], generator=g)[0]
+                            scheduler.step(prediction[k : k + 1], t, x[k : k + 1], generator=g)[0]
                             for k, g in enumerate(step_generators)
                         ]
                     )
-        return self.to_images(x).float().clamp(0.0, 1.0)
+        return x
+
+    def _decode(self, x: torch.Tensor, decode_batch_size: int) -> torch.Tensor:
+        return torch.cat(
+            [
+                self.to_images(x[k : k + decode_batch_size]).float().clamp(0.0, 1.0)
+                for k in range(0, len(x), decode_batch_size)
+            ]
+        )
+
+    def _unet_forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        graphs = getattr(self, "_graphs", None)
+        if graphs is None:
+            return self.unet(x, timesteps=torch.full((len(x),), t, device=x.device, dtype=torch.long))
+        key = (
+            tuple(x.shape),
+            x.dtype,
+            torch.is_autocast_enabled(x.device.type),
+            torch.get_autocast_dtype(x.device.type),
+        )
+        if key not in graphs:
+            graphs[key] = UNetGraph(self.unet, x, t)
+        return graphs[key].replay(x, t)
+
+    @contextmanager
+    def sampler_graphs(self) -> Iterator[None]:
+        """Inside, `sample` replays each UNet forward from a CUDA graph captured on its first block (one
+        per batch shape and precision): no kernel launches from Python at each of the steps. The graphs
+        and their memory are released on exit. On a CPU nothing changes."""
+        if self.device.type != "cuda":
+            yield
+            return
+        self._graphs: dict | None = {}
+        try:
+            yield
+        finally:
+            self._graphs = None
+
+    def probe_sampler_graphs(self, batch_size: int) -> None:
+        """Capture the UNet once at `batch_size` under the current autocast and release it: raises
+        `InputError` (naming `memorization.sampler_graphs`) when it cannot be captured. A no-op on a CPU."""
+        if self.device.type != "cuda":
+            return
+        shape = (batch_size, self.model_channels, *(s // self.downsample for s in self.image_spatial_size))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                UNetGraph(
+                    self.unet, torch.zeros(shape, device=self.device), self.scheduler.num_train_timesteps - 1
+                )
+        finally:
+            self.train(was_training)
+
+
+class UNetGraph:
+    """One UNet forward `unet(x, timesteps=[t] * B)` captured as a CUDA graph, replayed on new `x` and `t`.
+
+    Captured under the caller's autocast with its weight cache off (cached casts would be freed
+    when the caller's autocast region ends, and replays would read them). A model whose forward
+    cannot be captured (a read-back to the host, a data-dependent shape) raises `InputError`.
+    """
+
+    def __init__(self, unet: torch.nn.Module, x: torch.Tensor, t: int) -> None:
+        device = x.device.type
+        autocast = torch.autocast(
+            device,
+            dtype=torch.get_autocast_dtype(device),
+            enabled=torch.is_autocast_enabled(device),
+            cache_enabled=False,
+        )
+        self.x = x.clone()
+        self.t = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side), autocast:
+                for _ in range(2):  # warm-up outside the graph, as torch.cuda.graph asks
+                    unet(self.x, timesteps=self.t)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            with torch.cuda.graph(self.graph), autocast:
+                self.out = unet(self.x, timesteps=self.t)
+        except Exception as error:  # noqa: BLE001 - whatever the capture raises, the model cannot be graphed
+            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(
+                f"memorization.sampler_graphs: the UNet ({type(unet).__name__}) cannot be captured as a CUDA graph "
+                f"({text}): set --memorization.sampler_graphs false"
+            ) from None
+
+    def replay(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        self.x.copy_(x)
+        self.t.fill_(t)
+        self.graph.replay()
+        return self.out.clone()
 
 
 class PixelDiffusionModule(DiffusionModule):
@@ -251,7 +373,9 @@ class PixelDiffusionModule(DiffusionModule):
         super().__init__()
         self.save_hyperparameters()
         if spatial_dims not in (2, 3):
-            raise InputError(f"spatial_dims={spatial_dims} must be 2 or 3: set --model.init_args.spatial_dims")
+            raise InputError(
+                f"spatial_dims={spatial_dims} must be 2 or 3: set --model.init_args.spatial_dims"
+            )
         self.spatial_dims = spatial_dims
         self.image_channels = self.model_channels = in_channels
         self.unet = self.build_unet(in_channels)

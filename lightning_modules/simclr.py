@@ -24,7 +24,7 @@ from torch import nn
 from datamodules.transforms import CONTRAST_GAMMA, variation_transform, vary
 from errors import InputError
 from lightning_modules.base import MemwatchModule
-from memorization.embedders import mirror_orbit
+from memorization.embedders import mirror_images, mirror_orbit
 from networks.conv_encoder import ConvEmbeddingEncoder
 
 # MONAI's ContrastiveLoss takes exp(cos / temperature) without a log-sum-exp: float32
@@ -55,7 +55,9 @@ def _id_key(image_id: str) -> int:
 class Representation(nn.Module):
     """What `SimCLRModule.embed` computes, as a plain module (the one `export_torchscript` traces)."""
 
-    def __init__(self, encoder: nn.Module, standardize: nn.Module, flip_invariant: bool, standardize_input: bool) -> None:
+    def __init__(
+        self, encoder: nn.Module, standardize: nn.Module, flip_invariant: bool, standardize_input: bool
+    ) -> None:
         super().__init__()
         self.encoder, self.standardize = encoder, standardize
         self.flip_invariant, self.standardize_input = flip_invariant, standardize_input
@@ -65,12 +67,38 @@ class Representation(nn.Module):
             spatial = tuple(range(2, images.ndim))
             mean, std = images.mean(dim=spatial, keepdim=True), images.std(dim=spatial, keepdim=True)
             images = (images - mean) / std.clamp_min(1e-3)
-        if self.flip_invariant:
+        if not self.flip_invariant:
+            embeddings = self.encoder(images)
+        elif self._normalizes_by_batch():
+            # A BatchNorm that normalises by its batch (training) must see the whole orbit as one batch,
+            # and update its running statistics once, for training to stay what it was.
             orbit = mirror_orbit(images)
             embeddings = self.encoder(torch.cat(orbit)).unflatten(0, (len(orbit), -1)).mean(dim=0)
         else:
-            embeddings = self.encoder(images)
+            embeddings = self._orbit_mean(images)
         return self.standardize(embeddings)
+
+    def _orbit_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean of the encoder's embeddings over the mirror images, embedded one at a time.
+
+        Each flipped copy and its activations are dropped before the next is made, so memory is
+        that of one `encoder(images)`; under `torch.jit.trace` the loop unrolls (4 or 8 passes).
+        """
+        total, count = None, 0
+        for view in mirror_images(images):
+            embedding = self.encoder(view)
+            del view
+            total = embedding if total is None else total + embedding
+            count += 1
+        return total / count
+
+    def _normalizes_by_batch(self) -> bool:
+        """Whether the encoder's output for an image depends on the rest of its batch (BatchNorm in training)."""
+        return any(
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and (module.training or not module.track_running_stats)
+            for module in self.encoder.modules()
+        )
 
 
 class SimCLRModule(MemwatchModule):
@@ -120,7 +148,10 @@ class SimCLRModule(MemwatchModule):
         flip_invariant: the representation is the mean of the encoder's embeddings of the image
             and its mirror images along every spatial axis (4 in 2D, 8 in 3D), so a flipped copy
             embeds exactly like its source: the network need not learn the flip of the
-            paper's variation. Costs that many encoder passes, in training and in `embed`.
+            paper's variation. The mirror images are embedded one at a time, so memory is as
+            without it and time is proportional to the orbit (4× in 2D, 8× in 3D), in `embed` and in
+            training; an encoder with BatchNorm in training mode (the ResNet) instead embeds the
+            orbit as one batch, as its batch statistics need, with the orbit's memory.
         standardize_input: each image is centred and scaled to unit std (per channel) before the
             encoder, so a brightness offset or a linear contrast change does not move its embedding.
 
@@ -179,7 +210,9 @@ class SimCLRModule(MemwatchModule):
                 f"contrast_gamma={list(contrast_gamma)} must be [low, high] with 0 < low <= 1 <= high: "
                 "set --model.init_args.contrast_gamma, e.g. [0.8, 1.25]"
             )
-        self.variation = variation_transform(spatial_dims, contrast_gamma=tuple(float(g) for g in contrast_gamma))
+        self.variation = variation_transform(
+            spatial_dims, contrast_gamma=tuple(float(g) for g in contrast_gamma)
+        )
         if projection_dim < 0:
             raise InputError(
                 f"projection_dim={projection_dim} must be 0 (no head) or positive: set --model.init_args.projection_dim"
@@ -204,10 +237,14 @@ class SimCLRModule(MemwatchModule):
             )
         else:
             raise InputError(f"encoder={encoder!r} must be 'resnet' or 'conv'")
-        self.standardize = nn.BatchNorm1d(embedding_dim, affine=False) if standardize_embedding else nn.Identity()
+        self.standardize = (
+            nn.BatchNorm1d(embedding_dim, affine=False) if standardize_embedding else nn.Identity()
+        )
         self.projection = (
             nn.Sequential(
-                nn.Linear(embedding_dim, embedding_dim), nn.ReLU(inplace=True), nn.Linear(embedding_dim, projection_dim)
+                nn.Linear(embedding_dim, embedding_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(embedding_dim, projection_dim),
             )
             if projection_dim
             else nn.Identity()
@@ -347,7 +384,9 @@ class SimCLRModule(MemwatchModule):
         # all_gather's backward sums the world_size copies of dL/d(own embeddings), so each rank holds
         # world_size × its share of the gradient; DDP's mean over ranks then gives exactly the sum of the
         # shares, the one-process gradient over the concatenated batch. Hence no rescaling.
-        originals, variations = self._gathered(self.projection(originals), self.projection(variations), batch.get("id"))
+        originals, variations = self._gathered(
+            self.projection(originals), self.projection(variations), batch.get("id")
+        )
         loss = self.nt_xent(originals, variations)
         batch_size = len(originals)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -372,8 +411,17 @@ class SimCLRModule(MemwatchModule):
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any]) -> SimCLRModule:
         # Checkpoints written before the projection head and brightness options were added lack them.
-        return super().from_hparams({"projection_dim": 0, "brightness_shift": 0.0, "contrast_gamma": CONTRAST_GAMMA, "standardize_embedding": False,
-                                     "flip_invariant": False, "standardize_input": False, **hparams})
+        return super().from_hparams(
+            {
+                "projection_dim": 0,
+                "brightness_shift": 0.0,
+                "contrast_gamma": CONTRAST_GAMMA,
+                "standardize_embedding": False,
+                "flip_invariant": False,
+                "standardize_input": False,
+                **hparams,
+            }
+        )
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(

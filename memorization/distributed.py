@@ -28,10 +28,20 @@ def shard(n: int, rank: int, world_size: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def paired_shard(n: int, rank: int, world_size: int) -> range:
-    """Like `shard`, but every block starts at an even index, so pairs `(2k, 2k + 1)` are never split."""
-    pairs = shard((n + 1) // 2, rank, world_size)
-    return range(min(2 * pairs.start, n), min(2 * pairs.stop, n))
+def block_shard(n: int, block_size: int, rank: int, world_size: int) -> range:
+    """The indices of `range(n)` that `rank` handles: a contiguous run of whole blocks `[kB, (k + 1)B)`.
+
+    Blocks are aligned to global indices, so every image is computed in the same block (the same
+    batch) on any number of ranks: on a GPU a batch's arithmetic depends on its composition. With
+    an odd `block_size` ranks take blocks two at a time, so every share starts at an even index and
+    pairs `(2k, 2k + 1)` are never split.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be at least 1")
+    unit = block_size if block_size % 2 == 0 else 2 * block_size
+    units = shard(-(-n // unit), rank, world_size)
+    share = range(min(units.start * unit, n), min(units.stop * unit, n))
+    return share if len(share) else range(0)  # an empty share starts aligned too
 
 
 def gather_rows(local: torch.Tensor) -> torch.Tensor:
@@ -67,7 +77,8 @@ def fail_together(device: torch.device, doing: str) -> Iterator[None]:
             if error is None:
                 first = int(kinds.nonzero()[0])
                 raise SharedFailure(
-                    f"rank {first} failed while {doing}: {messages[first]}", kind=FAILURE_KINDS[int(kinds[first]) - 1]
+                    f"rank {first} failed while {doing}: {messages[first]}",
+                    kind=FAILURE_KINDS[int(kinds[first]) - 1],
                 )
     if error is not None:
         raise error

@@ -10,7 +10,7 @@ with `torch.jit.save`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -61,7 +61,11 @@ class Embedder(Protocol):
 
 
 def probe_generator(
-    generator: Generator, seed: int | tuple[int, ...], in_channels: int, spatial_size: Sequence[int] | None, name: str
+    generator: Generator,
+    seed: int | tuple[int, ...],
+    in_channels: int,
+    spatial_size: Sequence[int] | None,
+    name: str,
 ) -> None:
     """Draw 2 samples with 1 inference step; `InputError` unless they are `[2, in_channels, *spatial_size]`
     (any size when `None`) in `[0, 1]`. A cheap check of a user's generator before anything runs for real."""
@@ -85,11 +89,22 @@ def probe_generator(
         )
 
 
-def mirror_orbit(images: torch.Tensor) -> list[torch.Tensor]:
-    """The images `[B, C, *spatial]` mirrored along every subset of their spatial axes, the unflipped first."""
+def mirror_images(images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The images `[B, C, *spatial]` mirrored along every subset of their spatial axes, one at a time.
+
+    The unflipped images first (themselves, not a copy), then `2^spatial_dims - 1` flipped
+    copies, each made only when asked for: a caller that drops each before taking the next
+    holds one copy at a time, not the whole orbit (8 in 3D).
+    """
     axes = range(2, images.ndim)
-    subsets = [[a for k, a in enumerate(axes) if mask >> k & 1] for mask in range(2 ** len(axes))]
-    return [images.flip(subset) if subset else images for subset in subsets]
+    for mask in range(2 ** len(axes)):
+        subset = [a for k, a in enumerate(axes) if mask >> k & 1]
+        yield images.flip(subset) if subset else images
+
+
+def mirror_orbit(images: torch.Tensor) -> list[torch.Tensor]:
+    """All of `mirror_images(images)` at once, the unflipped first: for small images only."""
+    return list(mirror_images(images))
 
 
 class PixelEmbedder(nn.Module):
@@ -111,7 +126,9 @@ class PixelEmbedder(nn.Module):
     training_patients = None
     image_spatial_size = None
 
-    def __init__(self, size: Sequence[int] = (16, 16), mirror_invariant: bool = True, in_channels: int = 1) -> None:
+    def __init__(
+        self, size: Sequence[int] = (16, 16), mirror_invariant: bool = True, in_channels: int = 1
+    ) -> None:
         super().__init__()
         if len(size) not in (2, 3) or min(size) < 1:
             raise InputError(f"PixelEmbedder size={list(size)} needs 2 or 3 positive numbers, e.g. [16, 16]")
@@ -148,7 +165,9 @@ class TorchScriptEmbedder(nn.Module):
         super().__init__()
         self.path = Path(path)
         if not self.path.is_file():
-            raise InputError(f"TorchScript embedder {path} does not exist: pass the file written by torch.jit.save")
+            raise InputError(
+                f"TorchScript embedder {path} does not exist: pass the file written by torch.jit.save"
+            )
         try:
             self.network = torch.jit.load(str(self.path), map_location="cpu")
         except Exception as error:  # noqa: BLE001 - torch.jit.load raises RuntimeError and others

@@ -13,12 +13,15 @@ from __future__ import annotations
 import heapq
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from monai.data import DataLoader
+from torch.utils.data import Dataset, Subset
 
 from errors import TrainingFailure
 from memorization.quality import ms_ssim_diversity
@@ -64,7 +67,9 @@ class Progress:
     `every_seconds` says nothing.
     """
 
-    def __init__(self, label: str, total: int, say: Callable[[str], None], every_seconds: float = 30.0) -> None:
+    def __init__(
+        self, label: str, total: int, say: Callable[[str], None], every_seconds: float = 30.0
+    ) -> None:
         self.label, self.total, self.say, self.every_seconds = label, total, say, every_seconds
         self.done = 0
         self.started = self.last = time.perf_counter()
@@ -83,7 +88,11 @@ class Progress:
     def _say(self, now: float) -> None:
         elapsed = now - self.started
         share = self.done / self.total if self.total else 1.0
-        left = f", about {duration(elapsed / self.done * (self.total - self.done))} left" if 0 < self.done < self.total else ""
+        left = (
+            f", about {duration(elapsed / self.done * (self.total - self.done))} left"
+            if 0 < self.done < self.total
+            else ""
+        )
         self.say(f"{self.label}: {self.done}/{self.total} ({share:.0%}) in {duration(elapsed)}{left}")
         self.lines += 1
         self.last = now
@@ -198,12 +207,61 @@ def _require_finite(images: torch.Tensor, first_index: int, context: str) -> Non
         )
 
 
-def chunked(produce: Callable[[range], torch.Tensor], indices: range, chunk_size: int) -> Iterator[torch.Tensor]:
-    """`produce(range)` for consecutive blocks of `indices`, at most `chunk_size` long: a lazy stream of chunks."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be at least 1")
-    for start in range(indices.start, indices.stop, chunk_size):
-        yield produce(range(start, min(start + chunk_size, indices.stop)))
+def blocks(
+    produce: Callable[[range], torch.Tensor], indices: range, block_size: int
+) -> Iterator[torch.Tensor]:
+    """The images of `indices`, produced in whole blocks `[kB, (k + 1)B)` of global indices: a lazy stream.
+
+    `produce(range)` is always called with a full block of `block_size` indices; the last block
+    reaches past `indices.stop` and its padding is dropped. So every image is computed in the same
+    batch on any number of ranks and at any `n` (on a GPU the arithmetic depends on the batch), and
+    one batch shape serves the whole run (one CUDA graph). `indices.start` must be a multiple of
+    `block_size` (`memorization.distributed.block_shard` gives such shares).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be at least 1")
+    if len(indices) and indices.start % block_size:
+        raise ValueError(f"indices start at {indices.start}, not at a multiple of block_size={block_size}")
+    for start in range(indices.start, indices.stop, block_size):
+        yield produce(range(start, start + block_size))[: min(block_size, indices.stop - start)]
+
+
+def dataset_blocks(
+    dataset: Dataset, indices: range, block_size: int, num_workers: int = 0
+) -> Iterator[torch.Tensor]:
+    """`dataset[i]["image"]` for `indices`, stacked in blocks as `blocks` draws them (the last block padded
+    with repeats of its last image, the padding dropped), read by a DataLoader with `num_workers`."""
+    if not len(indices):
+        return
+    if indices.start % block_size:
+        raise ValueError(f"indices start at {indices.start}, not at a multiple of block_size={block_size}")
+    rows = [*indices, *[indices.stop - 1] * (-len(indices) % block_size)]
+    loader = DataLoader(Subset(dataset, rows), batch_size=block_size, num_workers=num_workers)
+    for start, batch in zip(range(indices.start, indices.stop, block_size), loader, strict=True):
+        yield batch["image"][: min(block_size, indices.stop - start)]
+
+
+@contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """cuDNN benchmarking off and deterministic algorithms on (warn-only) inside; the caller's settings after.
+
+    Autotuning may pick another convolution algorithm on each rank and at each check, and some
+    kernels accumulate with atomics: either would make an image's arithmetic differ between runs.
+    """
+    benchmark, cudnn_deterministic = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
+            yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, cudnn_deterministic
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @contextmanager

@@ -234,6 +234,21 @@ def _bad_runs(trained_runs) -> dict[str, tuple[list[str], str]]:
              "--data.init_args.spatial_size", "[64, 64]"],
             "the embedder was trained on images of spatial_size=[32, 32] but the data has [64, 64]",
         ),
+        "sample_batch_size below 1": (
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder,
+             "--memorization.sample_batch_size", "0"],
+            "--memorization.sample_batch_size=0 must be at least 1",
+        ),
+        "decode_batch_size below 1": (
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder,
+             "--memorization.decode_batch_size", "0"],
+            "--memorization.decode_batch_size=0 must be at least 1",
+        ),
+        "max_overhead outside (0, 10]": (
+            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder,
+             "--memorization.max_overhead", "11"],
+            "--memorization.max_overhead=11.0 must lie in (0, 10]",
+        ),
         "n_train above the dataset": (
             ["--config", ae, "--data.init_args.n_train", "999"],
             "n_train=999 is larger than the 16 training images",

@@ -9,22 +9,32 @@ import textwrap
 
 import pytest
 
-from memorization.distributed import gather_rows, paired_shard, shard
+from memorization.distributed import block_shard, gather_rows, shard
 from tests.conftest import ROOT
 
 SIZES = [(n, world_size) for n in range(0, 26) for world_size in range(1, 7)]
 
 
-@pytest.mark.parametrize(("split", "pairs"), [(shard, False), (paired_shard, True)], ids=["shard", "paired_shard"])
-def test_blocks_cover_every_index_once_in_rank_order(split, pairs):
+def test_shards_cover_every_index_once_in_rank_order_and_balanced():
     for n, world_size in SIZES:
-        blocks = [split(n, rank, world_size) for rank in range(world_size)]
-        assert [i for block in blocks for i in block] == list(range(n)), (n, world_size)
-        # Balanced in images, or in pairs (the last pair may be a single image).
-        lengths = [(len(block) + 1) // 2 if pairs else len(block) for block in blocks]
+        shares = [shard(n, rank, world_size) for rank in range(world_size)]
+        assert [i for share in shares for i in share] == list(range(n)), (n, world_size)
+        lengths = [len(share) for share in shares]
         assert max(lengths) - min(lengths) <= 1, (n, world_size, lengths)
-        if pairs:  # every block starts at an even index: pair (2k, 2k + 1) lies in one block
-            assert all(block.start % 2 == 0 for block in blocks if len(block)), (n, world_size)
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 4, 5])
+def test_block_shares_are_whole_aligned_blocks_and_never_split_a_pair(block_size):
+    unit = block_size if block_size % 2 == 0 else 2 * block_size  # odd blocks go two at a time
+    for n, world_size in SIZES:
+        shares = [block_shard(n, block_size, rank, world_size) for rank in range(world_size)]
+        assert [i for share in shares for i in share] == list(range(n)), (n, world_size)
+        for share in shares:
+            if len(share):
+                assert share.start % unit == 0, (n, world_size, share)  # aligned, so even: (2k, 2k + 1) never split
+                assert share.stop == n or share.stop % unit == 0, (n, world_size, share)  # whole blocks
+        units = [-(-len(share) // unit) for share in shares]
+        assert max(units) - min(units) <= 1, (n, world_size, units)
 
 
 def test_one_process_gathers_its_own_rows():

@@ -76,13 +76,18 @@ def run_with(user_package: Path, *args: str, timeout: int = 600) -> subprocess.C
     )
 
 
-def generator_config(tmp_path: Path, embedder_ckpt: Path, **model_args) -> Path:
+# What every diffusion config trains with: the callback then samples the averaged copy of the user's model.
+EMA = {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9, "use_buffers": False}}
+
+
+def generator_config(tmp_path: Path, embedder_ckpt: Path, callbacks: list | None = None, **model_args) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
             "max_epochs": 2, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(tmp_path), "name": "user"}},
+            "callbacks": callbacks or [],
         },
         "memorization": {"embedder_ckpt": str(embedder_ckpt), "every_n_epochs": 1, "num_inference_steps": 1},
         "model": {"class_path": "my_generators.MemorizingGenerator", "init_args": {"spatial_size": list(MEMORIZATION_SIZE), **model_args}},
@@ -97,7 +102,7 @@ def generator_config(tmp_path: Path, embedder_ckpt: Path, **model_args) -> Path:
 def test_a_generator_from_outside_the_project_trains_with_the_callback_and_its_checkpoint_audits(
     user_package, embedder_ckpt, tmp_path
 ):
-    config = generator_config(tmp_path, embedder_ckpt)
+    config = generator_config(tmp_path, embedder_ckpt, callbacks=[EMA])  # checks sample its EMA copy
     fit = run_with(user_package, "fit", "--config", str(config))
     assert fit.returncode == 0, fit.stderr[-3000:]
     run_dir = tmp_path / "user" / "version_0"

@@ -15,7 +15,7 @@ from datamodules.transforms import vary
 from lightning_modules import SimCLRModule
 from memorization.detect import nearest_correlation
 from memorization.quality import ms_ssim_diversity
-from memorization.stream import SamplesNotFinite, chunked, embed_stream, rng_preserved
+from memorization.stream import SamplesNotFinite, blocks, embed_stream, rng_preserved
 from tests.conftest import ROOT
 
 SIZE = (32, 32)
@@ -35,7 +35,7 @@ def embedder(embedder_ckpt) -> SimCLRModule:
 
 
 def stream(embedder, n: int, chunk_size: int, **options):
-    return embed_stream(chunked(phantom_sample, range(n), chunk_size), embedder.embed, **options)
+    return embed_stream(blocks(phantom_sample, range(n), chunk_size), embedder.embed, **options)
 
 
 def test_results_do_not_depend_on_the_chunk_size(embedder):
@@ -73,7 +73,7 @@ def test_nan_samples_are_a_training_failure_naming_the_sample(embedder):
         return images
 
     with pytest.raises(SamplesNotFinite, match=r"^check 2: 1 sample\(s\) have NaN or infinite pixels \(first: sample 6\)"):
-        embed_stream(chunked(diverged, range(8), 4), embedder.embed, require_finite="check 2")
+        embed_stream(blocks(diverged, range(8), 4), embedder.embed, require_finite="check 2")
 
 
 def test_bad_arguments_are_refused(embedder):
@@ -81,8 +81,10 @@ def test_bad_arguments_are_refused(embedder):
         stream(embedder, 4, 2, score_pairs=True, first_index=3)
     with pytest.raises(ValueError, match="needs rank_by"):
         stream(embedder, 4, 2, keep=2)
-    with pytest.raises(ValueError, match="chunk_size=0"):
-        list(chunked(phantom_sample, range(3), 0))
+    with pytest.raises(ValueError, match="block_size=0"):
+        list(blocks(phantom_sample, range(3), 0))
+    with pytest.raises(ValueError, match="not at a multiple of block_size=4"):
+        list(blocks(phantom_sample, range(2, 9), 4))
 
 
 def test_random_states_are_restored():
