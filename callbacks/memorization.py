@@ -321,6 +321,7 @@ class MemorizationCallback(Callback):
                         probe(self.sample_batch_size)
         with (
             rng_preserved(pl_module.device),
+            deterministic_kernels(),
             fail_together(pl_module.device, "embedding the reference images"),
         ):
             self.embedder.to(pl_module.device)

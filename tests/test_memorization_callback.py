@@ -26,8 +26,11 @@ from errors import InputError
 from memorization.report import REPORT_FILES
 from tests.conftest import (
     MEMORIZATION_SIZE,
+    N_COPIED_TO_STOP,
     N_TRAIN,
     ROOT,
+    STOP_FRAC_MEM,
+    chance_ceiling,
     memorization_history,
     memorization_phantoms,
     quiet_trainer,
@@ -51,7 +54,9 @@ def test_counts_the_patients_a_copying_generator_copies(embedder_ckpt):
     callback = MemorizationCallback(str(embedder_ckpt), num_inference_steps=1)
     fit_with_callback(ScriptedGenerator(copied_ids=copied), callback, epochs=1)
     (row,) = callback.history
-    assert 8 <= row["n_mem"] <= 11, row  # 32 samples, each a variation of one of 10 patients
+    # 32 samples, each a variation of one of 10 patients: most of the 10 are found, and the other 22 training
+    # patients only as often as chance makes them pass τ (each compared with the 10 copied ones)
+    assert 8 <= row["n_mem"] <= len(copied) + chance_ceiling(N_TRAIN - len(copied), len(copied)), row
     assert row["n_copies"] >= 0.8 * N_TRAIN, row
     assert row["frac_mem"] == pytest.approx(row["n_mem"] / N_TRAIN)
 
@@ -61,8 +66,10 @@ def test_a_generator_of_held_out_patients_memorizes_almost_nothing(embedder_ckpt
     callback = MemorizationCallback(str(embedder_ckpt), num_inference_steps=1)
     fit_with_callback(ScriptedGenerator(copied_ids=novel), callback, epochs=1)
     (row,) = callback.history
-    # τ is the 95th percentile of real held-out similarity: about 5% by construction
-    assert row["frac_mem"] <= 0.15 and row["frac_copies"] <= 0.15, row
+    # τ is the 95th percentile of real held-out similarity: about 5% by construction, but τ from 32 held-out
+    # patients scatters (6/32 was measured), so the bound is what chance reaches but once in a thousand
+    ceiling = chance_ceiling(N_TRAIN, N_TRAIN)
+    assert row["n_mem"] <= ceiling and row["n_copies"] <= ceiling, (row, ceiling)
 
 
 def test_checks_end_every_nth_epoch_embed_references_once_and_write_history(embedder_ckpt, tmp_path):
@@ -125,11 +132,13 @@ def test_early_stopping_from_yaml_stops_when_the_generator_starts_copying(embedd
     config = scripted_config(
         tmp_path, embedder_ckpt, copy_from_epoch=2, max_epochs=8, early_stop=True,
         callback_args={"sample_batch_size": 8, "progress_seconds": 0},
+        generator_args={"copied_ids": phantoms().train_ids[:N_COPIED_TO_STOP]},
     )  # fmt: skip
     with caplog.at_level(logging.INFO):
         cli = main(["fit", "--config", str(config)])
     rows = memorization_history(Path(cli.trainer.log_dir))
-    assert [float(r["frac_mem"]) > 0.2 for r in rows] == [False, False, True]
+    # Checks 0 and 1 see novel patients (chance level, below the threshold), check 2 the copies.
+    assert [float(r["frac_mem"]) > STOP_FRAC_MEM for r in rows] == [False, False, True]
     assert cli.trainer.current_epoch == 3 and cli.trainer.should_stop
     # The model to share: the last one whose check stayed within the threshold (check 1, epoch 1).
     checkpoints = Path(cli.trainer.checkpoint_callback.dirpath)
@@ -139,7 +148,18 @@ def test_early_stopping_from_yaml_stops_when_the_generator_starts_copying(embedd
     assert safe["epoch"] == 1 and [row["check"] for row in history] == [0, 1]
     assert last["epoch"] > safe["epoch"]
     saved = [r.getMessage() for r in caplog.records if "last_safe.ckpt" in r.getMessage()]
-    assert len(saved) == 2 and "memorization/frac_mem = 0 ≤ 0.2" in saved[-1], saved
+    assert len(saved) == 2, saved
+    # Each line names its check, the monitor, the check's value (chance level, 0 or not) and the threshold.
+    for line, row in zip(saved, rows[:2], strict=True):
+        named = re.match(
+            rf"memorization check {row['check']} \(step {row['step']}\) within the limit "
+            r"\(memorization/frac_mem = (\S+) ≤ (\S+)\): saved ",
+            line,
+        )
+        assert named, line
+        value, threshold = float(named[1]), float(named[2])  # the value as printed, to 4 significant digits
+        assert threshold == STOP_FRAC_MEM and value <= threshold, line
+        assert value == pytest.approx(float(row["frac_mem"]), rel=1e-3), (line, row["frac_mem"])
     # A check of N_train = 32 samples in chunks of 8 says where it is after each chunk, then at its end.
     step = re.escape(f"memorization check 0 (epoch 0, step {rows[0]['step']}): samples: ")
     lines = [r.getMessage() for r in caplog.records if re.match(step, r.getMessage())]
@@ -246,13 +266,16 @@ def test_early_stopping_reads_the_current_check_wherever_it_is_listed(embedder_c
     for order in ("before", "after"):
         callback = MemorizationCallback(str(embedder_ckpt), num_inference_steps=1)
         stopper = L.pytorch.callbacks.EarlyStopping(
-            monitor="memorization/frac_mem", mode="min", divergence_threshold=0.2, check_on_train_epoch_end=True
+            monitor="memorization/frac_mem",
+            mode="min",
+            divergence_threshold=STOP_FRAC_MEM,
+            check_on_train_epoch_end=True,
         )
         callbacks = [stopper, callback] if order == "before" else [callback, stopper]
-        generator = ScriptedGenerator(copied_ids=phantoms().train_ids[:12], copy_from_epoch=2)
+        generator = ScriptedGenerator(copied_ids=phantoms().train_ids[:N_COPIED_TO_STOP], copy_from_epoch=2)
         trainer = quiet_trainer(max_epochs=8, limit_val_batches=0, callbacks=callbacks)
         trainer.fit(generator, phantoms())
-        assert [row["frac_mem"] > 0.2 for row in callback.history] == [False, False, True], order
+        assert [row["frac_mem"] > STOP_FRAC_MEM for row in callback.history] == [False, False, True], order
         stopped_at[order] = trainer.current_epoch
     assert stopped_at == {"before": 3, "after": 3}
 
@@ -313,20 +336,19 @@ def test_early_stopping_that_reads_each_check_is_accepted():
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*_ldm*.yaml")), ids=lambda p: p.stem)
 def test_every_ldm_config_stops_on_the_current_check(config):
-    trainer = yaml.safe_load(config.read_text())["trainer"]
+    sections = yaml.safe_load(config.read_text())
+    trainer = sections["trainer"]
     settings = LightningSettings(
         check_val_every_n_epoch=trainer.get("check_val_every_n_epoch", 1),
         val_check_interval=trainer.get("val_check_interval", 1.0),
         limit_val_batches=trainer.get("limit_val_batches", 1.0),
     )
-    callbacks = trainer.get("callbacks") or []
-    checks = [c["init_args"] for c in callbacks if c["class_path"] == "callbacks.MemorizationCallback"]
-    for spec in callbacks:
-        if spec["class_path"].endswith("EarlyStopping"):
-            (memorization,) = checks
-            stopper = instantiate_class((), spec)
-            every_n_epochs, at_start = memorization.get("every_n_epochs", 1), memorization.get("check_at_start", False)
-            assert stale_early_stopping(stopper, settings, every_n_epochs, at_start) is None
+    # The configs carry both as sections of their own (cli.py adds them to the trainer's callbacks).
+    memorization, early_stopping = sections["memorization"], sections["early_stopping"]
+    assert early_stopping["monitor"].startswith("memorization/"), config.name
+    stopper = instantiate_class((), {"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": early_stopping})
+    every_n_epochs, at_start = memorization.get("every_n_epochs", 1), memorization.get("check_at_start", False)
+    assert stale_early_stopping(stopper, settings, every_n_epochs, at_start) is None, config.name
 
 
 def test_stale_early_stopping_is_refused_before_training(embedder_ckpt):
@@ -365,7 +387,10 @@ def test_quality_metrics_layout_copy_pairs_and_reports_reach_tensorboard_and_dis
         assert sorted(p.name for p in folder.iterdir()) == sorted(REPORT_FILES), check
     summary = json.loads((tmp_path / "reports" / "check_001" / "summary.json").read_text())
     assert summary["n_mem"] == second["n_mem"] and summary["step"] == second["step"]
-    assert set(summary["memorized_train_ids"]) <= set(copied)
+    # training patients named by their ids: copied ones, and others only as often as chance has them pass τ
+    memorized = set(summary["memorized_train_ids"])
+    assert memorized & set(copied) and memorized <= set(phantoms().train_ids), memorized
+    assert len(memorized - set(copied)) <= chance_ceiling(N_TRAIN - len(copied), len(copied)), memorized
     # per patient, intervals, chance level and the self-check, in the history, TensorBoard and summary.json
     assert summary["memorized_patient_ids"] == sorted(summary["memorized_train_ids"])
     assert summary["frac_mem_ci"] == second["frac_mem_ci"] and summary["detector"]["n_positive"] == len(phantoms().train_ids)
