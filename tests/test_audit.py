@@ -19,7 +19,15 @@ from datamodules.transforms import vary
 from lightning_modules import LatentDiffusionModule
 from memorization.release import ReleasedFile, write_manifest
 from memorization.report import REPORT_FILES
-from tests.conftest import MEMORIZATION_SIZE, memorization_phantoms, quiet_trainer, run_cli, tiny_autoencoder
+from tests.conftest import (
+    MEMORIZATION_SIZE,
+    N_TRAIN,
+    chance_ceiling,
+    memorization_phantoms,
+    quiet_trainer,
+    run_cli,
+    tiny_autoencoder,
+)
 
 N_PLANTED = 8
 N_NOVEL = 16
@@ -69,8 +77,11 @@ def test_audit_finds_planted_copies_and_releases_only_the_rest(embedder_ckpt, fo
     flagged = set(written["copy_syn_ids"])
     planted = {f"copy_{k:02d}" for k in range(N_PLANTED)}
     assert len(flagged & planted) >= N_PLANTED - 1, flagged
-    assert len(flagged - planted) <= 2, flagged  # novel patients pass τ about 5% of the time
-    assert N_PLANTED - 1 <= written["n_mem"] <= N_PLANTED + 2
+    # Novel patients pass τ about 5% of the time, and other training patients are near-copied at that rate
+    # (by the novel images and the copies): bounded by what chance reaches, never by an exact count.
+    assert len(flagged - planted) <= chance_ceiling(N_NOVEL, N_TRAIN), flagged
+    unplanted_ceiling = chance_ceiling(N_TRAIN - N_PLANTED, N_PLANTED + N_NOVEL)
+    assert N_PLANTED - 1 <= written["n_mem"] <= N_PLANTED + unplanted_ceiling, written["n_mem"]
     pairs = read_csv(out / "pairs.csv")
     assert len(pairs) == 24 and {row["synthetic_id"] for row in pairs if row["is_copy"] == "True"} == flagged
     assert all(row["nearest_train_id"] in set(memorization_phantoms().train_ids) for row in pairs)
@@ -106,7 +117,9 @@ def test_audit_finds_planted_copies_and_releases_only_the_rest(embedder_ckpt, fo
         low, high = written[f"{key}_ci"]
         assert low <= written[key] <= high and high - low > 0
         assert written[f"excess_{key}"] == pytest.approx(written[key] - written[f"null_{key}"])
-    assert 0 <= written["null_frac_copies"] < 0.3 and "Clopper-Pearson" in written["ci_method"]
+    # the share of the 32 held-out images flagged: a chance count as well
+    held_out_ceiling = chance_ceiling(N_TRAIN, N_TRAIN) / N_TRAIN
+    assert 0 <= written["null_frac_copies"] <= held_out_ceiling and "Clopper-Pearson" in written["ci_method"]
     detector = written["detector"]
     assert detector["n_positive"] == 32 and detector["n_negative"] == written["n_val"]
     assert detector["specificity"] == pytest.approx(1 - written["null_frac_copies"])
@@ -326,4 +339,8 @@ def test_audit_reads_dicom_folders_with_patients_from_their_patientid_tags(embed
     train_nn = read_csv(out / "train_nn.csv")
     assert {row["patient_id"] for row in train_nn} == set(data.train_ids)
     assert all(row["train_id"].startswith("case_") for row in train_nn)
-    assert set(summary["memorized_patient_ids"]) <= set(data.train_ids[:N_PLANTED + 2])
+    # named by their PatientID tags: the planted patients, and others only as often as chance has them pass τ
+    memorized = set(summary["memorized_patient_ids"])
+    assert memorized <= set(data.train_ids), memorized
+    unplanted = memorized - set(data.train_ids[:N_PLANTED])
+    assert len(unplanted) <= chance_ceiling(N_TRAIN - N_PLANTED, N_PLANTED + N_NOVEL), memorized

@@ -26,18 +26,35 @@ def random_patients(n: int, generator: torch.Generator, length: int = L) -> torc
     return torch.randn(n, length, generator=generator, dtype=torch.float64)
 
 
+def orthogonal_patients(n: int, generator: torch.Generator, length: int = L) -> torch.Tensor:
+    """`n` centred, mutually orthogonal unit embeddings: any two correlate 0 (up to rounding)."""
+    rows = random_patients(n, generator, length)
+    basis, _ = torch.linalg.qr((rows - rows.mean(dim=1, keepdim=True)).T)
+    return basis.T
+
+
+def unrelated_to(rows: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` random embeddings that correlate 0 with every row of `orthogonal_patients` output `rows`."""
+    draws = random_patients(n, generator, rows.shape[1])
+    draws = draws - draws.mean(dim=1, keepdim=True)
+    return draws - (draws @ rows.T) @ rows
+
+
 # --- per patient ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("copied, images_memorized", [([0], 1), ([0, 1], 2)])
 def test_a_patient_is_memorized_once_however_many_of_their_images_are(copied, images_memorized):
     generator = torch.Generator().manual_seed(0)
-    # long embeddings: unrelated images correlate near 0, a copy near 1
-    train = random_patients(8, generator, 256)  # 4 patients, 2 images each
+    # Built so that only the copies can pass τ (about 0.2, the best of 40 random held-out images): the
+    # training images are orthogonal, so a copy correlates about 1 with its own and about 0.002 with the
+    # others, and the novel images correlate 0 with all. With independent random training images, a
+    # non-copied one passed τ by chance on one seed in six.
+    train = orthogonal_patients(8, generator, 256)  # 4 patients, 2 images each
     patients = ["a", "a", "b", "b", "c", "c", "d", "d"]
     val = random_patients(40, generator, 256)
     syn = torch.cat([train[copied] + 1e-3 * random_patients(len(copied), generator, 256),
-                     random_patients(6, generator, 256)])  # fmt: skip
+                     unrelated_to(train, 6, generator)])  # fmt: skip
     numbers = headline(detect_copies(train, val, syn), patients, None)
     assert numbers["n_mem"] == images_memorized
     assert numbers["n_mem_patients"] == 1 and numbers["frac_mem_patients"] == 1 / 4

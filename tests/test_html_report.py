@@ -69,12 +69,21 @@ def parse(page: str) -> PageParser:
 
 
 def planted_report(spatial_size: tuple[int, ...], hostile_ids: bool = False):
-    """A report on clustered embeddings with 6 planted copies, its ids, patients, summary and image lookups."""
+    """A report on clustered embeddings with 6 planted copies, its ids, patients, summary and image lookups.
+
+    Built so that the counts do not depend on the seed. Each copied image is alone in its cluster: no other
+    training image comes near τ (about 0.89) through a copy, so exactly the 6 copied images are memorized
+    (in shared clusters another image of the cluster reached τ on a third of the seeds). 80 held-out images,
+    4 per synthetic one, keep the chance level (3%) well below the lower end of 6/20's interval (12%); with
+    40 it came within a hair of it (10-12%), and the verdict "Above chance" rested on the seed.
+    """
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((10, 64))
     n_train = 2 * N_PATIENTS
-    train = centres[rng.integers(0, 10, n_train)] + 0.5 * rng.standard_normal((n_train, 64))
-    val = centres[rng.integers(0, 10, 40)] + 0.5 * rng.standard_normal((40, 64))
+    centres = rng.standard_normal((10 + len(PLANTED_ROWS), 64))
+    cluster = rng.integers(0, 10, n_train)
+    cluster[PLANTED_ROWS] = 10 + np.arange(len(PLANTED_ROWS))
+    train = centres[cluster] + 0.5 * rng.standard_normal((n_train, 64))
+    val = centres[rng.integers(0, 10, 80)] + 0.5 * rng.standard_normal((80, 64))
     copies = train[PLANTED_ROWS] + 0.01 * rng.standard_normal((len(PLANTED_ROWS), 64))
     syn = np.concatenate([copies, rng.standard_normal((N_NOVEL, 64))])
     train, val, syn = (torch.from_numpy(x).float() for x in (train, val, syn))
