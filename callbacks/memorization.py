@@ -463,18 +463,15 @@ class MemorizationCallback(Callback):
     ) -> EmbeddedStream:
         """This rank's whole blocks of the check's samples, drawn and embedded one block at a time."""
         device = generator.device
-        mine = block_shard(
-            self.n_samples or len(self._train),
-            self.sample_batch_size,
-            trainer.global_rank,
-            trainer.world_size,
-        )
+        n_samples = self.n_samples or len(self._train)
+        block_size = min(self.sample_batch_size, n_samples)  # a larger block would only sample padding
+        mine = block_shard(n_samples, block_size, trainer.global_rank, trainer.world_size)
         options = {} if self.decode_batch_size is None else {"decode_batch_size": self.decode_batch_size}
 
         def draw(block: range) -> torch.Tensor:
             return generator.sample(
                 len(block), seed=(self.seed, check_index), num_inference_steps=self.num_inference_steps,
-                sample_batch_size=self.sample_batch_size, start_index=block.start, **options,
+                sample_batch_size=block_size, start_index=block.start, **options,
             )  # fmt: skip
 
         graphs = generator.sampler_graphs() if self.sampler_graphs else nullcontext()
@@ -484,7 +481,7 @@ class MemorizationCallback(Callback):
             out_of_memory_named(self.sample_batch_size, self.decode_batch_size),
         ):
             return embed_stream(
-                blocks(draw, mine, self.sample_batch_size),
+                blocks(draw, mine, block_size),
                 self.embedder.embed,
                 first_index=mine.start,
                 score_pairs=True,

@@ -29,7 +29,7 @@ class RecordingMemorizationCallback(MemorizationCallback):
     def _sample_and_embed(self, trainer: Trainer, generator, check_index: int, where: str) -> EmbeddedStream:
         local = super()._sample_and_embed(trainer, generator, check_index, where)
         n = self.n_samples or len(self._train)
-        mine = block_shard(n, self.sample_batch_size, trainer.global_rank, trainer.world_size)
+        mine = block_shard(n, min(self.sample_batch_size, n), trainer.global_rank, trainer.world_size)
         self.record_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
