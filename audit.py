@@ -483,6 +483,7 @@ def sample_chunks(
     """Draw `n` samples in blocks of `batch_size` (as the callback draws them), writing `sample_{i:06d}.npy`
     (float32 `[*spatial]` in `[0, 1]`) as they come."""
     folder.mkdir(parents=True)
+    batch_size = min(batch_size, n)  # as the callback: a larger block would only sample padding
 
     def draw(indices: range) -> torch.Tensor:
         return generator.sample(

@@ -447,9 +447,8 @@ class MemorizationCallback(Callback):
                 # on_validation_epoch_end; listed after this callback, it has not swapped them back yet.
                 if trainer.validating and trainer.callbacks.index(callback) > trainer.callbacks.index(self):
                     return pl_module
-                if hasattr(
-                    pl_module, "image_spatial_size"
-                ):  # memwatch's modules learn their size from the data
+                # memwatch's modules learn their size from the data; a user's generator may not have one
+                if hasattr(pl_module, "image_spatial_size"):
                     averaged.module.image_spatial_size = pl_module.image_spatial_size
                 return averaged.module
         return pl_module

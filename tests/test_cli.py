@@ -200,6 +200,7 @@ def trained_runs(tmp_path_factory):
 def _bad_runs(trained_runs) -> dict[str, tuple[list[str], str]]:
     ae, ldm = str(ROOT / "configs/phantom_ae.yaml"), str(ROOT / "configs/phantom_ldm.yaml")
     embedder = embedder_overrides("phantom_ldm.yaml", trained_runs["simclr"])
+    trained_ldm = ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder]
     return {
         "missing autoencoder_ckpt": (
             ["--config", ldm, "--model.init_args.autoencoder_ckpt", "/nonexistent/last.ckpt", *embedder],
@@ -235,18 +236,15 @@ def _bad_runs(trained_runs) -> dict[str, tuple[list[str], str]]:
             "the embedder was trained on images of spatial_size=[32, 32] but the data has [64, 64]",
         ),
         "sample_batch_size below 1": (
-            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder,
-             "--memorization.sample_batch_size", "0"],
+            [*trained_ldm, "--memorization.sample_batch_size", "0"],
             "--memorization.sample_batch_size=0 must be at least 1",
         ),
         "decode_batch_size below 1": (
-            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder,
-             "--memorization.decode_batch_size", "0"],
+            [*trained_ldm, "--memorization.decode_batch_size", "0"],
             "--memorization.decode_batch_size=0 must be at least 1",
         ),
         "max_overhead outside (0, 10]": (
-            ["--config", ldm, "--model.init_args.autoencoder_ckpt", str(trained_runs["ae"]), *embedder,
-             "--memorization.max_overhead", "11"],
+            [*trained_ldm, "--memorization.max_overhead", "11"],
             "--memorization.max_overhead=11.0 must lie in (0, 10]",
         ),
         "n_train above the dataset": (
