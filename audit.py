@@ -11,7 +11,8 @@ reads them, or as `DicomDataModule` when they hold DICOM) or from a config's Dat
 the synthetic images from a folder or from an LDM checkpoint (sampled into `OUT/samples/`,
 sample `i` seeded by `(seed, i)`). Every image is embedded by the SimCLR embedder, copies are
 counted with `memorization.detect_copies` (τ = the `--percentile` of training → held-out
-similarities), and `OUT` receives `report.html` (the verdict and evidence on one page),
+similarities; `--rule distinct` also asks a copy to be clearly nearer to one training patient than
+to any other, by `--margin`), and `OUT` receives `report.html` (the verdict and evidence on one page),
 `summary.json`, `pairs.csv`, `train_nn.csv`, `histogram.png` and `copies.png`.
 `--release-dir` receives only the synthetic files that are not copies, and `manifest.json`
 (`memorization.release`), which `--verify-release` checks later.
@@ -60,7 +61,7 @@ from memorization.chance import (
     held_out_exceedances,
     positive_rows,
 )
-from memorization.detect import CopyReport
+from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, RULES, CopyReport, check_rule
 from memorization.embedders import Embedder, Generator, probe_generator
 from memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
 from memorization.report import check_output_folder, copy_order, staged_output, write_report
@@ -135,6 +136,17 @@ def audit_parser() -> ArgumentParser:
     parser.add_argument(
         "--percentile", type=float, default=95.0, help="τ is this percentile of training→held-out similarity"
     )
+    parser.add_argument(
+        "--rule", default=DEFAULT_RULE,
+        help=f"the copy rule, one of {', '.join(RULES)}: paper counts a sample as a copy when it correlates "
+        "at least τ with a training image; distinct also asks it to be clearly nearer to one training "
+        "patient than to any other (d1 <= margin * d2). The counts, chance level and self-check follow it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--margin", type=float, default=DEFAULT_MARGIN,
+        help="the distinct rule's margin, in (0, 1]: a copy is at most this times as far from its nearest "
+        "patient as from any other (1 accepts every copy the paper's rule accepts)",
+    )  # fmt: skip
     parser.add_argument(
         "--release_dir", "--release-dir",
         help="copy the synthetic files that are not copies here, with manifest.json, ready to share",
@@ -245,7 +257,8 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
             ).embeddings)  # fmt: skip
         detections = {
             name: detect(train_embeddings[name], val_embeddings[name], syn_embeddings[name],
-                         None if varied is None else varied[name], args.percentile, train_patients)
+                         None if varied is None else varied[name], args.percentile, train_patients,
+                         rule=args.rule, margin=args.margin, val_patients=datamodule.val_patients)
             for name in embedders
         }  # fmt: skip
         primary = next(iter(detections.values()))
@@ -258,6 +271,8 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
         )
         summary = {
             **headline(report, train_patients, primary.chance),
+            "rule": report.rule,
+            "margin": report.margin,
             "n_val": len(val),
             "ci_method": CI_METHOD,
             "null_method": primary.chance.method,
@@ -316,6 +331,7 @@ def _check_arguments(args: Namespace) -> None:
         raise InputError("--data-arg overrides a --data config: give --data CONFIG.yaml too")
     if not 0.0 < args.percentile < 100.0:
         raise InputError(f"--percentile {args.percentile} must lie in (0, 100), e.g. 95")
+    check_rule(args.rule, args.margin, "--rule", "--margin")
     if args.batch_size < 2:
         raise InputError(f"--batch-size {args.batch_size} must be at least 2")
     if args.detector_positives < 0:
@@ -536,9 +552,24 @@ class Detection:
     self_check: DetectorCheck | None
 
 
-def detect(train, val, syn, varied, percentile: float, train_patients: Sequence[str]) -> Detection:
-    report = detect_copies(train, val, syn, percentile=percentile)
-    exceedances = held_out_exceedances(train, val, percentile, train_patients)
+def detect(
+    train,
+    val,
+    syn,
+    varied,
+    percentile: float,
+    train_patients: Sequence[str],
+    *,
+    rule: str,
+    margin: float,
+    val_patients: Sequence[str] | None = None,
+) -> Detection:
+    report = detect_copies(
+        train, val, syn, percentile=percentile, rule=rule, margin=margin, train_patients=train_patients
+    )
+    exceedances = held_out_exceedances(
+        train, val, percentile, train_patients, rule=rule, margin=margin, val_patients=val_patients
+    )
     self_check = detector_check(varied, train, exceedances) if varied is not None else None
     return Detection(report, chance_level(exceedances, len(syn)), self_check)
 

@@ -148,6 +148,10 @@ def print_audit(summary: dict) -> None:
             f"({detector['n_positive']} varied training / {detector['n_negative']} held-out images)",
         )
     table.add_row(f"τ ({summary['percentile']:g}th percentile)", f"{summary['tau']:.4f}")
+    if summary.get("rule") == "distinct":
+        table.add_row("copy rule", f"distinct: ρ ≥ τ and nearer one patient, d1 ≤ {summary['margin']:g}·d2")
+    elif summary.get("rule"):
+        table.add_row("copy rule", f"{summary['rule']}: ρ ≥ τ")
     detectors = summary.get("detectors") or {}
     if len(detectors.get("by_embedder") or {}) > 1:
         for name, numbers in detectors["by_embedder"].items():

@@ -1,25 +1,34 @@
-"""How well the default embedder finds planted copies in image families it was not built on.
+"""How well each shipped embedder recipe finds planted copies in image families it was not built on.
 
-    python bench/detector_quality.py                                   # vessels, radiograph, tissue at full size
-    python bench/detector_quality.py --families vessels --n-train 32 --n-val 16 --n-copies 8 --n-novel 16 \
-        --fit-arg=--trainer.max_steps=20                               # a tiny run
+    python bench/detector_quality.py                                  # every case, each at its recipe
+    python bench/detector_quality.py --cases knee brain --steps 300   # the 3D cases
+    python bench/detector_quality.py --cases vessels --n-train 32 --n-val 24 --n-copies 12 --n-novel 16 \
+        --size 32 --steps 50                                          # a tiny run (the test suite's)
 
-Per family (`datamodules/families.py`) it writes a planted-copy set (`train/`, `val/`,
-`synthetic/` of copies of training patients and novel patients, `planted.json`), trains the
-embedder with the real CLI (`python cli.py fit --config configs/folder_simclr.yaml
---data.init_args.train_dir ... --data.init_args.val_dir ...`, plus any `--fit-arg`), audits
-the synthetic folder with `python cli.py audit`, and scores `pairs.csv` against
-`planted.json`: sensitivity = share of planted copies flagged, specificity = share of novel
-synthetic images not flagged, `attributed` = share of planted copies flagged *and* matched to
-their own training patient, `retrieved` = share whose nearest training image is their source
-(flagged or not), and the median nearest-training correlation of copies and of novel images. Prints JSON with the counts, 95% Clopper–Pearson intervals,
-τ and the embedder's training wall time. `tissue` is the held-back family (never tuned on).
+A case is a family of `datamodules/families.py` (2D: vessels, radiograph, tissue; 3D: knee, brain)
+with a number of images per patient (follow-up scans) and a kind of novel image ("new" patients, or
+"blend": the mean of two training patients, near both and a copy of neither). `tissue` and `brain`
+are held back: never tuned on. For each case the benchmark writes a planted-copy set (`train/`,
+`val/`, `synthetic/` of varied copies of training patients and novel images, `planted.json`), trains
+the embedder with the real CLI on a config made of a real-data config's own `model:` section (the
+recipe: `configs/chestxray_simclr.yaml` for 2D, `configs/mrnet_simclr.yaml` for 3D, or `--recipe`)
+scaled for a CPU (`CPU_SCALE`: smaller ResNet stages, a learning rate for a few hundred steps) and a
+`FolderDataModule` over the set, then audits the synthetic folder with `python cli.py audit` once per
+copy rule (`--rules`), and scores each audit's `pairs.csv` against `planted.json`:
+
+- sensitivity = share of planted copies flagged; specificity = share of novel images not flagged;
+  `attributed` = copies flagged and matched to their own training patient; `retrieved` = copies whose
+  nearest training patient is their source, flagged or not; 95% Clopper–Pearson intervals;
+- beside them what the audit *estimated* on its own data: the self-check's specificity and the
+  chance level of copies (`null_frac_copies`), with the prediction interval of the false-positive
+  rate that `n_novel` copy-nobody images would show; `estimate_holds` says whether the observed rate
+  lies within it;
+- `margin_sweep`: the distinct rule's sensitivity and specificity at other margins, recomputed from
+  the audit's `correlation` and `other_patient_correlation` columns (τ does not depend on the margin).
 
 Specificity is bounded by the threshold rule itself: τ is the 95th percentile of each training
-image's nearest *held-out* correlation (N_val candidates), while a synthetic image is a copy when
-its nearest *training* correlation (N_train candidates) reaches τ. With N_train > N_val a novel
-image has more candidates than τ was set with and is flagged more than 5% of the time whatever the
-embedder (the audit's `null_frac_copies` estimates by how much), so the default holds out as many
+image's nearest *held-out* correlation (N_val candidates), while a synthetic image is a copy when its
+nearest *training* correlation (N_train candidates) reaches τ, so the default holds out as many
 patients as it trains on.
 """
 
@@ -28,24 +37,59 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe_machine  # noqa: E402
-from datamodules.families import FAMILIES, write_planted_copy_set  # noqa: E402
+from datamodules.families import family_spatial_dims, write_planted_copy_set  # noqa: E402
+from memorization.chance import prediction_interval  # noqa: E402
 from memorization.stats import binomial_interval  # noqa: E402
 
-TUNING_FAMILIES = ("vessels", "radiograph")
-HELD_BACK_FAMILY = "tissue"
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    images_per_patient: int | tuple[int, int] = 1
+    novel: str = "new"
+    held_back: bool = False
+
+
+CASES = {
+    "vessels": Case("vessels"),
+    "radiograph": Case("radiograph"),
+    "tissue": Case("tissue", held_back=True),
+    "radiograph_followups": Case("radiograph", images_per_patient=(2, 3)),
+    "radiograph_blends": Case("radiograph", novel="blend"),
+    "knee": Case("knee"),
+    "knee_followups": Case("knee", images_per_patient=(2, 3)),
+    "brain": Case("brain", held_back=True),
+}
+RECIPES = {2: "configs/chestxray_simclr.yaml", 3: "configs/mrnet_simclr.yaml"}
+# What changes for a CPU and a few hundred steps; everything else is the recipe's own model section.
+CPU_SCALE = {
+    "configs/chestxray_simclr.yaml": {
+        "model": {"resnet_block": "basic", "resnet_layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "lr": 1e-3},
+        "batch_size": 16,
+    },
+    "configs/mrnet_simclr.yaml": {"model": {"lr": 1e-3}, "batch_size": 10},
+    "configs/nifti_simclr.yaml": {"model": {"channels": [16, 32, 64], "lr": 1e-3}, "batch_size": 10},
+    "configs/dicom_simclr.yaml": {"model": {"channels": [16, 32, 64], "lr": 1e-3}, "batch_size": 10},
+    "configs/folder_simclr.yaml": {"model": {}, "batch_size": 16},
+}
+DEFAULT_SIZE = {2: [64, 64], 3: [32, 32, 16]}
+MARGIN_SWEEP = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
 
 def clopper_pearson(successes: int, trials: int) -> list[float]:
@@ -53,23 +97,34 @@ def clopper_pearson(successes: int, trials: int) -> list[float]:
     return [round(bound, 4) for bound in binomial_interval(successes, trials)]
 
 
-def score(pairs_csv: Path, planted: dict) -> dict:
-    """Sensitivity, specificity and attribution of an audit's `pairs.csv` against a planted set's `planted.json`."""
+def read_pairs(pairs_csv: Path, planted: dict) -> dict[str, dict]:
+    """The audit's `pairs.csv` rows by synthetic id; `ValueError` when a planted synthetic id is missing."""
     with Path(pairs_csv).open(newline="") as handle:
         rows = {row["synthetic_id"]: row for row in csv.DictReader(handle)}
-    missing = set(planted["copies"]) | set(planted["novel"])
-    missing -= set(rows)
+    missing = (set(planted["copies"]) | set(planted["novel"])) - set(rows)
     if missing:
         raise ValueError(f"{pairs_csv} lacks {len(missing)} planted synthetic ids, e.g. {sorted(missing)[:3]}")
+    return rows
 
-    def flagged(synthetic_id: str) -> bool:
-        return rows[synthetic_id]["is_copy"] == "True"
 
+def score(pairs_csv: Path, planted: dict) -> dict:
+    """Sensitivity, specificity and attribution of an audit's `pairs.csv` against a planted set's `planted.json`."""
+    rows = read_pairs(pairs_csv, planted)
+    return _score_flags(rows, planted, {s: row["is_copy"] == "True" for s, row in rows.items()})
+
+
+def _score_flags(rows: dict[str, dict], planted: dict, flagged: dict[str, bool]) -> dict:
     copies, novel = planted["copies"], planted["novel"]
-    found = sum(flagged(s) for s in copies)
-    attributed = sum(flagged(s) and rows[s]["nearest_train_id"] == source for s, source in copies.items())
-    passed = sum(not flagged(s) for s in novel)
-    retrieved = sum(rows[s]["nearest_train_id"] == source for s, source in copies.items())
+    source_patient = planted.get("copy_patients", copies)
+
+    def nearest_patient(synthetic_id: str) -> str:
+        row = rows[synthetic_id]
+        return row.get("nearest_train_patient_id") or row["nearest_train_id"]
+
+    found = sum(flagged[s] for s in copies)
+    attributed = sum(flagged[s] and nearest_patient(s) == source_patient[s] for s in copies)
+    retrieved = sum(nearest_patient(s) == source_patient[s] for s in copies)
+    passed = sum(not flagged[s] for s in novel)
 
     def median_correlation(ids) -> float:
         return round(float(np.median([float(rows[s]["correlation"]) for s in ids])), 4)
@@ -91,12 +146,48 @@ def score(pairs_csv: Path, planted: dict) -> dict:
     }
 
 
+def margin_sweep(pairs_csv: Path, planted: dict, tau: float, margins=MARGIN_SWEEP) -> list[dict]:
+    """Sensitivity and specificity of the distinct rule at each margin, from one audit's correlations and τ."""
+    rows = read_pairs(pairs_csv, planted)
+    if "other_patient_correlation" not in next(iter(rows.values())):
+        return []
+    nearest = {s: float(row["correlation"]) for s, row in rows.items()}
+    other = {s: float(row["other_patient_correlation"]) for s, row in rows.items()}
+    sweep = []
+    for margin in margins:
+        flagged = {s: nearest[s] >= tau and (1 - nearest[s]) <= margin**2 * (1 - other[s]) for s in rows}
+        scored = _score_flags(rows, planted, flagged)
+        sweep.append({"margin": margin, **{k: scored[k] for k in ("sensitivity", "specificity")}})
+    return sweep
+
+
+def estimates_beside_observed(summary: dict, scored: dict) -> dict:
+    """The audit's own estimates (self-check specificity, chance level of copies) beside the observed false positives."""
+    n_novel = scored["n_novel"]
+    observed = scored["n_novel_flagged"] / n_novel
+    detector = summary.get("detector") or {}
+    figures = {
+        "fp_observed": round(observed, 4),
+        "estimated_specificity": detector.get("specificity"),
+        "estimated_specificity_ci": detector.get("specificity_ci"),
+        "estimated_sensitivity": detector.get("sensitivity"),
+        "estimated_sensitivity_ci": detector.get("sensitivity_ci"),
+    }
+    rate = summary.get("null_frac_copies")
+    if rate is not None:
+        low, high = prediction_interval(float(rate), n_novel)
+        figures |= {
+            "fp_estimated": round(float(rate), 4),
+            "fp_estimated_interval": [round(low, 4), round(high, 4)],
+            "estimate_holds": bool(observed <= high),
+        }
+    return figures
+
+
 def cli(*arguments: str, threads: int | None) -> subprocess.CompletedProcess:
     """`python cli.py ...` in a subprocess from the repository root; raises with its stderr tail on failure."""
     environment = None
     if threads is not None:
-        import os
-
         environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     result = subprocess.run(
         [sys.executable, "cli.py", *arguments], cwd=ROOT, capture_output=True, text=True, env=environment
@@ -106,73 +197,122 @@ def cli(*arguments: str, threads: int | None) -> subprocess.CompletedProcess:
     return result
 
 
-def run_family(
-    family: str,
+def fit_config(recipe: str, data: Path, work: Path, size: list[int], steps: int) -> dict:
+    """A `cli.py fit` config: the recipe's model section scaled for a CPU, a FolderDataModule over `data`."""
+    recipe_config = yaml.safe_load((ROOT / recipe).read_text())
+    scale = CPU_SCALE.get(recipe, {"model": {}, "batch_size": 16})
+    model = dict(recipe_config["model"])
+    model["init_args"] = {**model.get("init_args", {}), **scale["model"]}
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": steps, "accelerator": "cpu", "devices": 1, "precision": "32-true",
+            "log_every_n_steps": 10, "check_val_every_n_epoch": 50, "enable_progress_bar": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(work / "runs"), "name": "embedder"},
+            },
+        },
+        "checkpoint": {"save_last": True, "dirpath": str(work / "checkpoints")},
+        "model": model,
+        "data": {
+            "class_path": "datamodules.FolderDataModule",
+            "init_args": {
+                "train_dir": str(data / "train"), "val_dir": str(data / "val"), "spatial_size": size,
+                "resize": "resize", "intensity": "minmax", "batch_size": scale["batch_size"], "cache": "memory",
+            },
+        },
+    }  # fmt: skip
+
+
+def run_case(
+    name: str,
     work: Path,
     *,
     n_train: int,
     n_val: int,
     n_copies: int,
     n_novel: int,
-    size: int,
+    size: list[int] | None = None,
+    steps: int = 300,
+    recipe: str | None = None,
+    rules: tuple[str, ...] = ("paper", "distinct"),
+    margin: float | None = None,
     seed: int = 0,
-    config: str = "configs/folder_simclr.yaml",
     fit_args: tuple[str, ...] = (),
     threads: int | None = None,
 ) -> dict:
-    """Write one family's planted-copy set under `work`, train the embedder, audit, score. Returns the figures."""
-    work = Path(work)
-    data = work / "data"
+    """Write one case's planted-copy set under `work`, train its recipe's embedder, audit once per rule, score."""
+    case = CASES[name]
+    dims = family_spatial_dims(case.family)
+    size = list(size or DEFAULT_SIZE[dims])
+    recipe = recipe or RECIPES[dims]
+    work, data = Path(work), Path(work) / "data"
     planted = write_planted_copy_set(
-        data, family, n_train=n_train, n_val=n_val, n_copies=n_copies, n_novel=n_novel, spatial_size=(size, size), seed=seed
-    )
-    fit = [
-        "fit", "--config", config,
-        "--data.init_args.train_dir", str(data / "train"), "--data.init_args.val_dir", str(data / "val"),
-        "--data.init_args.spatial_size", json.dumps([size, size]),
-        "--trainer.logger.init_args.save_dir", str(work / "runs"), "--checkpoint.dirpath", str(work / "checkpoints"),
-        "--trainer.enable_progress_bar", "false", *fit_args,
-    ]  # fmt: skip
+        data, case.family, n_train=n_train, n_val=n_val, n_copies=n_copies, n_novel=n_novel,
+        spatial_size=size, seed=seed, images_per_patient=case.images_per_patient, novel=case.novel,
+    )  # fmt: skip
+    config = work / "fit.yaml"
+    config.write_text(yaml.safe_dump(fit_config(recipe, data, work, size, steps), sort_keys=False))
     start = time.perf_counter()
-    cli(*fit, threads=threads)
+    cli("fit", "--config", str(config), *fit_args, threads=threads)
     fit_seconds = time.perf_counter() - start
     embedder = work / "checkpoints" / "last.ckpt"
-    audit_out = work / "audit"
-    audit = [
-        "audit", "--embedder", str(embedder), "--train", str(data / "train"), "--val", str(data / "val"),
-        "--synthetic", str(data / "synthetic"), "--out", str(audit_out),
-    ]  # fmt: skip
-    start = time.perf_counter()
-    cli(*audit, threads=threads)
-    audit_seconds = time.perf_counter() - start
-    summary = json.loads((audit_out / "summary.json").read_text())
+    by_rule = {}
+    for rule in rules:
+        out = work / f"audit_{rule}"
+        audit = [
+            "audit", "--embedder", str(embedder), "--train", str(data / "train"), "--val", str(data / "val"),
+            "--synthetic", str(data / "synthetic"), "--out", str(out), "--rule", rule,
+        ]  # fmt: skip
+        if rule != "paper" and margin is not None:
+            audit += ["--margin", str(margin)]
+        start = time.perf_counter()
+        cli(*audit, threads=threads)
+        summary = json.loads((out / "summary.json").read_text())
+        scored = score(out / "pairs.csv", planted)
+        by_rule[rule] = {
+            **scored,
+            **estimates_beside_observed(summary, scored),
+            "margin": summary.get("margin"),
+            "tau": summary.get("tau"),
+            "audit_seconds": round(time.perf_counter() - start, 1),
+        }
+        if rule != "paper":
+            by_rule[rule]["margin_sweep"] = margin_sweep(out / "pairs.csv", planted, float(summary["tau"]))
     return {
-        "family": family,
-        "held_back": family == HELD_BACK_FAMILY,
-        **score(audit_out / "pairs.csv", planted),
-        "tau": summary.get("tau"),
-        "detector_self_check": summary.get("detector"),
+        "case": name,
+        "family": case.family,
+        "spatial_dims": dims,
+        "images_per_patient": case.images_per_patient,
+        "novel": case.novel,
+        "held_back": case.held_back,
+        "recipe": recipe,
+        "cpu_scale": CPU_SCALE.get(recipe),
         "fit_seconds": round(fit_seconds, 1),
-        "audit_seconds": round(audit_seconds, 1),
-        "sizes": {"n_train": n_train, "n_val": n_val, "n_copies": n_copies, "n_novel": n_novel, "size": size},
+        "sizes": {"n_train": n_train, "n_val": n_val, "n_copies": n_copies, "n_novel": n_novel, "size": size, "steps": steps},
+        "rules": by_rule,
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=[*TUNING_FAMILIES, HELD_BACK_FAMILY], choices=sorted(FAMILIES))
-    parser.add_argument("--n-train", type=int, default=256)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--n-train", type=int, default=160, help="training patients")
     parser.add_argument(
-        "--n-val", type=int, default=256,
+        "--n-val", type=int, default=160,
         help="held-out patients; as many as training patients, so that a copy-nobody image is flagged 5%% of the time",
     )
-    parser.add_argument("--n-copies", type=int, default=64)
-    parser.add_argument("--n-novel", type=int, default=128)
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--n-copies", type=int, default=48)
+    parser.add_argument("--n-novel", type=int, default=96)
+    parser.add_argument("--size", type=int, nargs="+", default=None, help="image size (default 64 64 in 2D, 32 32 16 in 3D)")
+    parser.add_argument("--steps", type=int, default=300, help="embedder training steps")
+    parser.add_argument("--recipe", default=None, help="the config whose model section is the recipe (default per dims)")
+    parser.add_argument("--rules", nargs="+", default=["paper", "distinct"])
+    parser.add_argument("--margin", type=float, default=None, help="the distinct rule's margin (default: the audit's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the planted-copy sets (patients, copies)")
-    parser.add_argument("--config", default="configs/folder_simclr.yaml")
     parser.add_argument(
-        "--fit-arg", action="append", default=[], help="extra argument for cli.py fit, e.g. --fit-arg=--trainer.max_steps=20"
+        "--fit-arg", action="append", default=[], help="extra argument for cli.py fit, e.g. --fit-arg=--model.init_args.lr=1e-4"
     )
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the CLI subprocesses")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the sets, checkpoints and audits here")
@@ -180,12 +320,13 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="detector_quality_"))
     results = []
     try:
-        for family in args.families:
+        for name in args.cases:
+            size = args.size if args.size is None or len(args.size) == family_spatial_dims(CASES[name].family) else None
             results.append(
-                run_family(
-                    family, work / family, n_train=args.n_train, n_val=args.n_val, n_copies=args.n_copies,
-                    n_novel=args.n_novel, size=args.size, seed=args.seed, config=args.config,
-                    fit_args=tuple(args.fit_arg), threads=args.threads,
+                run_case(
+                    name, work / name, n_train=args.n_train, n_val=args.n_val, n_copies=args.n_copies,
+                    n_novel=args.n_novel, size=size, steps=args.steps, recipe=args.recipe, rules=tuple(args.rules),
+                    margin=args.margin, seed=args.seed, fit_args=tuple(args.fit_arg), threads=args.threads,
                 )
             )  # fmt: skip
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
@@ -195,9 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     output = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": describe_machine(("torch", "lightning", "monai")),
-        "config": args.config,
         "fit_args": args.fit_arg,
-        "families": results,
+        "cases": results,
     }
     print(json.dumps(output, indent=1))
     return output

@@ -44,7 +44,7 @@ from memorization.chance import (
     positive_rows,
     weak_detector_warning,
 )
-from memorization.detect import CopyReport, nearest_correlation
+from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, CopyReport, check_rule, nearest_correlation
 from memorization.distributed import block_shard, distributed, fail_together, gather_rows
 from memorization.embedders import probe_generator
 from memorization.report import copy_order, staged_output, viewable, write_report
@@ -130,6 +130,11 @@ class MemorizationCallback(Callback):
         max_overhead: warn when a check takes more than this share of the training time since the
             previous check (`memorization/overhead`, logged with `memorization/check_seconds`).
         percentile: τ is this percentile of the training→validation nearest-neighbour correlations.
+        rule: the copy rule (`memorization.detect.RULES`): `paper`, a copy correlates `≥ τ` with a training
+            image; `distinct`, also clearly nearer to one training patient than to any other
+            (`d1 ≤ margin · d2`). Counts, chance level and self-check all follow it; every history row and
+            summary names it.
+        margin: the `distinct` rule's margin, in (0, 1] (1 accepts every copy the paper's rule does).
         seed: sample `i` of check `k` is seeded by `(seed, k, i)`.
         log_images: also log the most similar copy pairs (training image | synthetic copy) to
             TensorBoard, and put `copies.png` in `output_dir`. Off by default: patient pixels
@@ -182,8 +187,11 @@ class MemorizationCallback(Callback):
         decode_batch_size: int | None = None,
         sampler_graphs: bool = False,
         max_overhead: float = 0.25,
+        rule: str = DEFAULT_RULE,
+        margin: float = DEFAULT_MARGIN,
     ) -> None:
         super().__init__()
+        self.rule, self.margin = check_rule(rule, margin, "--memorization.rule", "--memorization.margin")
         if detector_positives < 0:
             raise InputError(
                 f"detector_positives={detector_positives} must be at least 0 (0 skips the self-check)"
@@ -329,7 +337,10 @@ class MemorizationCallback(Callback):
             self._val = self._embed_reference(trainer, pl_module, "val")
             datamodule = trainer.datamodule
             self._train_patients = list(datamodule.train_patients)
-            exceedances = held_out_exceedances(self._train, self._val, self.percentile, self._train_patients)
+            exceedances = held_out_exceedances(
+                self._train, self._val, self.percentile, self._train_patients,
+                rule=self.rule, margin=self.margin, val_patients=datamodule.val_patients,
+            )  # fmt: skip
             self._chance = chance_level(exceedances, self.n_samples or len(self._train))
             if self.detector_positives:
                 varied = self._embed_variations(trainer, pl_module)
@@ -507,12 +518,17 @@ class MemorizationCallback(Callback):
         synthetic = gather_rows(self._as_embeddings(local.embeddings, device))  # waits for the slowest rank
         pair_scores = gather_rows(local.pair_scores.to(device))
         gathering = clock.lap()
-        report = detect_copies(self._train, self._val, synthetic, percentile=self.percentile)
+        report = detect_copies(
+            self._train, self._val, synthetic, percentile=self.percentile, rule=self.rule, margin=self.margin,
+            train_patients=self._train_patients,
+        )
         detecting = clock.lap()
         row = {
             "check": check_index,
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
+            "rule": report.rule,
+            "margin": report.margin,
             **headline(report, self._train_patients, self._chance),
             "fd": frechet_distance(synthetic, self._val)
             if min(len(synthetic), len(self._val)) >= 2
@@ -637,6 +653,8 @@ class MemorizationCallback(Callback):
             "n_train",
             "n_train_patients",
             "n_syn",
+            "rule",
+            "margin",
         }  # check_seconds, overhead: logged
         return logged_scalars(
             {k: v for k, v in row.items() if k not in skip and not k.startswith("seconds_")}

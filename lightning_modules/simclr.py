@@ -154,6 +154,11 @@ class SimCLRModule(MemwatchModule):
             orbit as one batch, as its batch statistics need, with the orbit's memory.
         standardize_input: each image is centred and scaled to unit std (per channel) before the
             encoder, so a brightness offset or a linear contrast change does not move its embedding.
+        orbit_in_training: with `flip_invariant`, whether training (and `val/loss`) also averages
+            over the mirror images. `False` trains on single views, which the variation flips along
+            every axis (p=0.5), and averages over the orbit in `embed` only: training then costs
+            and needs the memory it would without `flip_invariant` (8× less time in 3D, and 8× less
+            activation memory for an encoder whose backward keeps every mirror image's activations).
 
     Attributes:
         training_patients: sorted patient ids of the DataModule's training images at fit
@@ -184,6 +189,7 @@ class SimCLRModule(MemwatchModule):
         standardize_embedding: bool = False,
         flip_invariant: bool = False,
         standardize_input: bool = False,
+        orbit_in_training: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -310,11 +316,13 @@ class SimCLRModule(MemwatchModule):
         """The representation `[B, embedding_dim]` that `embed` returns (see `flip_invariant`, `standardize_input`)."""
         return self._representation()(images)
 
-    def _representation(self) -> Representation:
+    def _representation(self, training: bool = False) -> Representation:
+        flip_invariant = bool(self.hparams.get("flip_invariant"))
+        if training:
+            flip_invariant = flip_invariant and bool(self.hparams.get("orbit_in_training", True))
         return Representation(
-            self.encoder, self.standardize, bool(self.hparams.get("flip_invariant")),
-            bool(self.hparams.get("standardize_input")),
-        )  # fmt: skip
+            self.encoder, self.standardize, flip_invariant, bool(self.hparams.get("standardize_input"))
+        )
 
     def export_torchscript(self, path: str | Path) -> Path:
         """Save what `embed` computes as a TorchScript file (traced), for `TorchScriptEmbedder` or use elsewhere."""
@@ -346,7 +354,7 @@ class SimCLRModule(MemwatchModule):
 
     def _embed_pairs(self, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Representations of the images and of their variations, `[K, L]` each, in one forward pass."""
-        embeddings = self.represent(torch.cat([images, self._varied(images, seed)])).float()
+        embeddings = self._representation(training=True)(torch.cat([images, self._varied(images, seed)])).float()
         return embeddings[: len(images)], embeddings[len(images) :]
 
     def _gathered(self, originals: torch.Tensor, variations: torch.Tensor, ids: list[str] | None):
@@ -419,6 +427,7 @@ class SimCLRModule(MemwatchModule):
                 "standardize_embedding": False,
                 "flip_invariant": False,
                 "standardize_input": False,
+                "orbit_in_training": True,
                 **hparams,
             }
         )

@@ -3,9 +3,10 @@
 **Chance level.** A generator that copies nobody draws new patients from the same
 distribution as the held-out (validation) images. Each held-out image `v_j` is therefore a
 stand-in for one such synthetic sample, judged against the threshold `τ_{-j}` computed from
-the other held-out images (leave one out: the image never sets its own threshold, and every
-split of the held-out set into "τ" and "synthetic" parts of sizes N_val − 1 and 1 is used).
-From the N_val splits:
+the held-out images of the *other patients* (leave one patient out: the image never sets its own
+threshold, nor do the other images of its patient, which a new patient's sample would not have
+beside it in the held-out set; with one image per patient this is leave one out). From the N_val
+splits:
 
 - `null_frac_copies` = share of held-out images whose nearest training embedding correlates
   `≥ τ_{-j}`: the expected share of a copy-nobody generator's samples called copies (it does
@@ -32,6 +33,12 @@ as much as the interval says. Hold out at least N_syn images for a chance level 
 rotation, contrast, noise: new images that never enter τ) whose nearest training embedding
 correlates `≥ τ`. Specificity is the share of held-out images not flagged, each at its
 leave-one-out `τ_{-j}`, so no negative sets its own threshold; it is `1 − null_frac_copies`.
+
+**Copy rule.** Both follow the rule `detect_copies` counts with (`memorization.detect.RULES`).
+Under `distinct` a held-out or varied image is flagged only when it is also distinct: its nearest
+training patient P1 clearly nearer than any other patient, `(1 − ρ1) ≤ margin² (1 − ρ2)`. A
+held-out image `j` then counts for training image `i` (in `k_i`) only when `ρ(i, j) ≥ τ_{-j}`, `j`
+is distinct and P1(j) is `i`'s patient, as a copy makes only its nearest patient's images memorized.
 """
 
 from __future__ import annotations
@@ -47,7 +54,17 @@ from scipy.special import betaln, gammaln
 from scipy.stats import betabinom, binom
 
 from errors import InputError
-from memorization.detect import _as_matrix, _percentile, _standardise, nearest_correlation
+from memorization.detect import (
+    DEFAULT_MARGIN,
+    DEFAULT_RULE,
+    _as_matrix,
+    _percentile,
+    _standardise,
+    check_rule,
+    is_distinct,
+    nearest_correlation,
+    nearest_patient_correlations,
+)
 from memorization.stats import CI_LEVEL, binomial_interval
 
 MIN_SENSITIVITY = 0.9  # below this the self-check warns that the embedder misses copies
@@ -59,11 +76,16 @@ class HeldOutExceedances:
 
     Attributes:
         tau: τ from all held-out images (as `detect_copies`).
-        loo_tau: `[N_val]` τ without held-out image `j`.
-        val_flagged: `[N_val]` bool, held-out image `j`'s nearest training correlation `≥ loo_tau[j]`.
-        train_counts: `[N_train]` held-out images above their `loo_tau` for each training image.
+        loo_tau: `[N_val]` τ without held-out image `j` and the other images of its patient.
+        val_flagged: `[N_val]` bool, held-out image `j`'s nearest training correlation `≥ loo_tau[j]`
+            (and, under `distinct`, `j` distinct).
+        train_counts: `[N_train]` held-out images above their `loo_tau` for each training image (under
+            `distinct` only distinct ones whose nearest patient is the image's).
         patient_counts: `[N_patients]` the same for each patient (any of their images), `patients` order.
         patients: the sorted patients of `patient_counts`.
+        rule: the copy rule the flags follow; `detector_check` flags the varied images by it too.
+        margin: the `distinct` rule's margin; `None` under `paper`.
+        train_patient_codes: `[N_train]` int64 position of each training row's patient in `patients`.
     """
 
     tau: float
@@ -72,6 +94,9 @@ class HeldOutExceedances:
     train_counts: torch.Tensor
     patient_counts: torch.Tensor
     patients: list[str]
+    rule: str
+    margin: float | None
+    train_patient_codes: torch.Tensor
 
     @property
     def n_val(self) -> int:
@@ -84,11 +109,19 @@ def held_out_exceedances(
     percentile: float,
     train_patients: Sequence[str] | None = None,
     chunk_size: int = 1024,
+    *,
+    rule: str = DEFAULT_RULE,
+    margin: float = DEFAULT_MARGIN,
+    val_patients: Sequence[str] | None = None,
 ) -> HeldOutExceedances:
-    """Two chunked passes over train × val in float64 (memory O(chunk_size × N_val)): top-2 neighbours, then exceedances.
+    """Two chunked passes over train × val in float64 (memory O(chunk_size × N_val)): nearest neighbours, then exceedances.
 
-    `train_patients` names the patient of each training row (default: one patient per row).
+    `train_patients` names the patient of each training row, `val_patients` of each held-out row
+    (default: one patient per row); `loo_tau[j]` leaves out every held-out image of `j`'s patient. Under
+    `rule="distinct"` a pass over val × train (memory O(chunk_size × N_train)) first finds each held-out
+    image's nearest patient and whether it is distinct by `margin` (module docstring).
     """
+    rule, margin = check_rule(rule, margin)
     train_n = _standardise(_as_matrix(train, "train").double(), "train")
     val_n = _standardise(_as_matrix(val, "val").to(device=train_n.device, dtype=torch.float64), "val")
     n_train, n_val = len(train_n), len(val_n)
@@ -97,29 +130,46 @@ def held_out_exceedances(
     patients = list(train_patients) if train_patients is not None else [str(i) for i in range(n_train)]
     if len(patients) != n_train:
         raise ValueError(f"{len(patients)} patient ids for {n_train} training embeddings")
+    held_out = list(val_patients) if val_patients is not None else [str(j) for j in range(n_val)]
+    if len(held_out) != n_val:
+        raise ValueError(f"{len(held_out)} patient ids for {n_val} held-out embeddings")
+    held_out_names = sorted(set(held_out))
+    if len(held_out_names) < 2:
+        raise ValueError("the chance level needs at least 2 held-out patients")
+    val_patient_of = torch.tensor(_codes(held_out, held_out_names), dtype=torch.int64, device=train_n.device)
+    # Without all images of one patient, a training image's nearest held-out image is among its
+    # (largest patient + 1) nearest.
+    k = min(n_val, int(torch.bincount(val_patient_of).max()) + 1)
 
     with torch.no_grad():
-        first, second, first_index = [], [], []
+        values, indices = [], []
         for start in range(0, n_train, chunk_size):
-            top = torch.topk(train_n[start : start + chunk_size] @ val_n.T, 2, dim=1)
-            first.append(top.values[:, 0])
-            second.append(top.values[:, 1])
-            first_index.append(top.indices[:, 0])
-        nearest, runner_up, nearest_index = torch.cat(first), torch.cat(second), torch.cat(first_index)
+            top = torch.topk(train_n[start : start + chunk_size] @ val_n.T, k, dim=1)
+            values.append(top.values)
+            indices.append(top.indices)
+        neighbours, neighbour_index = torch.cat(values), torch.cat(indices)
+        nearest = neighbours[:, 0]
         tau = _percentile(nearest, percentile)
-        loo_tau = _leave_one_out_tau(nearest, runner_up, nearest_index, n_val, percentile, tau)
+        loo_tau = _leave_one_patient_out_tau(neighbours, val_patient_of[neighbour_index], val_patient_of, percentile, tau)
 
         names = sorted(set(patients))
         patient_of = torch.tensor(_codes(patients, names), dtype=torch.int64)
+        attributed_to = None  # under distinct: each held-out image's nearest patient, -1 where not distinct
+        if rule == "distinct":
+            closest = nearest_patient_correlations(val_n, train_n, patient_of, chunk_size)
+            distinct = is_distinct(closest[0], closest[2], margin)
+            attributed_to = torch.where(distinct, closest[1], -1).to(train_n.device)
         order = torch.argsort(patient_of, stable=True)
         train_counts = torch.zeros(n_train, dtype=torch.int64)
         patient_counts = torch.zeros(len(names), dtype=torch.int64)
         val_flagged = torch.zeros(n_val, dtype=torch.bool, device=train_n.device)
         for rows in _patient_chunks(patient_of[order], order, chunk_size):
             above = (train_n[rows.to(train_n.device)] @ val_n.T) >= loo_tau
+            local = patient_of[rows]
+            if attributed_to is not None:
+                above &= local.to(above.device)[:, None] == attributed_to[None, :]
             val_flagged |= above.any(dim=0)
             train_counts[rows] = above.sum(dim=1).cpu()
-            local = patient_of[rows]
             first_patient = int(local[0])
             by_patient = torch.zeros(int(local[-1]) - first_patient + 1, n_val, device=above.device)
             by_patient.index_add_(0, (local - first_patient).to(above.device), above.to(by_patient.dtype))
@@ -131,6 +181,9 @@ def held_out_exceedances(
         train_counts=train_counts,
         patient_counts=patient_counts,
         patients=names,
+        rule=rule,
+        margin=margin if rule == "distinct" else None,
+        train_patient_codes=patient_of,
     )
 
 
@@ -150,20 +203,25 @@ def _patient_chunks(sorted_patient: torch.Tensor, order: torch.Tensor, chunk_siz
         start = stop
 
 
-def _leave_one_out_tau(
-    nearest: torch.Tensor, runner_up: torch.Tensor, nearest_index: torch.Tensor, n_val: int, percentile: float, tau
+def _leave_one_patient_out_tau(
+    neighbours: torch.Tensor, neighbour_patient: torch.Tensor, val_patient_of: torch.Tensor, percentile: float, tau
 ) -> torch.Tensor:
-    """`[N_val]` τ recomputed without each held-out image: its training images fall back to their second neighbour.
+    """`[N_val]` τ recomputed without each held-out patient: its training images fall back to their nearest other.
 
-    Only the held-out images nearest to some training image at or above the lower order
-    statistic of the percentile can move τ; τ is recomputed for those alone.
+    `neighbours` `[N_train, k]` are each training image's k nearest held-out correlations, descending,
+    `neighbour_patient` their patients' codes, k more than any patient's images. Only the patients
+    nearest to some training image at or above the lower order statistic of the percentile can move
+    τ; τ is recomputed for those alone.
     """
-    loo_tau = torch.full((n_val,), float(tau), dtype=nearest.dtype, device=nearest.device)
+    loo_tau = torch.full((len(val_patient_of),), float(tau), dtype=neighbours.dtype, device=neighbours.device)
+    nearest = neighbours[:, 0]
     position = (len(nearest) - 1) * (percentile / 100.0)
     lower = torch.sort(nearest).values[math.floor(position)]
-    for j in torch.unique(nearest_index[nearest >= lower]).tolist():
-        without = torch.where(nearest_index == j, runner_up, nearest)
-        loo_tau[j] = _percentile(without, percentile)
+    for patient in torch.unique(neighbour_patient[nearest >= lower, 0]).tolist():
+        outside = neighbour_patient != patient
+        first_outside = outside.to(torch.int8).argmax(dim=1, keepdim=True)
+        without = neighbours.gather(1, first_outside).squeeze(1)
+        loo_tau[val_patient_of == patient] = _percentile(without, percentile)
     return loo_tau
 
 
@@ -268,8 +326,17 @@ class DetectorCheck:
 
 
 def detector_check(varied: torch.Tensor, train: torch.Tensor, exceedances: HeldOutExceedances) -> DetectorCheck:
-    """Sensitivity of `varied` `[N_pos, L]` (embeddings of variations of training images) at τ; specificity from `exceedances`."""
-    flagged = int((nearest_correlation(varied, train).cpu() >= exceedances.tau).sum())
+    """Sensitivity on `varied` `[N_pos, L]` (embeddings of variations of training images) at τ; specificity
+    from `exceedances`.
+
+    The varied images are flagged by the rule of `exceedances` (its rule, margin and training patients),
+    so both rates describe one detector.
+    """
+    if exceedances.rule == "distinct":
+        nearest, _, other = nearest_patient_correlations(varied, train, exceedances.train_patient_codes)
+        flagged = int(((nearest >= exceedances.tau) & is_distinct(nearest, other, exceedances.margin)).sum())
+    else:
+        flagged = int((nearest_correlation(varied, train).cpu() >= exceedances.tau).sum())
     n_positive, n_negative = len(varied), exceedances.n_val
     clear = n_negative - int(exceedances.val_flagged.sum())
     return DetectorCheck(

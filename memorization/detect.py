@@ -3,12 +3,25 @@
 Implements Algorithm 1 of Dar et al., "Unconditional latent diffusion models memorize patient
 imaging data", arXiv 2402.01054, on embedding matrices, with exact nearest neighbours computed
 block by block so that memory grows as O(chunk × N), never O(N²).
+
+Two copy rules (`RULES`):
+
+- `paper`: a synthetic sample is a copy when its correlation ρ1 with the nearest training image is `≥ τ`.
+- `distinct`: also, it must be clearly nearer to one patient than to any other (after Gu et al., TMLR
+  2025, whose nearest training image is less than a third as far as the second). With P1 the patient
+  of the nearest training image and ρ2 the best correlation with an image of any other patient, and
+  d = sqrt(2(1 − ρ)) the distance between standardised embeddings, a copy needs `d1 ≤ margin · d2`,
+  i.e. `(1 − ρ1) ≤ margin² (1 − ρ2)`. An "average" sample close to many patients at once passes τ
+  but is a copy of none of them. A tie between two patients (ρ1 = ρ2) is never distinct for
+  `margin < 1`; `margin = 1` accepts every copy the paper's rule accepts. Several images of one
+  patient near a sample do not make it less distinct: the rule compares patients, not images.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +29,14 @@ import torch
 
 from errors import InputError
 from memorization.checks import as_real_tensor, check_finite
+
+RULES = ("paper", "distinct")
+DEFAULT_RULE = "paper"
+DEFAULT_MARGIN = 0.5  # the distinct rule's d1 ≤ margin · d2
+# ρ2 where the training set has no patient other than P1: the lowest correlation there is, so the
+# sample counts as distinct unless it is far from P1 too (1 − ρ1 > 2 margin²). A number, not -inf:
+# it goes into pairs.csv.
+NO_OTHER_PATIENT = -1.0
 
 
 @dataclass(frozen=True)
@@ -28,15 +49,24 @@ class CopyReport:
             validation sample (ρ_NN-val).
         nn_syn_corr: `[N_train]` correlation with the nearest synthetic sample (ρ_NN-syn).
         nn_syn_index: `[N_train]` int64 row of that synthetic sample in `syn`.
-        memorized: `[N_train]` bool, `nn_syn_corr >= tau`.
-        nn_train_corr: `[N_syn]` correlation of each synthetic sample with its nearest training sample.
+        memorized: `[N_train]` bool. Rule `paper`: `nn_syn_corr >= tau`. Rule `distinct`: that, and the
+            image's patient is the nearest patient (P1) of at least one copy, so every patient with a
+            copy has a memorized image and a patient only near "average" samples has none.
+        nn_train_corr: `[N_syn]` correlation of each synthetic sample with its nearest training sample (ρ1).
         nn_train_index: `[N_syn]` int64 row of that training sample in `train`.
-        is_copy: `[N_syn]` bool, `nn_train_corr >= tau`.
+        is_copy: `[N_syn]` bool, a copy under `rule`: `is_close`, and under `distinct` also
+            `(1 − ρ1) ≤ margin² (1 − ρ2)` (and ρ1 > ρ2 when `margin < 1`).
         n_mem: Number of memorized training samples.
         n_copies: Number of synthetic samples that are copies.
         frac_mem: `n_mem / N_train`.
         frac_copies: `n_copies / N_syn`.
         percentile: The percentile that set `tau`.
+        rule: The copy rule, one of `RULES`.
+        margin: The `distinct` rule's margin; `None` under `paper`.
+        nn_other_patient_corr: `[N_syn]` ρ2, the best correlation with a training image of a patient
+            other than the nearest one's (`NO_OTHER_PATIENT` = -1.0 where there is none); computed under
+            `distinct` only (it takes a second pass), `None` under `paper`.
+        is_close: `[N_syn]` bool, `nn_train_corr >= tau`: the paper's flag, whichever rule is in use.
     """
 
     tau: float
@@ -52,6 +82,10 @@ class CopyReport:
     frac_mem: float
     frac_copies: float
     percentile: float
+    rule: str
+    margin: float | None
+    nn_other_patient_corr: torch.Tensor | None
+    is_close: torch.Tensor
 
     def scalars(self) -> dict[str, float | int]:
         """The headline numbers as plain Python values: n_mem, n_copies, frac_mem, frac_copies, tau."""
@@ -70,6 +104,10 @@ def detect_copies(
     syn: torch.Tensor | np.ndarray,
     percentile: float = 95.0,
     chunk_size: int = 4096,
+    *,
+    rule: str = DEFAULT_RULE,
+    margin: float = DEFAULT_MARGIN,
+    train_patients: Sequence[str] | None = None,
 ) -> CopyReport:
     """Find memorized training samples and synthetic copies (Dar et al., arXiv 2402.01054, Algorithm 1).
 
@@ -80,7 +118,9 @@ def detect_copies(
     (synthetic → nearest training). The train × val blocks give only row maxima. τ is the
     `percentile`-th percentile of ρ_NN-val with linear interpolation (numpy's default);
     a training sample is memorized, and a synthetic sample is a copy, when its nearest-neighbour
-    correlation is `>= τ`.
+    correlation is `>= τ`. Under `rule="distinct"` a second pass over the same blocks, with each
+    column's entries of its nearest patient masked, gives ρ2, and a copy must also be distinct
+    (module docstring); memory stays O(chunk × N).
 
     Ties between equal correlations go to the lowest index, whatever `chunk_size` is.
     The work runs on `train`'s device (the other matrices are moved there) in float64 when any
@@ -94,6 +134,9 @@ def detect_copies(
             the paper uses 95.
         chunk_size: Training rows per block; peak extra memory is about
             `chunk_size × max(N_syn, N_val)` values.
+        rule: `paper` (ρ1 ≥ τ) or `distinct` (also d1 ≤ margin · d2); see the module docstring.
+        margin: The `distinct` rule's margin, in (0, 1]; ignored under `paper`.
+        train_patients: The patient of each training row (default: every row its own patient).
 
     Returns:
         A `CopyReport` with per-training-sample `[N_train]` and per-synthetic-sample `[N_syn]`
@@ -101,10 +144,12 @@ def detect_copies(
 
     Raises:
         InputError: a matrix is not 2-D, is empty, has NaN/inf or a constant row, the matrices
-            disagree on L, or `percentile` / `chunk_size` is out of range.
+            disagree on L, `percentile` / `chunk_size` / `rule` / `margin` is out of range, or
+            `train_patients` does not give one patient per training row.
     """
     percentile = _check_percentile(percentile)
     chunk_size = _check_chunk_size(chunk_size)
+    rule, margin = check_rule(rule, margin)
     train_t, val_t, syn_t = (
         _as_matrix(x, name) for x, name in ((train, "train"), (val, "val"), (syn, "syn"))
     )
@@ -116,6 +161,7 @@ def detect_copies(
         )
     dtype = torch.float64 if torch.float64 in (train_t.dtype, val_t.dtype, syn_t.dtype) else torch.float32
     device = train_t.device
+    patient_of = patient_codes(train_patients, train_t.shape[0]).to(device)
 
     with torch.no_grad():
         train_n = _standardise(train_t.to(device=device, dtype=dtype), "train")
@@ -126,7 +172,15 @@ def detect_copies(
         )
         tau = _percentile(nn_val_corr, percentile)
         memorized = nn_syn_corr >= tau
-        is_copy = nn_train_corr >= tau
+        is_close = nn_train_corr >= tau
+        is_copy, other = is_close.clone(), None
+        if rule == "distinct":
+            nearest_patient = patient_of[nn_train_index]
+            other = _other_patient_corr(train_n, syn_n, patient_of, nearest_patient, chunk_size)
+            is_copy = is_close & is_distinct(nn_train_corr, other, margin)
+            copied = torch.zeros(int(patient_of.max()) + 1, dtype=torch.bool, device=device)
+            copied[nearest_patient[is_copy]] = True
+            memorized = memorized & copied[patient_of]
 
     n_train, n_syn = train_n.shape[0], syn_n.shape[0]
     n_mem = int(memorized.sum())
@@ -145,7 +199,87 @@ def detect_copies(
         frac_mem=n_mem / n_train,
         frac_copies=n_copies / n_syn,
         percentile=percentile,
+        rule=rule,
+        margin=margin if rule == "distinct" else None,
+        nn_other_patient_corr=other.cpu() if other is not None else None,
+        is_close=is_close.cpu(),
     )
+
+
+def check_rule(
+    rule: str, margin: float, rule_option: str = "rule", margin_option: str = "margin"
+) -> tuple[str, float]:
+    """`(rule, margin)` checked (margin as a float); else `InputError` naming the option at fault."""
+    if rule not in RULES:
+        raise InputError(
+            f"{rule_option} {rule!r} is not one of {', '.join(RULES)}: pass paper (a copy is ρ ≥ τ) or "
+            "distinct (also clearly nearer to one training patient than to any other)"
+        )
+    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)):
+        raise InputError(
+            f"{margin_option} {margin!r} is not a number: pass a value in (0, 1], e.g. {DEFAULT_MARGIN}"
+        )
+    if not 0.0 < margin <= 1.0:
+        raise InputError(
+            f"{margin_option} {margin} must lie in (0, 1] (a copy is at most margin × as far from its "
+            f"patient as from any other; 1 accepts every copy the paper's rule does), e.g. {DEFAULT_MARGIN}"
+        )
+    return rule, float(margin)
+
+
+def is_distinct(nearest: torch.Tensor, other: torch.Tensor, margin: float) -> torch.Tensor:
+    """Whether each sample is clearly nearer its nearest patient (ρ1 = `nearest`) than another (ρ2 = `other`).
+
+    `d1 ≤ margin · d2` with `d = sqrt(2(1 − ρ))`, compared squared: `(1 − ρ1) ≤ margin² (1 − ρ2)`.
+    Rounding can put ρ a hair above 1; such distances count as 0. A tie (ρ1 = ρ2) is not distinct
+    for `margin < 1`, even at ρ = 1, where both distances are 0.
+    """
+    far_nearest = (1.0 - nearest).clamp(min=0.0)
+    far_other = (1.0 - other).clamp(min=0.0)
+    distinct = far_nearest <= (margin * margin) * far_other
+    if margin < 1.0:
+        distinct &= nearest > other
+    return distinct
+
+
+def patient_codes(train_patients: Sequence[str] | None, n_train: int) -> torch.Tensor:
+    """`[n_train]` int64 code of each training row's patient, names in sorted order (default: one per row)."""
+    if train_patients is None:
+        return torch.arange(n_train)
+    patients = [str(p) for p in train_patients]
+    if len(patients) != n_train:
+        raise InputError(
+            f"train_patients has {len(patients)} ids for {n_train} training embeddings: "
+            "give one patient id per row"
+        )
+    code = {name: k for k, name in enumerate(sorted(set(patients)))}
+    return torch.tensor([code[p] for p in patients], dtype=torch.int64)
+
+
+def nearest_patient_correlations(
+    queries: torch.Tensor, reference: torch.Tensor, reference_patients: torch.Tensor, chunk_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each row of `queries` `[N_q, L]`: ρ1 with its nearest row of `reference` `[N_r, L]`, that row's
+    patient code (P1, from `reference_patients` `[N_r]`), and ρ2, the best correlation with a row of
+    another patient (`NO_OTHER_PATIENT` where none). In float64 on `reference`'s device, memory
+    O(chunk_size × N_r); the results on the CPU.
+    """
+    reference = _standardise(_as_matrix(reference, "reference").to(torch.float64), "reference")
+    queries = _as_matrix(queries, "queries").to(device=reference.device, dtype=torch.float64)
+    queries = _standardise(queries, "queries")
+    reference_patients = reference_patients.to(reference.device)
+    nearest, nearest_patient, other = [], [], []
+    for rows in queries.split(chunk_size):
+        block = rows @ reference.T
+        values, index = block.max(dim=1)
+        patient = reference_patients[index]
+        block.masked_fill_(reference_patients[None, :] == patient[:, None], -math.inf)
+        nearest.append(values)
+        nearest_patient.append(patient)
+        other.append(block.amax(dim=1))
+    other_t = torch.cat(other)
+    other_t[other_t == -math.inf] = NO_OTHER_PATIENT
+    return torch.cat(nearest).cpu(), torch.cat(nearest_patient).cpu(), other_t.cpu()
 
 
 def nearest_correlation(queries: torch.Tensor, reference: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
@@ -159,6 +293,30 @@ def nearest_correlation(queries: torch.Tensor, reference: torch.Tensor, chunk_si
     reference = _standardise(_as_matrix(reference, "reference").to(torch.float64), "reference")
     queries = _standardise(_as_matrix(queries, "queries").to(device=reference.device, dtype=torch.float64), "queries")
     return torch.cat([(rows @ reference.T).amax(dim=1) for rows in queries.split(chunk_size)])
+
+
+def _other_patient_corr(
+    train: torch.Tensor,
+    syn: torch.Tensor,
+    patient_of: torch.Tensor,
+    nearest_patient: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """`[N_syn]` ρ2: each column's best correlation with a training row of a patient not `nearest_patient`.
+
+    The blocks are those of `_nearest_neighbours`, computed alike, so ρ2 ≤ ρ1 holds bit for bit.
+    """
+    n_train, n_syn = train.shape[0], syn.shape[0]
+    other = torch.full((n_syn,), -math.inf, dtype=train.dtype, device=train.device)
+    buffer = torch.empty(min(chunk_size, n_train) * n_syn, dtype=train.dtype, device=train.device)
+    for start in range(0, n_train, chunk_size):
+        rows = train[start : start + chunk_size]
+        block = buffer[: rows.shape[0] * n_syn].view(rows.shape[0], n_syn)
+        torch.mm(rows, syn.T, out=block)
+        same_patient = patient_of[start : start + rows.shape[0], None] == nearest_patient[None, :]
+        block.masked_fill_(same_patient, -math.inf)
+        torch.maximum(other, block.amax(dim=0), out=other)
+    return other.masked_fill_(other == -math.inf, NO_OTHER_PATIENT)
 
 
 def _nearest_neighbours(

@@ -237,7 +237,8 @@ def _detectors_section(summary: Mapping[str, Any]) -> str:
     by_embedder = detectors.get("by_embedder") or {}
     if len(by_embedder) < 2:
         return ""
-    totals = {key: summary.get(key) for key in ("n_train", "n_train_patients", "n_syn", "percentile")}
+    keys = ("n_train", "n_train_patients", "n_syn", "percentile", "rule", "margin")
+    totals = {key: summary.get(key) for key in keys}
     n_syn = summary.get("n_syn")
     among = f"among {int(n_syn)} synthetic images" if n_syn else "among the synthetic images"
     lines = [
@@ -309,7 +310,21 @@ def _threshold_sentence(summary: Mapping[str, Any]) -> str:
         if percentile is not None
         else "a percentile of how closely training images resemble held-out images"
     )
-    return f"A near-copy is an embedding correlation of at least τ = {tau:.3f} with a training image: {reference}."
+    near_copy = f"A near-copy is an embedding correlation of at least τ = {tau:.3f} with a training image"
+    return f"{near_copy}: {reference}.{_rule_sentence(summary)}"
+
+
+def _rule_sentence(summary: Mapping[str, Any]) -> str:
+    rule, margin = summary.get("rule"), summary.get("margin")
+    if rule == "distinct" and margin is not None:
+        return (
+            " Copy rule distinct: a close sample also has to be clearly nearer to one patient than to any "
+            f"other, d1 ≤ {margin:g}·d2 (d = √(2(1 − ρ)) to the nearest patient's image and to the nearest "
+            "other patient's)."
+        )
+    if rule == "paper":
+        return " Copy rule paper: a correlation of at least τ is enough."
+    return ""
 
 
 def _histogram_caption() -> str:
@@ -435,6 +450,8 @@ def _provenance(summary: Mapping[str, Any]) -> str:
         "n_syn": "synthetic images",
         "tau": "τ",
         "percentile": "percentile",
+        "rule": "copy rule",
+        "margin": "copy rule's margin (distinct: d1 ≤ margin·d2)",
         "ci_method": "interval method",
         "null_method": "chance-level method",
         "fd": "Fréchet distance (synthetic vs held-out, embedder space)",

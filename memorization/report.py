@@ -139,6 +139,8 @@ def _write_summary(path: Path, report: CopyReport, train_ids, syn_ids, patients,
         "n_syn": len(syn_ids),
         **report.scalars(),
         "percentile": report.percentile,
+        "rule": report.rule,
+        "margin": report.margin,
         **extra,
         "memorized_train_ids": [train_ids[i] for i in memorized],
         "memorized_patient_ids": memorized_patients(report.memorized, patients),
@@ -149,14 +151,21 @@ def _write_summary(path: Path, report: CopyReport, train_ids, syn_ids, patients,
 
 
 def _write_pairs(path: Path, report: CopyReport, train_ids, syn_ids, patients) -> Path:
+    """One row per synthetic sample; `other_patient_correlation` (ρ2) is empty under the paper's rule, which
+    does not compute it, and -1 where no other patient exists; `is_copy` follows `report.rule`."""
+    other = report.nn_other_patient_corr
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["synthetic_id", "nearest_train_id", "nearest_train_patient_id", "correlation", "is_copy"])
+        writer.writerow([
+            "synthetic_id", "nearest_train_id", "nearest_train_patient_id", "correlation",
+            "other_patient_correlation", "is_copy",
+        ])  # fmt: skip
         for j, syn_id in enumerate(syn_ids):
             nearest = int(report.nn_train_index[j])
-            writer.writerow(
-                [syn_id, train_ids[nearest], patients[nearest], f"{float(report.nn_train_corr[j]):.6f}", bool(report.is_copy[j])]
-            )
+            writer.writerow([
+                syn_id, train_ids[nearest], patients[nearest], f"{float(report.nn_train_corr[j]):.6f}",
+                "" if other is None else f"{float(other[j]):.6f}", bool(report.is_copy[j]),
+            ])  # fmt: skip
     return path
 
 

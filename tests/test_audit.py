@@ -17,6 +17,7 @@ from cli import main
 from datamodules.phantom import render_phantom
 from datamodules.transforms import vary
 from lightning_modules import LatentDiffusionModule
+from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE
 from memorization.release import ReleasedFile, write_manifest
 from memorization.report import REPORT_FILES
 from tests.conftest import (
@@ -84,6 +85,9 @@ def test_audit_finds_planted_copies_and_releases_only_the_rest(embedder_ckpt, fo
     assert N_PLANTED - 1 <= written["n_mem"] <= N_PLANTED + unplanted_ceiling, written["n_mem"]
     pairs = read_csv(out / "pairs.csv")
     assert len(pairs) == 24 and {row["synthetic_id"] for row in pairs if row["is_copy"] == "True"} == flagged
+    # the default rule, named; ρ2 is computed (and written) under the distinct rule only
+    assert written["rule"] == DEFAULT_RULE and written["margin"] == (DEFAULT_MARGIN if DEFAULT_RULE == "distinct" else None)
+    assert all((row["other_patient_correlation"] == "") == (DEFAULT_RULE == "paper") for row in pairs)
     assert all(row["nearest_train_id"] in set(memorization_phantoms().train_ids) for row in pairs)
     copy_00 = next(row for row in pairs if row["synthetic_id"] == "copy_00")
     assert copy_00["nearest_train_id"] == memorization_phantoms().train_ids[0]
@@ -140,13 +144,25 @@ def test_audit_of_patient_folders_counts_each_patient_once(embedder_ckpt, folder
         save_npy(synthetic / f"copy_{k}.npy", image[0])
     for name in sorted(p.name for p in (folders / "synthetic").iterdir() if p.name.startswith("novel"))[:6]:
         save_npy(synthetic / name, np.load(folders / "synthetic" / name))
-    args = audit_args(embedder_ckpt, folders, tmp_path / "out", "--detector-positives", "8")
+    # The distinct rule: a copy is near both images of its patient, and is still a copy of that one patient. The
+    # tiny test embedder puts other phantoms close: the copies reach d1 = 0.4 d2 and 0.54 d2 there.
+    args = audit_args(
+        embedder_ckpt, folders, tmp_path / "out", "--detector-positives", "8", "--rule", "distinct", "--margin", "0.65"
+    )
     args[args.index("--train") + 1], args[args.index("--synthetic") + 1] = str(train), str(synthetic)
     written = main(args)
     assert written["n_train"] == 64 and written["n_train_patients"] == 32 and written["detector"]["n_positive"] == 8
+    assert written["rule"] == "distinct" and written["margin"] == 0.65
     memorized = set(written["memorized_patient_ids"])
     assert set(data.train_ids[:2]) <= memorized
     assert written["n_mem_patients"] == len(memorized) < written["n_mem"]
+    pairs = {row["synthetic_id"]: row for row in read_csv(tmp_path / "out" / "pairs.csv")}
+    for k in range(2):
+        copy = pairs[f"copy_{k}"]
+        assert copy["is_copy"] == "True" and copy["nearest_train_patient_id"] == data.train_ids[k]
+        assert float(copy["other_patient_correlation"]) < float(copy["correlation"])
+    assert all(-1.0 <= float(row["other_patient_correlation"]) <= float(row["correlation"]) for row in pairs.values())
+    assert "Copy rule distinct" in (tmp_path / "out" / "report.html").read_text()
     train_nn = read_csv(tmp_path / "out" / "train_nn.csv")
     assert {row["patient_id"] for row in train_nn} == set(data.train_ids)
     assert all(row["train_id"].startswith(row["patient_id"]) for row in train_nn)
@@ -247,6 +263,10 @@ def test_bad_arguments_are_one_line_and_an_existing_report_is_kept(embedder_ckpt
         "missing embedder": (audit_args(tmp_path / "none.ckpt", folders, tmp_path / "o"), "none.ckpt does not exist"),
         "no synthetic": (without_synthetic, "--synthetic DIR, or --generator CKPT"),
         "percentile": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--percentile", "100"], "--percentile 100.0 must lie"),
+        "rule": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--rule", "strict"],
+                 "--rule 'strict' is not one of paper, distinct"),
+        "margin": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--rule", "distinct", "--margin", "2"],
+                   "--margin 2.0 must lie in (0, 1]"),
         "synthetic and ldm": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--ldm", "x.ckpt"], "not both"),
         "ldm is an embedder": ([*without_synthetic, "--ldm", str(embedder_ckpt)], "SimCLRModule"),
         "embedder trained on the held-out patients": (swapped, "patient(s) held out here"),

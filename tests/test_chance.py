@@ -107,6 +107,24 @@ def test_leave_one_out_tau_is_tau_without_that_held_out_image():
     assert torch.equal(exceedances.train_counts, (correlations >= exceedances.loo_tau).sum(dim=1))
 
 
+@pytest.mark.parametrize("chunk_size", [1024, 7])
+def test_leave_one_patient_out_tau_is_tau_without_any_image_of_that_patient(chunk_size):
+    generator = torch.Generator().manual_seed(4)
+    train, val = random_patients(40, generator), random_patients(15, generator)
+    val_patients = ["a", "a", "a", "b", "c", "c", "d", "e", "e", "f", "g", "g", "g", "h", "i"]
+    exceedances = held_out_exceedances(train, val, 90.0, chunk_size=chunk_size, val_patients=val_patients)
+    correlations = _standardise(train, "t") @ _standardise(val, "v").T
+    for j, patient in enumerate(val_patients):
+        others = correlations[:, [k for k, q in enumerate(val_patients) if q != patient]]
+        assert float(exceedances.loo_tau[j]) == pytest.approx(float(_percentile(others.amax(dim=1), 90.0)), abs=1e-12)
+    one_each = held_out_exceedances(train, val, 90.0, val_patients=[str(j) for j in range(15)])
+    assert torch.equal(one_each.loo_tau, held_out_exceedances(train, val, 90.0).loo_tau)
+    with pytest.raises(ValueError, match="2 held-out patients"):
+        held_out_exceedances(train, val, 90.0, val_patients=["a"] * 15)
+    with pytest.raises(ValueError, match="14 patient ids for 15 held-out"):
+        held_out_exceedances(train, val, 90.0, val_patients=val_patients[:-1])
+
+
 def test_held_out_images_used_as_synthetic_score_within_the_estimated_null():
     inside, means = 0, []
     for seed in range(20):
@@ -182,3 +200,47 @@ def test_data_and_embedders_that_would_bias_the_count_are_refused(recorded, trai
 
 def test_matching_patients_pass():
     check_patients(["a", "b", "z"], ["a", "b"], [f"v{i}" for i in range(20)], 95.0, "--embedder", "--embedder")
+
+
+def test_held_out_images_between_two_patients_are_passed_under_the_distinct_rule():
+    generator = torch.Generator().manual_seed(0)
+    train = orthogonal_patients(40, generator, 256)
+    # each held-out image mixes two training patients (weights 1 and 0.8 to 1): close to both, a copy of neither
+    weights = 0.8 + 0.2 * torch.rand(20, 1, generator=generator, dtype=torch.float64)
+    val = train[0::2] + weights * train[1::2] + 0.01 * random_patients(20, generator, 256)
+    varied = train[:10] + 0.01 * random_patients(10, generator, 256)
+    paper = held_out_exceedances(train, val, 80.0, rule="paper")
+    distinct = held_out_exceedances(train, val, 80.0, rule="distinct", margin=0.5)
+    assert paper.rule == "paper" and distinct.rule == "distinct" and distinct.margin == 0.5
+    paper_check, distinct_check = detector_check(varied, train, paper), detector_check(varied, train, distinct)
+    assert paper_check.specificity < 1.0  # the paper's rule flags some of them
+    assert distinct_check.specificity > paper_check.specificity and distinct_check.specificity == 1.0
+    assert distinct_check.sensitivity == paper_check.sensitivity == 1.0  # true copies stay copies
+    assert int(distinct.train_counts.sum()) == int(distinct.patient_counts.sum()) == 0 < int(paper.train_counts.sum())
+    assert chance_level(distinct, 20).null_frac_copies < chance_level(paper, 20).null_frac_copies
+
+
+def test_under_the_distinct_rule_a_held_out_image_counts_only_for_its_nearest_patients_images():
+    generator = torch.Generator().manual_seed(1)
+    train = orthogonal_patients(40, generator, 256)
+    # one held-out image near training images 0 (ρ 0.76) and 1 (ρ 0.64) and uncorrelated with the others; 30
+    # random ones uncorrelated with images 0 and 1, which put τ near 0.2
+    noise = unrelated_to(train, 1, generator)
+    near = 0.6 * train[0] + 0.5 * train[1] + 0.1 * noise / noise.norm()
+    others = random_patients(30, generator, 256)
+    others = others - others.mean(dim=1, keepdim=True)
+    others = others - (others @ train[:2].T) @ train[:2]
+    val = torch.cat([near, others])
+    grouped = ["p00", "p00", *(f"p{i:02d}" for i in range(2, 40))]  # images 0 and 1: one patient
+
+    def counts(patients, rule, margin):
+        found = held_out_exceedances(train, val, 95.0, patients, chunk_size=7, rule=rule, margin=margin)
+        assert found.loo_tau[0] > 0.1
+        first_two = found.patient_counts[found.train_patient_codes[:2]].tolist()
+        return found.val_flagged[0].item(), found.train_counts[:2].tolist(), first_two
+
+    assert counts(grouped, "paper", 0.5) == (True, [1, 1], [1, 1])
+    assert counts(grouped, "distinct", 0.5) == (True, [1, 1], [1, 1])  # one patient's two images: distinct
+    assert counts(None, "paper", 0.5) == (True, [1, 1], [1, 1])
+    assert counts(None, "distinct", 0.5) == (False, [0, 0], [0, 0])  # two patients, d1 = 0.8 d2: not distinct
+    assert counts(None, "distinct", 1.0) == (True, [1, 0], [1, 0])  # it counts for its nearest patient only

@@ -103,6 +103,9 @@ def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
     ]  # fmt: skip
 
 
+REAL_DATA_EMBEDDERS = {"mrnet_simclr", "nifti_simclr", "dicom_simclr", "chestxray_simclr"}
+
+
 def last_ckpt(cli) -> Path:
     return Path(cli.trainer.checkpoint_callback.last_model_path)
 
@@ -129,6 +132,10 @@ def test_print_config(config, capsys):
         assert printed["early_stopping"]["init_args"]["monitor"] == "memorization/excess_frac_mem"
     else:
         assert printed["memorization"] is None and printed["early_stopping"] is None
+    if config.stem in REAL_DATA_EMBEDDERS:  # the recipe bench/detector_quality.py measured (BENCHMARKS.md)
+        recipe = printed["model"]["init_args"]
+        assert recipe["flip_invariant"] and recipe["standardize_input"] and not recipe["orbit_in_training"]
+        assert recipe["brightness_shift"] == 0.1 and recipe["contrast_gamma"] == [0.8, 1.25]
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -246,6 +253,15 @@ def _bad_runs(trained_runs) -> dict[str, tuple[list[str], str]]:
         "max_overhead outside (0, 10]": (
             [*trained_ldm, "--memorization.max_overhead", "11"],
             "--memorization.max_overhead=11.0 must lie in (0, 10]",
+        ),
+        "unknown copy rule": (
+            [*trained_ldm, "--memorization.rule", "strict"],
+            "--memorization.rule 'strict' is not one of paper, distinct",
+        ),
+        "margin 0": ([*trained_ldm, "--memorization.margin", "0"], "--memorization.margin 0.0 must lie in (0, 1]"),
+        "margin above 1": (
+            [*trained_ldm, "--memorization.rule", "distinct", "--memorization.margin", "1.5"],
+            "--memorization.margin 1.5 must lie in (0, 1]",
         ),
         "n_train above the dataset": (
             ["--config", ae, "--data.init_args.n_train", "999"],

@@ -248,6 +248,21 @@ def test_missing_or_weak_numbers_are_said_not_crashed_on(tmp_path, edit, expecte
     assert expected in "".join(parse(page).text)
 
 
+@pytest.mark.parametrize(
+    "rule, margin, expected",
+    [
+        ("paper", None, "Copy rule paper: a correlation of at least τ is enough."),
+        ("distinct", 0.4, "also has to be clearly nearer to one patient than to any other, d1 ≤ 0.4·d2"),
+    ],
+    ids=["paper", "distinct"],
+)
+def test_the_verdict_names_the_copy_rule(tmp_path, rule, margin, expected):
+    page, _ = write_page(tmp_path, with_images=False, summary_edit=lambda s: {**s, "rule": rule, "margin": margin})
+    text = "".join(parse(page).text)
+    assert expected in text[: text.index("[img histogram]")]
+    assert json.loads((tmp_path / "summary.json").read_text())["rule"] == rule
+
+
 def test_status_compares_the_interval_with_chance():
     base = {"frac_mem_patients": 0.10, "frac_mem_patients_ci": [0.06, 0.15], "null_frac_mem_patients": 0.05}
     assert overall_status(base)[0] == "bad"

@@ -73,7 +73,9 @@ def test_a_generator_of_held_out_patients_memorizes_almost_nothing(embedder_ckpt
 
 
 def test_checks_end_every_nth_epoch_embed_references_once_and_write_history(embedder_ckpt, tmp_path):
-    callback = MemorizationCallback(str(embedder_ckpt), every_n_epochs=2, n_samples=6, num_inference_steps=1)
+    callback = MemorizationCallback(
+        str(embedder_ckpt), every_n_epochs=2, n_samples=6, num_inference_steps=1, rule="distinct", margin=0.7
+    )
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run")
     fit_with_callback(ScriptedGenerator(), callback, epochs=5, logger=logger)
     # The epochs Lightning validates and checkpoints with the same period: (epoch + 1) % 2 == 0.
@@ -82,6 +84,10 @@ def test_checks_end_every_nth_epoch_embed_references_once_and_write_history(embe
     rows = memorization_history(Path(logger.log_dir))
     assert [int(r["epoch"]) for r in rows] == [1, 3]
     assert {"n_mem", "n_copies", "frac_mem", "frac_copies", "tau"} <= set(rows[0])
+    # the rule in every row, in memory and on disk; not a TensorBoard scalar
+    assert all(row["rule"] == "distinct" and row["margin"] == 0.7 for row in callback.history)
+    assert all(row["rule"] == "distinct" and float(row["margin"]) == 0.7 for row in rows)
+    assert not {"memorization/rule", "memorization/margin"} & set(callback._scalars(callback.history[-1]))
 
 
 def test_check_at_start_adds_a_check_at_the_end_of_the_first_epoch(embedder_ckpt):
@@ -122,6 +128,10 @@ def test_bad_configuration_fails_at_construction(embedder_ckpt, tmp_path):
     with pytest.raises(InputError, match=r"embedder_ckpt was trained on \d+ patient\(s\) held out here"):
         callback.check_data(memorization_phantoms(split_seed=1))  # another split: some of its training patients are held out
     callback.check_data(memorization_phantoms())  # the embedder's own split
+    with pytest.raises(InputError, match=r"^--memorization.rule 'strict' is not one of paper, distinct"):
+        MemorizationCallback(str(embedder_ckpt), rule="strict")
+    with pytest.raises(InputError, match=r"^--memorization.margin 1.5 must lie in \(0, 1\]"):
+        MemorizationCallback(str(embedder_ckpt), rule="distinct", margin=1.5)
     with pytest.raises(InputError, match="detector_positives=-1 must be at least 0"):
         MemorizationCallback(str(embedder_ckpt), detector_positives=-1)
     with pytest.raises(InputError, match="use rotation_degrees, contrast_gamma and noise_std"):
