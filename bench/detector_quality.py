@@ -1,7 +1,8 @@
 """How well each shipped embedder recipe finds planted copies in image families it was not built on.
 
     python bench/detector_quality.py                                  # every case, each at its recipe
-    python bench/detector_quality.py --cases knee brain --steps 300   # the 3D cases
+    python bench/detector_quality.py --cases knee brain --steps 300   # the 3D cases, shorter training
+    python bench/detector_quality.py --work-dir W --reuse-fits --margin 0.7   # audit W's embedders again
     python bench/detector_quality.py --cases vessels --n-train 32 --n-val 24 --n-copies 12 --n-novel 16 \
         --size 32 --steps 50                                          # a tiny run (the test suite's)
 
@@ -12,7 +13,7 @@ are held back: never tuned on. For each case the benchmark writes a planted-copy
 `val/`, `synthetic/` of varied copies of training patients and novel images, `planted.json`), trains
 the embedder with the real CLI on a config made of a real-data config's own `model:` section (the
 recipe: `configs/chestxray_simclr.yaml` for 2D, `configs/mrnet_simclr.yaml` for 3D, or `--recipe`)
-scaled for a CPU (`CPU_SCALE`: smaller ResNet stages, a learning rate for a few hundred steps) and a
+scaled for a CPU (`CPU_SCALE`: smaller ResNet stages, a learning rate for a thousand steps) and a
 `FolderDataModule` over the set, then audits the synthetic folder with `python cli.py audit` once per
 copy rule (`--rules`), and scores each audit's `pairs.csv` against `planted.json`:
 
@@ -77,19 +78,23 @@ CASES = {
     "brain": Case("brain", held_back=True),
 }
 RECIPES = {2: "configs/chestxray_simclr.yaml", 3: "configs/mrnet_simclr.yaml"}
-# What changes for a CPU and a few hundred steps; everything else is the recipe's own model section.
+# What changes for a CPU and a thousand steps; everything else is the recipe's own model section.
 CPU_SCALE = {
     "configs/chestxray_simclr.yaml": {
         "model": {"resnet_block": "basic", "resnet_layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "lr": 1e-3},
         "batch_size": 16,
     },
-    "configs/mrnet_simclr.yaml": {"model": {"lr": 1e-3}, "batch_size": 10},
-    "configs/nifti_simclr.yaml": {"model": {"channels": [16, 32, 64], "lr": 1e-3}, "batch_size": 10},
-    "configs/dicom_simclr.yaml": {"model": {"channels": [16, 32, 64], "lr": 1e-3}, "batch_size": 10},
+    **{
+        f"configs/{name}_simclr.yaml": {
+            "model": {"resnet_layers": [1, 1, 1, 1], "channels": [32, 64, 128, 256], "lr": 1e-3},
+            "batch_size": 10,
+        }
+        for name in ("mrnet", "nifti", "dicom")
+    },
     "configs/folder_simclr.yaml": {"model": {}, "batch_size": 16},
 }
 DEFAULT_SIZE = {2: [64, 64], 3: [32, 32, 16]}
-MARGIN_SWEEP = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+MARGIN_SWEEP = (1.0, 0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4)
 
 
 def clopper_pearson(successes: int, trials: int) -> list[float]:
@@ -175,7 +180,7 @@ def estimates_beside_observed(summary: dict, scored: dict) -> dict:
     }
     rate = summary.get("null_frac_copies")
     if rate is not None:
-        low, high = prediction_interval(float(rate), n_novel)
+        low, high = prediction_interval(float(rate), n_novel, estimated_from=summary.get("n_val"))
         figures |= {
             "fp_estimated": round(float(rate), 4),
             "fp_estimated_interval": [round(low, 4), round(high, 4)],
@@ -234,30 +239,43 @@ def run_case(
     n_copies: int,
     n_novel: int,
     size: list[int] | None = None,
-    steps: int = 300,
+    steps: int = 1000,
     recipe: str | None = None,
     rules: tuple[str, ...] = ("paper", "distinct"),
     margin: float | None = None,
     seed: int = 0,
     fit_args: tuple[str, ...] = (),
     threads: int | None = None,
+    reuse_fit: bool = False,
 ) -> dict:
-    """Write one case's planted-copy set under `work`, train its recipe's embedder, audit once per rule, score."""
+    """Write one case's planted-copy set under `work`, train its recipe's embedder, audit once per rule, score.
+
+    `reuse_fit`: where `work` already holds this case's set and an embedder trained on the same config
+    and fit arguments, audit that embedder again (another rule or margin) instead of training anew.
+    """
     case = CASES[name]
     dims = family_spatial_dims(case.family)
     size = list(size or DEFAULT_SIZE[dims])
     recipe = recipe or RECIPES[dims]
     work, data = Path(work), Path(work) / "data"
-    planted = write_planted_copy_set(
-        data, case.family, n_train=n_train, n_val=n_val, n_copies=n_copies, n_novel=n_novel,
-        spatial_size=size, seed=seed, images_per_patient=case.images_per_patient, novel=case.novel,
-    )  # fmt: skip
-    config = work / "fit.yaml"
-    config.write_text(yaml.safe_dump(fit_config(recipe, data, work, size, steps), sort_keys=False))
-    start = time.perf_counter()
-    cli("fit", "--config", str(config), *fit_args, threads=threads)
-    fit_seconds = time.perf_counter() - start
-    embedder = work / "checkpoints" / "last.ckpt"
+    config, embedder, fitted = work / "fit.yaml", work / "checkpoints" / "last.ckpt", work / "fit.json"
+    config_text = yaml.safe_dump(fit_config(recipe, data, work, size, steps), sort_keys=False)
+    previous = json.loads(fitted.read_text()) if reuse_fit and fitted.is_file() else {}
+    reusable = (
+        previous.get("config") == config_text and previous.get("fit_args") == list(fit_args) and embedder.is_file()
+    )
+    if reusable:
+        planted, fit_seconds = json.loads((data / "planted.json").read_text()), previous["fit_seconds"]
+    else:
+        planted = write_planted_copy_set(
+            data, case.family, n_train=n_train, n_val=n_val, n_copies=n_copies, n_novel=n_novel,
+            spatial_size=size, seed=seed, images_per_patient=case.images_per_patient, novel=case.novel,
+        )  # fmt: skip
+        config.write_text(config_text)
+        start = time.perf_counter()
+        cli("fit", "--config", str(config), *fit_args, threads=threads)
+        fit_seconds = time.perf_counter() - start
+        fitted.write_text(json.dumps({"config": config_text, "fit_args": list(fit_args), "fit_seconds": fit_seconds}))
     by_rule = {}
     for rule in rules:
         out = work / f"audit_{rule}"
@@ -267,6 +285,8 @@ def run_case(
         ]  # fmt: skip
         if rule != "paper" and margin is not None:
             audit += ["--margin", str(margin)]
+        if out.exists():  # the benchmark's own earlier audit of this case
+            audit.append("--overwrite")
         start = time.perf_counter()
         cli(*audit, threads=threads)
         summary = json.loads((out / "summary.json").read_text())
@@ -290,6 +310,7 @@ def run_case(
         "recipe": recipe,
         "cpu_scale": CPU_SCALE.get(recipe),
         "fit_seconds": round(fit_seconds, 1),
+        "fit_reused": reusable,
         "sizes": {"n_train": n_train, "n_val": n_val, "n_copies": n_copies, "n_novel": n_novel, "size": size, "steps": steps},
         "rules": by_rule,
     }
@@ -306,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-copies", type=int, default=48)
     parser.add_argument("--n-novel", type=int, default=96)
     parser.add_argument("--size", type=int, nargs="+", default=None, help="image size (default 64 64 in 2D, 32 32 16 in 3D)")
-    parser.add_argument("--steps", type=int, default=300, help="embedder training steps")
+    parser.add_argument("--steps", type=int, default=1000, help="embedder training steps")
     parser.add_argument("--recipe", default=None, help="the config whose model section is the recipe (default per dims)")
     parser.add_argument("--rules", nargs="+", default=["paper", "distinct"])
     parser.add_argument("--margin", type=float, default=None, help="the distinct rule's margin (default: the audit's)")
@@ -316,7 +337,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the CLI subprocesses")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the sets, checkpoints and audits here")
+    parser.add_argument(
+        "--reuse-fits", action="store_true",
+        help="with --work-dir: audit again the embedders an earlier run trained there on the same config",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.reuse_fits and args.work_dir is None:
+        parser.error("--reuse-fits needs --work-dir (the folder of the earlier run)")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="detector_quality_"))
     results = []
     try:
@@ -327,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
                     name, work / name, n_train=args.n_train, n_val=args.n_val, n_copies=args.n_copies,
                     n_novel=args.n_novel, size=size, steps=args.steps, recipe=args.recipe, rules=tuple(args.rules),
                     margin=args.margin, seed=args.seed, fit_args=tuple(args.fit_arg), threads=args.threads,
+                    reuse_fit=args.reuse_fits,
                 )
             )  # fmt: skip
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)

@@ -259,7 +259,7 @@ def chance_level(exceedances: HeldOutExceedances, n_syn: int) -> ChanceLevel:
         null_frac_copies=copies,
         null_frac_mem_patients=per_patient,
         null_frac_mem_ci=prediction_interval(per_image, len(exceedances.train_counts)),
-        null_frac_copies_ci=prediction_interval(copies, n_syn),
+        null_frac_copies_ci=prediction_interval(copies, n_syn, estimated_from=n_val),
         null_frac_mem_patients_ci=prediction_interval(per_patient, len(exceedances.patient_counts)),
         method=f"leave-one-out held-out images as copy-nobody samples; {method}",
     )
@@ -297,10 +297,22 @@ def _fit_beta_binomial(counts: np.ndarray, n: int) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def prediction_interval(rate: float, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
-    """Central `level` range of an observed share out of `n` when each unit hits with probability `rate`."""
+def prediction_interval(
+    rate: float, n: int, level: float = CI_LEVEL, estimated_from: int | None = None
+) -> tuple[float, float]:
+    """Central `level` range of an observed share out of `n` when each unit hits with probability `rate`.
+
+    `estimated_from`: `rate` is itself a share observed in that many trials, so the range also carries
+    its uncertainty: the rate's Jeffreys posterior Beta(k + ½, m − k + ½) with k = rate·m, and the share
+    of `n` drawn from the beta-binomial it predicts. Without it, a rate estimated as 0 would predict
+    exactly 0 however few trials it came from.
+    """
     alpha = 1.0 - level
-    return float(binom.ppf(alpha / 2, n, rate) / n), float(binom.ppf(1 - alpha / 2, n, rate) / n)
+    if estimated_from is None:
+        return float(binom.ppf(alpha / 2, n, rate) / n), float(binom.ppf(1 - alpha / 2, n, rate) / n)
+    hits = rate * estimated_from
+    a, b = hits + 0.5, estimated_from - hits + 0.5
+    return float(betabinom.ppf(alpha / 2, n, a, b) / n), float(betabinom.ppf(1 - alpha / 2, n, a, b) / n)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from errors import InputError
 from memorization.checks import as_real_tensor, check_finite
 
 RULES = ("paper", "distinct")
-DEFAULT_RULE = "paper"
-DEFAULT_MARGIN = 0.5  # the distinct rule's d1 ≤ margin · d2
+DEFAULT_RULE = "distinct"
+DEFAULT_MARGIN = 0.75  # the distinct rule's d1 ≤ margin · d2; chosen by bench/detector_quality.py (BENCHMARKS.md)
 # ρ2 where the training set has no patient other than P1: the lowest correlation there is, so the
 # sample counts as distinct unless it is far from P1 too (1 − ρ1 > 2 margin²). A number, not -inf:
 # it goes into pairs.csv.

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 from errors import InputError
-from memorization import detect_copies
+from memorization import detect_copies as detect_copies_by_default_rule
 from memorization.chance import (
     chance_level,
     check_patients,
     detector_check,
-    held_out_exceedances,
+    prediction_interval,
     weak_detector_warning,
+)
+from memorization.chance import (
+    held_out_exceedances as held_out_exceedances_by_default_rule,
 )
 from memorization.detect import _percentile, _standardise
 from memorization.stats import binomial_interval, headline, logged_scalars
+
+# The chance level's arithmetic under the paper's rule unless a test names another
+detect_copies = functools.partial(detect_copies_by_default_rule, rule="paper")
+held_out_exceedances = functools.partial(held_out_exceedances_by_default_rule, rule="paper")
 
 L = 16
 
@@ -244,3 +253,14 @@ def test_under_the_distinct_rule_a_held_out_image_counts_only_for_its_nearest_pa
     assert counts(None, "paper", 0.5) == (True, [1, 1], [1, 1])
     assert counts(None, "distinct", 0.5) == (False, [0, 0], [0, 0])  # two patients, d1 = 0.8 d2: not distinct
     assert counts(None, "distinct", 1.0) == (True, [1, 0], [1, 0])  # it counts for its nearest patient only
+
+
+def test_a_chance_level_estimated_as_zero_still_predicts_false_positives_from_few_held_out_images():
+    # 0 of 160 held-out images above τ does not make 0 of 96 novel samples certain; 0 of a million nearly does
+    assert prediction_interval(0.0, 96) == (0.0, 0.0)
+    few = prediction_interval(0.0, 96, estimated_from=160)
+    many = prediction_interval(0.0, 96, estimated_from=1_000_000)
+    assert few[0] == 0.0 and few[1] >= 1 / 96
+    assert many == (0.0, 0.0)
+    wide, narrow = prediction_interval(0.05, 96, estimated_from=160), prediction_interval(0.05, 96)
+    assert wide[0] <= narrow[0] and wide[1] > narrow[1]

@@ -168,3 +168,23 @@ def test_check_rule_names_the_option():
     with pytest.raises(InputError, match=r"^--margin 2 must lie in \(0, 1\]"):
         check_rule("distinct", 2, "--rule", "--margin")
     assert check_rule("distinct", 1, "--rule", "--margin") == ("distinct", 1.0)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_average_samples_stay_within_the_chance_interval_of_the_default_rule_only(rule):
+    """Novel samples that are the mean of two training patients (a generator's "average" output) against the
+    false-positive rate the chance level predicts for them; the paper's rule flags most of them."""
+    from memorization.chance import chance_level, held_out_exceedances
+    from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE
+
+    generator = torch.Generator().manual_seed(0)
+    train, val = torch.randn(200, 32, generator=generator), torch.randn(200, 32, generator=generator)
+    train = train - train.mean(dim=1, keepdim=True)
+    train = train / train.norm(dim=1, keepdim=True)  # both patients of an average weigh the same in it
+    pairs = torch.randperm(200, generator=generator)[:160].view(80, 2)
+    averages = train[pairs[:, 0]] + train[pairs[:, 1]] + 0.01 * torch.randn(80, 32, generator=generator)
+    patients = [f"p{i}" for i in range(200)]
+    exceedances = held_out_exceedances(train, val, 95.0, patients, rule=rule, margin=DEFAULT_MARGIN)
+    low, high = chance_level(exceedances, len(averages)).null_frac_copies_ci
+    observed = detect_copies(train, val, averages, rule=rule, margin=DEFAULT_MARGIN, train_patients=patients).frac_copies
+    assert (observed <= high) == (rule == DEFAULT_RULE), (rule, observed, low, high)

@@ -3,6 +3,7 @@ chunking, ties and bad input."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,12 @@ import torch
 from scipy.spatial.distance import cdist
 
 from errors import InputError
-from memorization import CopyReport, detect_copies
+from memorization import CopyReport
+from memorization import detect_copies as detect_copies_by_default_rule
+
+# This file checks the paper's Algorithm 1 against a reference implementation; the distinct rule is
+# tests/test_copy_rule.py's.
+detect_copies = functools.partial(detect_copies_by_default_rule, rule="paper")
 
 
 def clustered(rng: np.random.Generator, n: int, centres: np.ndarray, spread: float = 0.5) -> np.ndarray:

@@ -58,4 +58,37 @@ def test_the_benchmark_at_a_tiny_size_retrieves_planted_copies_and_scores_them_a
     # a stable claim (24 held-out images); the correlation gap and the retrieval are.
     assert family["retrieved"] >= 0.5, family
     assert family["median_correlation_copies"] > family["median_correlation_novel"], family
-    assert (tmp_path / "vessels" / "checkpoints" / "last.ckpt").is_file()
+    embedder = tmp_path / "vessels" / "checkpoints" / "last.ckpt"
+    trained_at = embedder.stat().st_mtime_ns
+
+    again = main(
+        [
+            "--cases", "vessels", "--n-train", "32", "--n-val", "24", "--n-copies", "12", "--n-novel", "16",
+            "--size", "32", "32", "--steps", "50", "--work-dir", str(tmp_path), "--threads", "1",
+            "--reuse-fits", "--rules", "distinct", "--margin", "0.9",
+        ]
+    )  # fmt: skip
+    capsys.readouterr()
+    (reaudited,) = again["cases"]
+    assert reaudited["fit_reused"] and not case["fit_reused"] and embedder.stat().st_mtime_ns == trained_at
+    assert reaudited["fit_seconds"] == case["fit_seconds"] and reaudited["rules"]["distinct"]["margin"] == 0.9
+    assert reaudited["rules"]["distinct"]["tau"] == family["tau"]
+
+
+def test_the_3d_benchmark_at_a_tiny_size_runs_the_mrnet_recipe_and_ranks_copies_above_novel_volumes(tmp_path, capsys) -> None:
+    output = main(
+        [
+            "--cases", "knee", "--n-train", "16", "--n-val", "24", "--n-copies", "6", "--n-novel", "8",
+            "--size", "32", "32", "16", "--steps", "20", "--rules", "distinct", "--work-dir", str(tmp_path),
+            "--threads", "1",
+        ]
+    )  # fmt: skip
+    capsys.readouterr()
+    (case,) = output["cases"]
+    assert case["spatial_dims"] == 3 and case["recipe"] == "configs/mrnet_simclr.yaml"
+    distinct = case["rules"]["distinct"]
+    assert distinct["n_copies"] == 6 and distinct["n_novel"] == 8 and distinct["margin"] is not None
+    assert "estimate_holds" in distinct and len(distinct["margin_sweep"]) > 1
+    # A copy is its source flipped, rotated within ±5° and with another contrast: with the recipe's flip
+    # invariance and standardized input it correlates with its source above what a new knee reaches.
+    assert distinct["median_correlation_copies"] > distinct["median_correlation_novel"], distinct

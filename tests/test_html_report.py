@@ -263,6 +263,15 @@ def test_the_verdict_names_the_copy_rule(tmp_path, rule, margin, expected):
     assert json.loads((tmp_path / "summary.json").read_text())["rule"] == rule
 
 
+@pytest.mark.parametrize("edit, shown", [(lambda s: s, True), (lambda s: {**s, "detector": None}, False)])
+def test_a_measured_self_check_states_its_assumption_and_how_far_it_was_off(tmp_path, edit, shown):
+    page, _ = write_page(tmp_path, with_images=False, summary_edit=edit)
+    text = "".join(parse(page).text)
+    assert ("What the self-check assumes" in text) == shown
+    if shown:
+        assert "points above the share of copies actually found" in text[: text.index("[img histogram]")]
+
+
 def test_status_compares_the_interval_with_chance():
     base = {"frac_mem_patients": 0.10, "frac_mem_patients_ci": [0.06, 0.15], "null_frac_mem_patients": 0.05}
     assert overall_status(base)[0] == "bad"
