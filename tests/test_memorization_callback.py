@@ -455,3 +455,23 @@ def test_checks_sample_the_ema_weights_wherever_the_averaging_callback_is_listed
         seen[order] = list(WeightRecordingGenerator.seen)
     assert len(seen["ema first"]) == 3
     assert seen["ema first"] == pytest.approx(seen["ema last"], abs=1e-7)
+
+
+def test_an_embedder_of_another_dimensionality_than_the_data_is_one_line(embedder_ckpt, tmp_path):
+    from lightning_modules import SimCLRModule
+
+    volumes = PhantomDataModule(spatial_size=(16, 16, 16), n_patients=6, batch_size=2)
+    embedder_3d = SimCLRModule(spatial_dims=3, embedding_dim=8, resnet_block="basic", resnet_layers=(1, 1, 1, 1),
+                               channels=(4, 4, 4, 4))  # fmt: skip
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(embedder_3d, volumes)
+    trainer.save_checkpoint(tmp_path / "embedder_3d.ckpt")
+
+    for checkpoint, data_size, message in [
+        (embedder_ckpt, (16, 16, 16), "the embedder takes 2D images but the data has spatial_size=[16, 16, 16]"),
+        (tmp_path / "embedder_3d.ckpt", (32, 32), "the embedder takes 3D images but the data has spatial_size=[32, 32]"),
+    ]:
+        callback = MemorizationCallback(str(checkpoint))
+        with pytest.raises(InputError, match=re.escape(message)) as raised:
+            callback.check_data(SimpleNamespace(spatial_size=data_size))
+        assert "\n" not in str(raised.value) and "pass an embedder of the data's dimensionality" in str(raised.value)
