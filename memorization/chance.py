@@ -261,7 +261,7 @@ def chance_level(exceedances: HeldOutExceedances, n_syn: int) -> ChanceLevel:
         null_frac_mem_ci=prediction_interval(per_image, len(exceedances.train_counts)),
         null_frac_copies_ci=prediction_interval(copies, n_syn, estimated_from=n_val),
         null_frac_mem_patients_ci=prediction_interval(per_patient, len(exceedances.patient_counts)),
-        method=f"leave-one-out held-out images as copy-nobody samples; {method}",
+        method=f"held-out images as copy-nobody samples, leave one patient out; {method}",
     )
 
 

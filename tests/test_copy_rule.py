@@ -15,7 +15,8 @@ from scipy.spatial.distance import cdist
 
 from errors import InputError
 from memorization import detect_copies
-from memorization.detect import NO_OTHER_PATIENT, RULES, check_rule
+from memorization.chance import chance_level, held_out_exceedances
+from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, NO_OTHER_PATIENT, RULES, check_rule
 
 H = hadamard(16).astype(np.float64)[1:]  # 15 balanced, mutually orthogonal rows
 TRAIN, VAL = H[:6], H[6:]  # every training row correlates 0 with every held-out row: τ = 0
@@ -174,9 +175,6 @@ def test_check_rule_names_the_option():
 def test_average_samples_stay_within_the_chance_interval_of_the_default_rule_only(rule):
     """Novel samples that are the mean of two training patients (a generator's "average" output) against the
     false-positive rate the chance level predicts for them; the paper's rule flags most of them."""
-    from memorization.chance import chance_level, held_out_exceedances
-    from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE
-
     generator = torch.Generator().manual_seed(0)
     train, val = torch.randn(200, 32, generator=generator), torch.randn(200, 32, generator=generator)
     train = train - train.mean(dim=1, keepdim=True)
