@@ -10,10 +10,8 @@ stream as it found it: training with and without the callback ends with the same
 
 from __future__ import annotations
 
-import csv
 import datetime
 import inspect
-import json
 import math
 import tempfile
 from collections.abc import Callable, Iterator
@@ -47,6 +45,7 @@ from memorization.chance import (
 from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, CopyReport, check_rule, nearest_correlation
 from memorization.distributed import block_shard, distributed, fail_together, gather_rows
 from memorization.embedders import probe_generator
+from memorization.history import write_history
 from memorization.report import copy_order, staged_output, viewable, write_report
 from memorization.stats import CI_METHOD, headline, logged_scalars
 from memorization.stream import (
@@ -557,7 +556,7 @@ class MemorizationCallback(Callback):
         with fail_together(device, f"writing the results of {where}"):
             if trainer.is_global_zero:
                 if log_dir is not None:
-                    self._write_history(log_dir)
+                    write_history(log_dir, self.history)
                     self._log_histograms(trainer, report)
                 if self.log_images:
                     self._log_copy_pairs(trainer, report, copies)
@@ -736,20 +735,6 @@ class MemorizationCallback(Callback):
                 syn_image=copies.__getitem__ if self.log_images else None,
                 max_pairs=len(copies),
                 train_patients=self._train_patients,
-            )
-
-    def _write_history(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / "memorization_history.csv").open("w", newline="") as handle:
-            columns = dict.fromkeys(
-                key for row in self.history for key in row
-            )  # rows resumed from older runs may lack some
-            writer = csv.DictWriter(handle, fieldnames=list(columns))
-            writer.writeheader()
-            # intervals as JSON lists, "[low, high]"
-            writer.writerows(
-                {k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()}
-                for row in self.history
             )
 
     # --- resume ------------------------------------------------------------------------
