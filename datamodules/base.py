@@ -110,6 +110,8 @@ class MedicalImageDataModule(LightningDataModule):
         self.cache_dir = cache_dir
         self.train_records: list[dict[str, Any]] | None = None
         self.val_records: list[dict[str, Any]] | None = None
+        #: a dataset's own split, patient → `train`/`val`, set by `list_records` (empty: `split_file` or the seed)
+        self.own_split: dict[str, str] = {}
 
     # --- what a dataset provides -------------------------------------------------------
 
@@ -122,8 +124,30 @@ class MedicalImageDataModule(LightningDataModule):
         raise NotImplementedError
 
     def given_split(self, patients: Sequence[str]) -> dict[str, str] | None:
-        """A dataset's own patient → `train`/`val` split, or `None` to use `split_file` or the seed."""
-        return None
+        """A dataset's own patient → `train`/`val` split (`own_split`), or `None` to use `split_file` or the seed."""
+        if not self.own_split:
+            return None
+        return {patient: self.own_split[patient] for patient in patients}
+
+    def records_of_two_roots(
+        self, train: list[dict[str, Any]], val: list[dict[str, Any]], options: tuple[str, str], kind: str, what: str
+    ) -> list[dict[str, Any]]:
+        """The records of a training root and a validation root, whose folders are the split.
+
+        `InputError` for a patient in both, naming the two files and `options` (the two
+        arguments, e.g. `("train_dir", "val_dir")`); `kind` names the roots (`folders`), `what`
+        their files (`images`). The folders become `own_split`, unless `split_file` decides.
+        """
+        train_paths = {r["patient"]: r["image_path"] for r in train}
+        for record in val:
+            if record["patient"] in train_paths:
+                raise InputError(
+                    f"patient {record['patient']!r} is in both {kind} ({train_paths[record['patient']]} and "
+                    f"{record['image_path']}): move all of a patient's {what} to {options[0]} or to {options[1]}"
+                )
+        sides = {r["patient"]: "train" for r in train} | {r["patient"]: "val" for r in val}
+        self.own_split = {} if self.split_file is not None else sides
+        return train + val
 
     # --- shared machinery --------------------------------------------------------------
 

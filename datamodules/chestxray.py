@@ -44,7 +44,7 @@ from monai.transforms import Resized, ScaleIntensityd
 from PIL import Image
 
 from datamodules.base import MedicalImageDataModule
-from datamodules.folder import LoadImageFile, one_line
+from datamodules.readers.image_files import LoadImageFile, one_line
 from errors import InputError
 
 TABLES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")  # the first one present is read
@@ -118,7 +118,6 @@ class ChestXray14DataModule(MedicalImageDataModule):
         self.root = Path(root)
         self.split = split
         self.n_val = n_val
-        self._patient_split: dict[str, str] | None = None
         self._table_path = self.root / TABLES[0]
 
     # --- the table and the folders -----------------------------------------------------
@@ -252,7 +251,7 @@ class ChestXray14DataModule(MedicalImageDataModule):
                 f"{missing[0]}, listed in {self._table_path}, is in no images folder under {self.root} ({len(missing)} "
                 f"of the table's {len(table)} images are missing): download and extract every images_NNN archive ({LAYOUT})"
             )
-        self._patient_split = None
+        self.own_split = {}
         if self.split == "official":
             sides = self._official_split([name for name, _ in table])
             patient_split: dict[str, tuple[str, str]] = {}
@@ -265,16 +264,11 @@ class ChestXray14DataModule(MedicalImageDataModule):
                         f"{self.root / LISTS[side]} ({name}): the split must be by patient; use NIH's list files "
                         "or --data.init_args.split seeded"
                     )
-            self._patient_split = {patient: side for patient, (side, _) in patient_split.items()}
+            self.own_split = {patient: side for patient, (side, _) in patient_split.items()}
         return [
             {"id": name[: -len(".png")], "patient": patient, "image": str(files[name]), "image_path": str(files[name]), "format": "png"}
             for name, patient in table
         ]  # fmt: skip
-
-    def given_split(self, patients: Sequence[str]) -> dict[str, str] | None:
-        if self._patient_split is None:
-            return None
-        return {patient: self._patient_split[patient] for patient in patients}
 
     def _split(self, records: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
         train, val = super()._split(records)

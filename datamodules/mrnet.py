@@ -39,7 +39,7 @@ import numpy as np
 from monai.transforms import ResizeWithPadOrCropd, ScaleIntensityd, Transposed
 
 from datamodules.base import MedicalImageDataModule
-from datamodules.folder import LoadImageFile, one_line
+from datamodules.readers.image_files import LoadImageFile, one_line
 from errors import InputError
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -159,7 +159,6 @@ class MRNetDataModule(MedicalImageDataModule):
         self.plane = plane
         self.split = split
         self.fold = fold
-        self._patient_split: dict[str, str] = {}
 
     def _check_root(self) -> None:
         layout = expected_layout(self.root, self.plane, self.split)
@@ -225,10 +224,10 @@ class MRNetDataModule(MedicalImageDataModule):
     def list_records(self) -> list[dict[str, Any]]:
         self._check_root()
         train = self._folder_records("train")
-        self._patient_split = {}
+        self.own_split = {}
         if self.split == "official":
             val = self._folder_records("valid")
-            self._patient_split = {r["patient"]: "train" for r in train} | {r["patient"]: "val" for r in val}
+            self.own_split = {r["patient"]: "train" for r in train} | {r["patient"]: "val" for r in val}
             return train + val
         if self.split == "authors":
             self._check_authors_cases(train)
@@ -238,13 +237,8 @@ class MRNetDataModule(MedicalImageDataModule):
         else:
             order = np.random.default_rng(self.split_seed).permutation(len(train))
             held_out = {train[i]["patient"] for i in np.array_split(order, N_FOLDS)[self.fold]}
-        self._patient_split = {r["patient"]: ("val" if r["patient"] in held_out else "train") for r in train}
+        self.own_split = {r["patient"]: ("val" if r["patient"] in held_out else "train") for r in train}
         return train
-
-    def given_split(self, patients: Sequence[str]) -> dict[str, str] | None:
-        if not self._patient_split:
-            return None
-        return {patient: self._patient_split[patient] for patient in patients}
 
     def load_transforms(self) -> list[Callable]:
         keys = "image"

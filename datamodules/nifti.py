@@ -31,73 +31,29 @@ Every patch is cut with the point (or the centre) at index `size // 2` of each a
 where it reaches beyond the volume it is padded with 0 (the lowest intensity).
 Hidden files and folders (names starting with `.`) and the files named by `split_file`
 and `centers_file` are ignored; any other file that is not a NIfTI volume is an error.
+Headers are read by `datamodules.readers.nifti`, pixels by `datamodules.readers.image_files`.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import nibabel
-import numpy as np
-from monai.transforms import (
-    BorderPad,
-    Orientationd,
-    ResizeWithPadOrCropd,
-    ScaleIntensityRanged,
-    ScaleIntensityRangePercentilesd,
-    SpatialCrop,
-    Transform,
-)
+from monai.transforms import BorderPad, Orientationd, ResizeWithPadOrCropd, SpatialCrop, Transform
 from monai.transforms.utils import generate_spatial_bounding_box
 
 from datamodules.base import MedicalImageDataModule
-from datamodules.folder import LoadImageFile, image_format, one_line
+from datamodules.intensity import check_intensity, scale_to_unit
+from datamodules.readers.image_files import LoadImageFile, image_format
+from datamodules.readers.nifti import RAS_LABELS, check_volume_file
 from errors import InputError
 
 LAYOUT = (
     "root/<patient>.nii.gz (one volume per patient) or root/<patient>/<volume>.nii.gz (several per patient)"
 )
-# nibabel's world axes, given explicitly: MONAI warns that its default will change.
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-def ras_shape(path: Path, shape: Sequence[int], affine: np.ndarray) -> tuple[int, ...]:
-    """The shape of a volume `shape` with `affine` once reoriented to RAS (the axis permutation MONAI applies)."""
-    orientation = nibabel.orientations.io_orientation(affine)
-    oriented = [0, 0, 0]
-    for axis, (target, _) in enumerate(orientation):
-        if math.isnan(target):
-            raise InputError(
-                f"{path} has an affine without a direction for voxel axis {axis}: fix the file's header"
-            )
-        oriented[int(target)] = int(shape[axis])
-    return tuple(oriented)
-
-
-def check_volume_file(path: Path) -> tuple[int, ...]:
-    """Read only the header of one NIfTI file; its RAS shape, or `InputError` if unreadable or not one 3D volume."""
-    try:
-        image = nibabel.load(path)
-        shape, affine = tuple(int(s) for s in image.shape), image.affine
-    except Exception as error:  # nibabel raises many types for a damaged file
-        raise InputError(
-            f"{path} cannot be read as NIfTI ({one_line(error)}): replace or remove the file"
-        ) from error
-    if len(shape) == 4 and shape[3] == 1:  # a 3D volume stored with one time point
-        shape = shape[:3]
-    if len(shape) != 3 or min(shape) < 1:
-        raise InputError(
-            f"{path} has shape {shape}, not one 3D volume (X, Y, Z): NiftiDataModule takes 3D volumes only; "
-            "save each volume (or each channel/time point) as its own file, or remove it"
-        )
-    return ras_shape(path, shape, affine)
-
-
 def read_centers(path: Path) -> dict[str, list[tuple[int, int, int]]]:
     """Volume id → its points `(x, y, z)` (rounded to voxels) from a CSV with columns `id,x,y,z`."""
     if not path.is_file():
@@ -220,20 +176,10 @@ class NiftiDataModule(MedicalImageDataModule):
                 f"--data.init_args.crop centers and --data.init_args.centers_file, or neither (crop={crop!r}, "
                 f"centers_file={centers_file!r})"
             )
-        if intensity not in ("window", "percentile"):
-            raise InputError(f"intensity={intensity!r} must be window or percentile")
-        if not hu_min < hu_max:
-            raise InputError(f"hu_min={hu_min} must be below hu_max={hu_max}")
-        percentiles = tuple(float(p) for p in percentiles)
-        if len(percentiles) != 2 or not 0.0 <= percentiles[0] < percentiles[1] <= 100.0:
-            raise InputError(
-                f"percentiles={list(percentiles)} must be two numbers 0 <= lower < upper <= 100, e.g. [0.5, 99.5]"
-            )
+        self.scaling = check_intensity(intensity, ("window", "percentile"), hu_min, hu_max, percentiles)
         self.root = Path(root)
         self.crop = crop
         self.intensity = intensity
-        self.hu_min, self.hu_max = float(hu_min), float(hu_max)
-        self.percentiles = percentiles
         self.centers_file = centers_file
 
     def _volumes(self) -> list[dict[str, Any]]:
@@ -307,17 +253,11 @@ class NiftiDataModule(MedicalImageDataModule):
 
     def load_transforms(self) -> list[Callable]:
         keys = "image"
+        scale = scale_to_unit(self.scaling, keys)
         if self.intensity == "window":
-            scale = ScaleIntensityRanged(
-                keys=keys, a_min=self.hu_min, a_max=self.hu_max, b_min=0.0, b_max=1.0, clip=True
-            )
-            lowest, fix = f"hu_min={self.hu_min:g}", "lower hu_min"
+            lowest, fix = f"hu_min={self.scaling.hu_min:g}", "lower hu_min"
         else:
-            lower, upper = self.percentiles
-            scale = ScaleIntensityRangePercentilesd(
-                keys=keys, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True
-            )
-            lowest, fix = f"the {lower:g}th percentile", "remove the constant volume"
+            lowest, fix = f"the {self.scaling.percentiles[0]:g}th percentile", "remove the constant volume"
         if self.crop == "center":
             crop: list[Callable] = [
                 ResizeWithPadOrCropd(keys=keys, spatial_size=self.spatial_size, mode="constant")

@@ -19,7 +19,7 @@ from datamodules.families import (
     render,
     write_planted_copy_set,
 )
-from datamodules.folder import image_records
+from datamodules.readers.image_files import image_records
 from errors import InputError
 from tests.conftest import reference_images
 
