@@ -275,3 +275,21 @@ def memorization_history(run_dir: Path) -> list[dict[str, str]]:
     """The rows of `memorization_history.csv` in a run's log folder."""
     with (run_dir / "memorization_history.csv").open() as handle:
         return list(csv.DictReader(handle))
+
+
+def config_sections(path: Path) -> dict:
+    """A config's YAML sections as jsonargparse applies them: an overlay's `config: BASE` (its first
+    key, BASE next to it) loads BASE first; a nested section then replaces BASE's whole section and a
+    dotted key (`trainer.logger.init_args.name`) sets one value (see configs/mrnet_ldm_aug.yaml)."""
+    sections = yaml.safe_load(path.read_text())
+    base = sections.pop("config", None)
+    if base is None:
+        return sections
+    merged = config_sections(path.parent / base)
+    for key, value in sections.items():
+        *parents, last = key.split(".")
+        target = merged
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = value
+    return merged

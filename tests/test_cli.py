@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cli import MemwatchCLI, config_path, main, with_config_names
 from datamodules import MedicalImageDataModule
 from lightning_modules import MemwatchModule
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, config_sections, run_cli
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 STAGES = ("ae", "simclr", "ldm")
@@ -102,7 +102,7 @@ def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
 
     The tiny fixtures hold out as few as 2 images: τ at the 50th percentile leaves one above it.
     """
-    if "memorization" not in yaml.safe_load((ROOT / "configs" / config).read_text()):
+    if "memorization" not in config_sections(ROOT / "configs" / config):  # an overlay: its base's
         return []
     return [
         "--memorization.embedder_ckpt", str(embedder_ckpt),
@@ -177,6 +177,7 @@ def test_all_three_stages_train_through_the_cli(dataset, tmp_path, request):
             *embedder_overrides(f"{dataset}_ldm_aug.yaml", last_ckpt(simclr)),
         )  # fmt: skip
         assert augmented.datamodule.augment and not ldm.datamodule.augment
+        assert Path(augmented.trainer.log_dir).parent.name == f"{dataset}_ldm_aug"
         assert augmented.trainer.global_step == 2
 
 

@@ -31,6 +31,7 @@ from tests.conftest import (
     ROOT,
     STOP_FRAC_MEM,
     chance_ceiling,
+    config_sections,
     memorization_history,
     memorization_phantoms,
     quiet_trainer,
@@ -346,7 +347,7 @@ def test_early_stopping_that_reads_each_check_is_accepted():
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*_ldm*.yaml")), ids=lambda p: p.stem)
 def test_every_ldm_config_stops_on_the_current_check(config):
-    sections = yaml.safe_load(config.read_text())
+    sections = config_sections(config)  # an overlay (*_ldm_aug.yaml) over its base
     trainer = sections["trainer"]
     settings = LightningSettings(
         check_val_every_n_epoch=trainer.get("check_val_every_n_epoch", 1),

@@ -1,0 +1,55 @@
+"""The augmentation configs are overlays: alone, or as a second `--config` after their base, each
+resolves to its base with `augment: true` and a run name of its own, as the full copies they replaced did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli import main
+from tests.conftest import ROOT
+
+OVERLAYS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "config" in yaml.safe_load(p.read_text()))
+
+
+def resolved(capsys, *args: str) -> dict:
+    """What `cli.py fit ARGS --print_config` prints, as a dict."""
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *args, "--print_config"])
+    assert stop.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def base_of(overlay: Path) -> Path:
+    return overlay.parent / yaml.safe_load(overlay.read_text())["config"]
+
+
+def test_the_augmentation_configs_are_the_overlays():
+    assert [p.name for p in OVERLAYS] == ["chestxray_ldm_aug.yaml", "mrnet_ldm_aug.yaml", "nifti_ldm_aug.yaml"]
+    assert all(next(iter(yaml.safe_load(p.read_text()))) == "config" for p in OVERLAYS)  # keys above it are lost
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_an_overlay_alone_or_after_its_base_is_its_base_with_augmentation_and_its_own_run_name(
+    overlay, capsys, monkeypatch, tmp_path
+):
+    base = base_of(overlay)
+    expected = resolved(capsys, "--config", str(base))
+    assert expected["data"]["init_args"]["augment"] is False
+    expected["data"]["init_args"]["augment"] = True
+    expected["trainer"]["logger"]["init_args"]["name"] = overlay.stem
+    assert resolved(capsys, "--config", str(overlay)) == expected
+    assert resolved(capsys, "--config", str(base), "--config", str(overlay)) == expected
+    # By name from elsewhere: the base is found next to the overlay, not in the working directory.
+    monkeypatch.chdir(tmp_path)
+    assert resolved(capsys, f"--config={overlay.name}") == expected
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_an_overlay_holds_its_whole_data_section_for_the_audit(overlay):
+    # `cli.py audit --data CONFIG` reads the data section from the file alone, without the base.
+    data = yaml.safe_load(overlay.read_text())["data"]
+    base_data = yaml.safe_load(base_of(overlay).read_text())["data"]
+    assert data == {**base_data, "init_args": {**base_data["init_args"], "augment": True}}
