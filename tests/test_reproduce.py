@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,41 +9,28 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from memorization.history import read_history, write_history
 from memorization.stats import binomial_interval
-from scripts.reproduce import (
-    FULL,
-    TINY,
-    Findings,
-    Run,
-    Scale,
-    count,
-    planned_runs,
-    read_history,
-    verdict,
-    write_figures,
-    write_results,
-)
+from scripts.machine_load import MachineLoad
+from scripts.reproduce_figures import write_figures
+from scripts.reproduce_results import count, verdict, write_results
+from scripts.reproduce_runs import FULL, TINY, Findings, Run, Scale, planned_runs, read_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("over_training", "augmentation", "training_size")
 FIGURE_LIMIT = 200_000  # bytes: figures are committed to docs/
 
 
-def write_history(path: Path, rows: list[dict], with_intervals: bool) -> Path:
-    """A `memorization_history.csv` as the callback writes it, with or without its `*_ci` columns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def history_file(folder: Path, rows: list[dict], with_intervals: bool) -> Path:
+    """A `memorization_history.csv` in `folder` as the callback writes it, with or without its `*_ci` columns."""
     full = []
     for row in rows:
         entry = {"check": row["step"], "epoch": row["step"], "tau": 0.8, "fd": 40.0, "ms_ssim": 0.1, **row}
         if with_intervals:
-            entry["frac_mem_ci"] = json.dumps([0.01, 0.99])
-            entry["frac_copies_ci"] = json.dumps([0.02, 0.98])
+            entry["frac_mem_ci"] = [0.01, 0.99]
+            entry["frac_copies_ci"] = [0.02, 0.98]
         full.append(entry)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(full[0]))
-        writer.writeheader()
-        writer.writerows(full)
-    return path
+    return write_history(folder, full)
 
 
 def history_row(step: int, n_mem: int, n_copies: int) -> dict:
@@ -54,9 +39,9 @@ def history_row(step: int, n_mem: int, n_copies: int) -> dict:
 
 def test_history_intervals_are_the_histories_own_else_clopper_pearson(tmp_path):
     rows = [history_row(1, 0, 1), history_row(100, 7, 9)]
-    written = read_history(write_history(tmp_path / "new.csv", rows, with_intervals=True), n_train=16)
+    written = read_checks(history_file(tmp_path / "new", rows, with_intervals=True), n_train=16)
     assert written[1].frac_mem_ci == (0.01, 0.99) and written[1].frac_copies_ci == (0.02, 0.98)
-    computed = read_history(write_history(tmp_path / "old.csv", rows, with_intervals=False), n_train=16)
+    computed = read_checks(history_file(tmp_path / "old", rows, with_intervals=False), n_train=16)
     assert computed[1].frac_mem_ci == binomial_interval(7, 16)
     assert computed[0].frac_copies_ci == binomial_interval(1, 16)
     assert computed[1].frac_mem == 7 / 16
@@ -93,8 +78,8 @@ def synthetic_findings(tmp_path: Path) -> tuple[Findings, Scale]:
             history_row(600, n_mem // 2, n_copies // 2),
             history_row(1200, n_mem, n_copies),
         ]
-        path = write_history(tmp_path / f"{seed}{augment}{n}.csv", rows, with_intervals=False)
-        runs.append(Run(seed=seed, augment=augment, n_train=n, history=read_history(path, n)))
+        path = history_file(tmp_path / f"{seed}{augment}{n}", rows, with_intervals=False)
+        runs.append(Run(seed=seed, augment=augment, n_train=n, history=read_checks(path, n)))
     return Findings.of(runs, scale), scale
 
 
@@ -104,7 +89,9 @@ def test_results_sentences_and_tables_carry_the_histories_numbers(tmp_path):
     context = {
         "scale": scale, "runs": "runs/reproduce-x", "date": "today", "jobs": 2, "threads": 1,
         "stage_seconds": {"shared": 60.0, "LDM": 600.0, "total": 660.0}, "command": "python scripts/reproduce.py",
-        "code": "commit abc", "machine": {"load": [1.0, 2.0], "other_cores": 0.5, "busiest": [("python bench/x.py", 120.0)]},
+        "code": "commit abc", "machine": MachineLoad(seconds=660.0, load=[1.0, 2.0], load_before=(1.0, 1.0, 1.0),
+                                                      load_after=(2.0, 1.0, 1.0), busy_cpu_seconds=990.0, other_cores=0.5,
+                                                      busiest=[("python bench/x.py", 120.0)]),
     }  # fmt: skip
     text = write_results(findings, figures, tmp_path / "docs" / "RESULTS.md", context).read_text()
     assert f"from {count(0, 16)} at step 1 to {count(8, 16)} at step 1200 on seed 0" in text
@@ -146,17 +133,16 @@ def test_tiny_reproduction_through_the_cli_reports_each_runs_history(tmp_path):
     histories = {path.parent.name: path for path in runs.glob("ldm-*/memorization_history.csv")}
     assert sorted(histories) == sorted(run.name for run in planned_runs(TINY))
     for name, path in histories.items():
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = read_history(path)
         last = rows[-1]
-        n_train, n_syn = int(last["n_train"]), int(last["n_syn"])
-        mem = count(int(last["n_mem"]), n_train, tuple(json.loads(last["frac_mem_ci"])))
-        copies = count(int(last["n_copies"]), n_syn, tuple(json.loads(last["frac_copies_ci"])))
+        n_train, n_syn = last["n_train"], last["n_syn"]
+        mem = count(last["n_mem"], n_train, tuple(last["frac_mem_ci"]))
+        copies = count(last["n_copies"], n_syn, tuple(last["frac_copies_ci"]))
         naming = [line for line in lines if line.startswith("|") and f"`{name}`" in line]
         assert naming, f"no table row names {name}"
         assert all(mem in line for line in naming), (name, mem, naming)
         if name == "ldm-n4-noaug-seed0":  # the over-training run: one table row per check
             for row in rows:
-                expected = count(int(row["n_mem"]), n_train, tuple(json.loads(row["frac_mem_ci"])))
+                expected = count(row["n_mem"], n_train, tuple(row["frac_mem_ci"]))
                 assert f"| {row['step']} | {expected} |" in text
         assert all(copies in line for line in naming), (name, copies, naming)
