@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import functools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +14,9 @@ from PIL import Image
 from datamodules import PhantomDataModule
 from datamodules.phantom import render_phantom
 from lightning_modules import AutoencoderModule
+from memorization.history import read_history
+from scripts import launch
+from scripts.launch import CliRun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,17 +199,12 @@ def nifti_dataset(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python cli.py ARGS` in a subprocess, as a user runs it."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args],
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None, **options) -> CliRun:
+    """`python cli.py ARGS` in a subprocess, as a user runs it, without Python's warnings; output captured.
+
+    `env` adds to the environment and `options` are those of `scripts.launch.run_cli` (`threads`, ...)."""
+    environment = {"PYTHONWARNINGS": "ignore", **(env or {})}
+    return launch.run_cli(*args, cwd=cwd or ROOT, timeout=timeout, env=environment, **options)
 
 
 def scripted_config(
@@ -271,10 +265,9 @@ def scripted_config(
     return path
 
 
-def memorization_history(run_dir: Path) -> list[dict[str, str]]:
-    """The rows of `memorization_history.csv` in a run's log folder."""
-    with (run_dir / "memorization_history.csv").open() as handle:
-        return list(csv.DictReader(handle))
+def memorization_history(run_dir: Path) -> list[dict]:
+    """The rows of `memorization_history.csv` in a run's log folder, as `memorization.history` reads them."""
+    return read_history(run_dir)
 
 
 def config_sections(path: Path) -> dict:

@@ -56,7 +56,7 @@ def test_the_ddpm_config_trains_with_the_callback_and_resumes(embedder_ckpt, tmp
     run_dir = Path(first.trainer.log_dir)
     assert run_dir.parent.name == "phantom_ddpm"
     (row,) = memorization_history(run_dir)  # check_at_start: a baseline after the first epoch
-    assert int(row["n_syn"]) == int(row["n_train"]) == 32 and row["check"] == "0"
+    assert int(row["n_syn"]) == int(row["n_train"]) == 32 and row["check"] == 0
     resumed = fit("phantom_ddpm.yaml", tmp_path, *TINY_FLAGS, *memorization, "--ckpt_path", str(last_ckpt(first)), steps=4)
     assert resumed.trainer.global_step == 4
     reloaded = PixelDiffusionModule.load_from_checkpoint(last_ckpt(resumed), map_location="cpu", weights_only=True)

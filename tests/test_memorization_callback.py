@@ -412,7 +412,7 @@ def test_quality_metrics_layout_copy_pairs_and_reports_reach_tensorboard_and_dis
     assert low == pytest.approx(second["frac_mem_ci"][0]) and low <= second["frac_mem"]
     assert second["excess_frac_mem"] == pytest.approx(second["frac_mem"] - second["null_frac_mem"])
     history = memorization_history(Path(logger.log_dir))
-    assert json.loads(history[1]["frac_mem_ci"]) == pytest.approx(second["frac_mem_ci"])
+    assert history[1]["frac_mem_ci"] == pytest.approx(second["frac_mem_ci"])
     assert int(history[1]["n_mem_patients"]) == second["n_mem_patients"]
     margins = [chart for category in layout.category for chart in category.chart if chart.HasField("margin")]
     assert [series.value for chart in margins for series in chart.margin.series] == ["memorization/frac_mem_patients"]

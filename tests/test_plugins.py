@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +17,14 @@ from errors import InputError
 from lightning_modules import SimCLRModule
 from memorization import detect_copies
 from memorization.embedders import Embedder, Generator, PixelEmbedder, TorchScriptEmbedder
+from scripts.launch import CliRun
 from tests.conftest import (
     MEMORIZATION_SIZE,
     ROOT,
     memorization_history,
     memorization_phantoms,
     reference_images,
+    run_cli,
 )
 from tests.test_audit import audit_args, folders  # noqa: F401 - the planted-copies folders fixture
 
@@ -69,11 +69,8 @@ def user_package(tmp_path_factory) -> Path:
     return folder
 
 
-def run_with(user_package: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": f"{user_package}{os.pathsep}{ROOT}"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
-    )
+def run_with(user_package: Path, *args: str, timeout: int = 600) -> CliRun:
+    return run_cli(*args, timeout=timeout, env={"PYTHONPATH": f"{user_package}{os.pathsep}{ROOT}"})
 
 
 # What every diffusion config trains with: the callback then samples the averaged copy of the user's model.
