@@ -7,9 +7,6 @@ then a grid of generated samples beside real training images, saved as a PNG, an
 
 from __future__ import annotations
 
-import csv
-import json
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -26,20 +23,27 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules import PhantomDataModule  # noqa: E402
 from lightning_modules import LatentDiffusionModule  # noqa: E402
+from memorization.history import read_history  # noqa: E402
+from scripts.launch import fit, run_cli  # noqa: E402
 
 console = Console()
 
 
-def fit(config: str, version: str, *extra: str) -> Path:
-    """Run one stage through the CLI; return its last checkpoint."""
-    command = [sys.executable, "cli.py", "fit", "--config", f"configs/{config}.yaml",
-               "--trainer.logger.init_args.version", version, *extra]  # fmt: skip
+def train(config: str, version: str, *extra: str) -> Path:
+    """Run one stage through the CLI into `runs/CONFIG/VERSION/`, its output on the terminal; return its last
+    checkpoint."""
     console.rule(f"[bold]{config}")
-    console.print(" ".join(command[1:]), style="dim")
-    started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    console.print(f"{config}: {time.perf_counter() - started:.0f} s")
-    return ROOT / "runs" / config / version / "checkpoints" / "last.ckpt"
+    console.print(f"cli.py fit --config configs/{config}.yaml --trainer.logger.init_args.version {version} "
+                  + " ".join(extra), style="dim")  # fmt: skip
+    run = fit(config, *extra, save_dir=ROOT / "runs", name=config, version=version, show=True, check=True)
+    console.print(f"{config}: {run.seconds:.0f} s")
+    return run.log_dir / "checkpoints" / "last.ckpt"
+
+
+def audit(*args: str) -> None:
+    """`python cli.py audit ARGS`, its output on the terminal."""
+    console.print("cli.py audit " + " ".join(args), style="dim")
+    run_cli("audit", *args, show=True, check=True)
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 4) -> None:
@@ -55,25 +59,24 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 4
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
 
 
-def print_history(path: Path) -> None:
+def print_history(run_dir: Path) -> None:
     """The memorization checks of the LDM run as a table: per patient, with 95% intervals and chance level."""
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_history(run_dir)
     table = Table(title="Memorized training patients and copies during LDM training (N_syn = N_train)")
     columns = ("step", "patients", "95% CI", "chance", "copies", "95% CI", "τ", "FD", "MS-SSIM")
     for column in columns:
         table.add_column(column, justify="right")
 
-    def share(row: dict[str, str], count: str, total: int, fraction: str) -> tuple[str, str]:
-        low, high = json.loads(row[f"{fraction}_ci"])
+    def share(row: dict, count: str, total: int, fraction: str) -> tuple[str, str]:
+        low, high = row[f"{fraction}_ci"]
         return f"{row[count]}/{total}", f"{100 * low:.0f}–{100 * high:.0f}%"
 
     for row in rows:
         table.add_row(
-            row["step"], *share(row, "n_mem_patients", int(row["n_train_patients"]), "frac_mem_patients"),
-            f"{float(row['null_frac_mem_patients']):.0%}",
-            *share(row, "n_copies", int(row["n_syn"]), "frac_copies"), f"{float(row['tau']):.3f}",
-            f"{float(row['fd']):.3g}", f"{float(row['ms_ssim']):.3f}",
+            str(row["step"]), *share(row, "n_mem_patients", row["n_train_patients"], "frac_mem_patients"),
+            f"{row['null_frac_mem_patients']:.0%}",
+            *share(row, "n_copies", row["n_syn"], "frac_copies"), f"{row['tau']:.3f}",
+            f"{row['fd']:.3g}", f"{row['ms_ssim']:.3f}",
         )  # fmt: skip
     console.print("chance: the share of patients a model that copies no one would score here "
                   "(memorization.chance). FD (Fréchet distance of synthetic vs validation embeddings) and MS-SSIM "
@@ -84,14 +87,14 @@ def print_history(path: Path) -> None:
 def main() -> None:
     version = datetime.now().strftime("demo-%Y%m%d-%H%M%S")
     started = time.perf_counter()
-    autoencoder = fit("phantom_ae", version)
-    embedder = fit("phantom_simclr", version)
-    ldm_ckpt = fit(
+    autoencoder = train("phantom_ae", version)
+    embedder = train("phantom_simclr", version)
+    ldm_ckpt = train(
         "phantom_ldm", version,
         "--model.init_args.autoencoder_ckpt", str(autoencoder),
         "--memorization.embedder_ckpt", str(embedder),
     )  # fmt: skip
-    print_history(ROOT / "runs" / "phantom_ldm" / version / "memorization_history.csv")
+    print_history(ldm_ckpt.parents[1])
 
     console.rule("[bold]samples")
     ldm = LatentDiffusionModule.from_checkpoint(ldm_ckpt, "ldm_ckpt")
@@ -104,17 +107,13 @@ def main() -> None:
     console.print(f"Samples (top two rows) and training patients (bottom two rows): [bold]{grid}")
 
     console.rule("[bold]audit before sharing")
-    audit = ROOT / "runs" / "phantom_audit" / version
-    command = [
-        sys.executable, "cli.py", "audit", "--embedder", str(embedder), "--data", "configs/phantom_ldm.yaml",
-        "--ldm", str(ldm_ckpt), "--seed", "1", "--out", str(audit / "report"), "--release-dir", str(audit / "shareable"),
-    ]  # fmt: skip
-    console.print(" ".join(command[1:]), style="dim")
-    subprocess.run(command, cwd=ROOT, check=True)
-    console.print(f"Report: [bold]{audit / 'report' / 'report.html'}[/bold] (open it in a browser; summary.json, "
+    out = ROOT / "runs" / "phantom_audit" / version
+    audit("--embedder", str(embedder), "--data", "configs/phantom_ldm.yaml", "--ldm", str(ldm_ckpt), "--seed", "1",
+          "--out", str(out / "report"), "--release-dir", str(out / "shareable"))  # fmt: skip
+    console.print(f"Report: [bold]{out / 'report' / 'report.html'}[/bold] (open it in a browser; summary.json, "
                   f"pairs.csv, copies.png beside it); the samples that are not copies, with manifest.json: "
-                  f"[bold]{audit / 'shareable'}")
-    subprocess.run([sys.executable, "cli.py", "audit", "--verify-release", str(audit / "shareable")], cwd=ROOT, check=True)
+                  f"[bold]{out / 'shareable'}")
+    run_cli("audit", "--verify-release", str(out / "shareable"), show=True, check=True)
     console.print(f"Whole demo: {time.perf_counter() - started:.0f} s")
     console.print("TensorBoard logs: [bold]tensorboard --logdir runs[/bold]  (then open http://localhost:6006)")
 
