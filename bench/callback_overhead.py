@@ -34,22 +34,24 @@ machine during each run is estimated as (busy CPU time in /proc/stat) − (CPU t
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import functools
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine import describe_machine  # bench/machine.py: scripts run from bench/ on sys.path
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import describe_machine  # noqa: E402
+from memorization.history import read_history  # noqa: E402
+from scripts.launch import fit  # noqa: E402
+
 EMA = {
     "class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
     "init_args": {"decay": 0.995, "use_buffers": False},
@@ -63,7 +65,6 @@ DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.acceler
 
 
 def worker(result_dir: Path, cli_args: list[str]) -> None:
-    sys.path.insert(0, str(ROOT))
     import torch
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import Timer
@@ -145,30 +146,11 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
 # --- driver --------------------------------------------------------------------------------------
 
 
-def busy_cpu_seconds() -> float:
-    """CPU time spent by all processes on the machine since boot (user, nice, system, irq, softirq)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
-
-
-def run(command: list[str], log: Path) -> tuple[float, float]:
-    """Run `command` from the repository root, output to `log`; return (wall seconds, busy CPU seconds)."""
-    busy, start = busy_cpu_seconds(), time.perf_counter()
-    with log.open("w") as handle:
-        done = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
-    wall, busy = time.perf_counter() - start, busy_cpu_seconds() - busy
-    if done.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise SystemExit(f"{' '.join(command)} failed with exit status {done.returncode}:\n{tail}")
-    return wall, busy
-
-
 def train_stage(config: str, tmp: Path, extra: list[str]) -> tuple[Path, float]:
-    command = [sys.executable, "cli.py", "fit", "--config", f"configs/{config}.yaml",
-               "--trainer.logger.init_args.save_dir", str(tmp), "--trainer.logger.init_args.version", "bench",
-               "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
-    wall, _ = run(command, tmp / f"{config}.log")
-    return tmp / config / "bench" / "checkpoints" / "last.ckpt", wall
+    """One of the LDM's prerequisites, trained through the CLI into `tmp/CONFIG/bench/`: its last checkpoint, wall seconds."""
+    run = fit(config, "--trainer.enable_progress_bar", "false", *extra, save_dir=tmp, name=config, version="bench",
+              log=tmp / f"{config}.log", check=True)  # fmt: skip
+    return run.log_dir / "checkpoints" / "last.ckpt", run.seconds
 
 
 def ldm_fit(name: str, tmp: Path, autoencoder: Path, embedder: Path, steps: int, extra: list[str]) -> dict:
@@ -179,14 +161,9 @@ def ldm_fit(name: str, tmp: Path, autoencoder: Path, embedder: Path, steps: int,
         if name == "baseline"
         else ["--memorization.embedder_ckpt", str(embedder), f"--trainer.callbacks={json.dumps([EMA, TIMER])}"]
     )  # fmt: skip
-    command = [sys.executable, __file__, "--worker", str(result_dir),
-               "fit", "--config", "configs/phantom_ldm.yaml",
-               "--model.init_args.autoencoder_ckpt", str(autoencoder), *callbacks,
-               "--trainer.max_steps", str(steps),
-               "--trainer.logger.init_args.save_dir", str(tmp), "--trainer.logger.init_args.version", name,
-               *extra]  # fmt: skip
-    load_before = os.getloadavg()
-    wall, busy = run(command, tmp / f"ldm_{name}.log")
+    run = fit("phantom_ldm", "--model.init_args.autoencoder_ckpt", str(autoencoder), *callbacks,
+              "--trainer.max_steps", str(steps), *extra, save_dir=tmp, name="phantom_ldm", version=name,
+              log=tmp / f"ldm_{name}.log", check=True, entry=(__file__, "--worker", str(result_dir)))  # fmt: skip
     world_size = 2 if "ddp" in extra else 1
     for _ in range(600):  # rank 0 may exit before the other ranks have written their files
         if len(list(result_dir.glob("rank*.json"))) == world_size:
@@ -195,12 +172,12 @@ def ldm_fit(name: str, tmp: Path, autoencoder: Path, embedder: Path, steps: int,
     ranks = [json.loads((result_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
     own_cpu = sum(r["cpu_seconds"] for r in ranks)
     return {
-        "command": " ".join(["python", "cli.py", *command[4:]]),
-        "subprocess_wall_seconds": wall,
-        "load_avg_before": load_before,
-        "load_avg_after": os.getloadavg(),
+        "command": run.command,
+        "subprocess_wall_seconds": run.seconds,
+        "load_avg_before": run.load.load_before,
+        "load_avg_after": run.load.load_after,
         "cpu_seconds_ours": own_cpu,
-        "cpu_seconds_other_processes": max(0.0, busy - own_cpu),
+        "cpu_seconds_other_processes": max(0.0, run.load.busy_cpu_seconds - own_cpu),
         "ranks": ranks,
     }
 
@@ -286,9 +263,7 @@ def summarize(run_: dict) -> dict:
 
 def csv_agrees(run_: dict) -> bool:
     """Rank 0's memorization_history.csv holds the same per-check timings as the callback's history."""
-    path = Path(run_["ranks"][0]["log_dir"]) / "memorization_history.csv"
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_history(Path(run_["ranks"][0]["log_dir"]))
     history = run_["ranks"][0]["history"]
     keys = ("seconds_sampling", "seconds_embed_detect", "seconds_quality")
     return len(rows) == len(history) and all(

@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +55,7 @@ from bench.machine import describe_machine  # noqa: E402
 from datamodules.families import family_spatial_dims, write_planted_copy_set  # noqa: E402
 from memorization.chance import prediction_interval  # noqa: E402
 from memorization.stats import binomial_interval  # noqa: E402
+from scripts.launch import CliRun, run_cli  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -189,17 +188,9 @@ def estimates_beside_observed(summary: dict, scored: dict) -> dict:
     return figures
 
 
-def cli(*arguments: str, threads: int | None) -> subprocess.CompletedProcess:
-    """`python cli.py ...` in a subprocess from the repository root; raises with its stderr tail on failure."""
-    environment = None
-    if threads is not None:
-        environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    result = subprocess.run(
-        [sys.executable, "cli.py", *arguments], cwd=ROOT, capture_output=True, text=True, env=environment
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"python cli.py {' '.join(arguments)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
+def cli(*arguments: str, threads: int | None) -> CliRun:
+    """`python cli.py ...` from the repository root, output captured; stops with its stderr's end on failure."""
+    return run_cli(*arguments, threads=threads, check=True)
 
 
 def fit_config(recipe: str, data: Path, work: Path, size: list[int], steps: int) -> dict:
@@ -272,9 +263,7 @@ def run_case(
             spatial_size=size, seed=seed, images_per_patient=case.images_per_patient, novel=case.novel,
         )  # fmt: skip
         config.write_text(config_text)
-        start = time.perf_counter()
-        cli("fit", "--config", str(config), *fit_args, threads=threads)
-        fit_seconds = time.perf_counter() - start
+        fit_seconds = cli("fit", "--config", str(config), *fit_args, threads=threads).seconds
         fitted.write_text(json.dumps({"config": config_text, "fit_args": list(fit_args), "fit_seconds": fit_seconds}))
     by_rule = {}
     for rule in rules:
