@@ -17,6 +17,7 @@ from errors import InputError
 from lightning_modules import SimCLRModule
 from memorization import detect_copies
 from memorization.embedders import Embedder, Generator, PixelEmbedder, TorchScriptEmbedder
+from memorization.history import HISTORY_FILE
 from scripts.launch import CliRun
 from tests.conftest import (
     MEMORIZATION_SIZE,
@@ -125,7 +126,7 @@ def test_a_generator_whose_samples_leave_0_1_is_refused_before_training(user_pac
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     assert errors[0].startswith("error: MemorizingGenerator.sample returns values in [-0.5") and "not [0, 1]" in errors[0]
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "user" / "version_0" / "memorization_history.csv").exists()
+    assert not (tmp_path / "user" / "version_0" / HISTORY_FILE).exists()
 
 
 def test_a_model_without_sample_is_refused_before_training(user_package, embedder_ckpt, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from memorization.history import read_history, write_history
+from memorization.history import HISTORY_FILE, read_history, write_history
 from memorization.stats import binomial_interval
 from scripts.machine_load import MachineLoad
 from scripts.reproduce_figures import write_figures
@@ -130,7 +130,7 @@ def test_tiny_reproduction_through_the_cli_reports_each_runs_history(tmp_path):
         with Image.open(out / "figures" / f"{name}.png") as image:
             assert image.format == "PNG" and image.width >= 400
     lines = text.splitlines()
-    histories = {path.parent.name: path for path in runs.glob("ldm-*/memorization_history.csv")}
+    histories = {path.parent.name: path for path in runs.glob(f"ldm-*/{HISTORY_FILE}")}
     assert sorted(histories) == sorted(run.name for run in planned_runs(TINY))
     for name, path in histories.items():
         rows = read_history(path)
