@@ -23,7 +23,7 @@ Each process (every DDP rank) measures itself in-process and writes its own JSON
   `seconds_gather` (waiting in the gather for the other ranks), `seconds_embed_detect` (embedding the
   samples + `detect_copies`) and `seconds_quality`;
 - `reference_seconds`: wall time of `on_fit_start` (training and validation embeddings, once per fit);
-- `reference_embeddings_computed` (the callback's counter) and the number of `_embed_reference` calls;
+- `reference_embeddings_computed` (the callback's counter) and the number of reference-set `embed_dataset` calls;
 - the wall time between the ends of two training steps (stamped by the EMA callback's batch-end hook,
   in the baseline too), and the time of the callback's epoch-end hooks outside the checks.
 
@@ -70,6 +70,7 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
     from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 
+    import callbacks.memorization as glue
     import cli
     from callbacks.memorization import MemorizationCallback
 
@@ -114,7 +115,7 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
         setattr(MemorizationCallback, hook, timed("hooks", getattr(MemorizationCallback, hook)))
     MemorizationCallback._check = timed("check", MemorizationCallback._check)
     MemorizationCallback.on_fit_start = timed("reference", MemorizationCallback.on_fit_start)
-    MemorizationCallback._embed_reference = counted(MemorizationCallback._embed_reference)
+    glue.embed_dataset = counted(glue.embed_dataset)  # the reference images, one call per split
 
     trainer = cli.main(cli_args).trainer
     memorization = [c for c in trainer.callbacks if isinstance(c, MemorizationCallback)]

@@ -195,7 +195,7 @@ def say(run: Run, text: str) -> None:
     print(f"[{run.elapsed():6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
-def one_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
@@ -221,7 +221,7 @@ def measure(run: Run, section: str, label: str, function: Callable[..., dict], *
     try:
         result = function(*args)
     except Exception as error:  # noqa: BLE001 - a failure is this measurement's result; the others run
-        result = {"error": one_line(error)}
+        result = {"error": error_line(error)}
     free_memory(run.device)
     say(run, f"{label}: {summary(result)}")
     return result
@@ -385,7 +385,7 @@ def time_sampling(
                 del latents, images
         except torch.cuda.OutOfMemoryError as error:
             return setting | {
-                "error": f"out of memory in the {where}: {one_line(error)}",
+                "error": f"out of memory in the {where}: {error_line(error)}",
                 "out_of_memory": where,
             }
     timed = times[1:] or times
@@ -581,7 +581,7 @@ def invariance_probe(run: Run) -> dict:
                 "max_abs_difference": float((graphed - alone).abs().max()),
             }
         except Exception as error:  # noqa: BLE001 - the other results stand without graphs
-            result["graphs"] = {"error": one_line(error)}
+            result["graphs"] = {"error": error_line(error)}
         small, large = run.compared_batch_sizes
         indices = range(large)
         difference = (draw(indices, small) - draw(indices, large)).abs().max()

@@ -39,8 +39,8 @@ import numpy as np
 from monai.transforms import ResizeWithPadOrCropd, ScaleIntensityd, Transposed
 
 from datamodules.base import MedicalImageDataModule
-from datamodules.readers.image_files import LoadImageFile, one_line
-from errors import InputError
+from datamodules.readers.image_files import LoadImageFile
+from errors import InputError, one_line
 
 PLANES = ("axial", "coronal", "sagittal")
 SPLITS = ("authors", "seeded", "official")

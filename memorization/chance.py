@@ -57,13 +57,13 @@ from errors import InputError
 from memorization.detect import (
     DEFAULT_MARGIN,
     DEFAULT_RULE,
-    _as_matrix,
-    _percentile,
-    _standardise,
+    as_matrix,
     check_rule,
     is_distinct,
+    linear_percentile,
     nearest_correlation,
     nearest_patient_correlations,
+    standardise,
 )
 from memorization.stats import CI_LEVEL, binomial_interval
 
@@ -122,8 +122,8 @@ def held_out_exceedances(
     image's nearest patient and whether it is distinct by `margin` (module docstring).
     """
     rule, margin = check_rule(rule, margin)
-    train_n = _standardise(_as_matrix(train, "train").double(), "train")
-    val_n = _standardise(_as_matrix(val, "val").to(device=train_n.device, dtype=torch.float64), "val")
+    train_n = standardise(as_matrix(train, "train").double(), "train")
+    val_n = standardise(as_matrix(val, "val").to(device=train_n.device, dtype=torch.float64), "val")
     n_train, n_val = len(train_n), len(val_n)
     if n_val < 2:
         raise ValueError("the chance level needs at least 2 held-out images")
@@ -149,8 +149,10 @@ def held_out_exceedances(
             indices.append(top.indices)
         neighbours, neighbour_index = torch.cat(values), torch.cat(indices)
         nearest = neighbours[:, 0]
-        tau = _percentile(nearest, percentile)
-        loo_tau = _leave_one_patient_out_tau(neighbours, val_patient_of[neighbour_index], val_patient_of, percentile, tau)
+        tau = linear_percentile(nearest, percentile)
+        loo_tau = _leave_one_patient_out_tau(
+            neighbours, val_patient_of[neighbour_index], val_patient_of, percentile, tau
+        )
 
         names = sorted(set(patients))
         patient_of = torch.tensor(_codes(patients, names), dtype=torch.int64)
@@ -204,7 +206,11 @@ def _patient_chunks(sorted_patient: torch.Tensor, order: torch.Tensor, chunk_siz
 
 
 def _leave_one_patient_out_tau(
-    neighbours: torch.Tensor, neighbour_patient: torch.Tensor, val_patient_of: torch.Tensor, percentile: float, tau
+    neighbours: torch.Tensor,
+    neighbour_patient: torch.Tensor,
+    val_patient_of: torch.Tensor,
+    percentile: float,
+    tau,
 ) -> torch.Tensor:
     """`[N_val]` τ recomputed without each held-out patient: its training images fall back to their nearest other.
 
@@ -221,7 +227,7 @@ def _leave_one_patient_out_tau(
         outside = neighbour_patient != patient
         first_outside = outside.to(torch.int8).argmax(dim=1, keepdim=True)
         without = neighbours.gather(1, first_outside).squeeze(1)
-        loo_tau[val_patient_of == patient] = _percentile(without, percentile)
+        loo_tau[val_patient_of == patient] = linear_percentile(without, percentile)
     return loo_tau
 
 
@@ -274,12 +280,17 @@ def at_least_one_of(counts: torch.Tensor, n_val: int, n_syn: int) -> tuple[float
         # C(n_val - k, n_syn) / C(n_val, n_syn), zero where fewer than n_syn draws stay below τ
         stays = n_val - counts
         log_none = (
-            gammaln(stays + 1) - gammaln(np.maximum(stays - n_syn, 0) + 1) - gammaln(n_val + 1) + gammaln(n_val - n_syn + 1)
+            gammaln(stays + 1)
+            - gammaln(np.maximum(stays - n_syn, 0) + 1)
+            - gammaln(n_val + 1)
+            + gammaln(n_val - n_syn + 1)
         )
         none = np.where(stays >= n_syn, np.exp(log_none), 0.0)
         return float(np.mean(1.0 - none)), "exact subsets (N_syn <= N_val)"
     a, b = _fit_beta_binomial(counts, n_val)
-    return float(1.0 - np.exp(betaln(a, b + n_syn) - betaln(a, b))), f"beta-binomial extrapolation (N_syn {n_syn} > N_val {n_val})"
+    return float(
+        1.0 - np.exp(betaln(a, b + n_syn) - betaln(a, b))
+    ), f"beta-binomial extrapolation (N_syn {n_syn} > N_val {n_val})"
 
 
 def _fit_beta_binomial(counts: np.ndarray, n: int) -> tuple[float, float]:
@@ -292,7 +303,9 @@ def _fit_beta_binomial(counts: np.ndarray, n: int) -> tuple[float, float]:
         return -float(np.sum(multiplicity * betabinom.logpmf(values, n, a, b)))
 
     start = np.log([mean * 10.0, (1.0 - mean) * 10.0])
-    fit = minimize(negative_log_likelihood, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+    fit = minimize(
+        negative_log_likelihood, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9}
+    )
     a, b = np.exp(np.clip(fit.x, -12, 18))
     return float(a), float(b)
 
@@ -337,7 +350,9 @@ class DetectorCheck:
         }
 
 
-def detector_check(varied: torch.Tensor, train: torch.Tensor, exceedances: HeldOutExceedances) -> DetectorCheck:
+def detector_check(
+    varied: torch.Tensor, train: torch.Tensor, exceedances: HeldOutExceedances
+) -> DetectorCheck:
     """Sensitivity on `varied` `[N_pos, L]` (embeddings of variations of training images) at τ; specificity
     from `exceedances`.
 

@@ -14,7 +14,9 @@ def as_real_tensor(x: torch.Tensor | np.ndarray, name: str, kind: str, shape: st
         try:
             x = torch.as_tensor(np.asarray(x))
         except (TypeError, ValueError) as err:
-            raise InputError(f"`{name}` is not a numeric {kind} ({err}); pass a tensor or array of shape {shape}") from err
+            raise InputError(
+                f"`{name}` is not a numeric {kind} ({err}); pass a tensor or array of shape {shape}"
+            ) from err
     if x.dtype == torch.bool or x.is_complex():
         raise InputError(f"`{name}` has dtype {x.dtype}; expected a real-valued {kind} {shape}")
     return x.detach()

@@ -32,7 +32,9 @@ from memorization.checks import as_real_tensor, check_finite
 
 RULES = ("paper", "distinct")
 DEFAULT_RULE = "distinct"
-DEFAULT_MARGIN = 0.75  # the distinct rule's d1 ≤ margin · d2; chosen by bench/detector_quality.py (BENCHMARKS.md)
+DEFAULT_MARGIN = (
+    0.75  # the distinct rule's d1 ≤ margin · d2; chosen by bench/detector_quality.py (BENCHMARKS.md)
+)
 # ρ2 where the training set has no patient other than P1: the lowest correlation there is, so the
 # sample counts as distinct unless it is far from P1 too (1 − ρ1 > 2 margin²). A number, not -inf:
 # it goes into pairs.csv.
@@ -150,9 +152,7 @@ def detect_copies(
     percentile = _check_percentile(percentile)
     chunk_size = _check_chunk_size(chunk_size)
     rule, margin = check_rule(rule, margin)
-    train_t, val_t, syn_t = (
-        _as_matrix(x, name) for x, name in ((train, "train"), (val, "val"), (syn, "syn"))
-    )
+    train_t, val_t, syn_t = (as_matrix(x, name) for x, name in ((train, "train"), (val, "val"), (syn, "syn")))
     widths = {name: x.shape[1] for x, name in ((train_t, "train"), (val_t, "val"), (syn_t, "syn"))}
     if len(set(widths.values())) > 1:
         raise InputError(
@@ -164,13 +164,13 @@ def detect_copies(
     patient_of = patient_codes(train_patients, train_t.shape[0]).to(device)
 
     with torch.no_grad():
-        train_n = _standardise(train_t.to(device=device, dtype=dtype), "train")
-        val_n = _standardise(val_t.to(device=device, dtype=dtype), "val")
-        syn_n = _standardise(syn_t.to(device=device, dtype=dtype), "syn")
+        train_n = standardise(train_t.to(device=device, dtype=dtype), "train")
+        val_n = standardise(val_t.to(device=device, dtype=dtype), "val")
+        syn_n = standardise(syn_t.to(device=device, dtype=dtype), "syn")
         nn_val_corr, nn_syn_corr, nn_syn_index, nn_train_corr, nn_train_index = _nearest_neighbours(
             train_n, val_n, syn_n, chunk_size
         )
-        tau = _percentile(nn_val_corr, percentile)
+        tau = linear_percentile(nn_val_corr, percentile)
         memorized = nn_syn_corr >= tau
         is_close = nn_train_corr >= tau
         is_copy, other = is_close.clone(), None
@@ -264,9 +264,9 @@ def nearest_patient_correlations(
     another patient (`NO_OTHER_PATIENT` where none). In float64 on `reference`'s device, memory
     O(chunk_size × N_r); the results on the CPU.
     """
-    reference = _standardise(_as_matrix(reference, "reference").to(torch.float64), "reference")
-    queries = _as_matrix(queries, "queries").to(device=reference.device, dtype=torch.float64)
-    queries = _standardise(queries, "queries")
+    reference = standardise(as_matrix(reference, "reference").to(torch.float64), "reference")
+    queries = as_matrix(queries, "queries").to(device=reference.device, dtype=torch.float64)
+    queries = standardise(queries, "queries")
     reference_patients = reference_patients.to(reference.device)
     nearest, nearest_patient, other = [], [], []
     for rows in queries.split(chunk_size):
@@ -282,7 +282,9 @@ def nearest_patient_correlations(
     return torch.cat(nearest).cpu(), torch.cat(nearest_patient).cpu(), other_t.cpu()
 
 
-def nearest_correlation(queries: torch.Tensor, reference: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+def nearest_correlation(
+    queries: torch.Tensor, reference: torch.Tensor, chunk_size: int = 256
+) -> torch.Tensor:
     """`[N_q]` Pearson correlation of each row of `queries` `[N_q, L]` with its nearest row of `reference` `[N_r, L]`.
 
     The score `detect_copies` compares with τ (`nn_train_corr` when `reference` is the training
@@ -290,8 +292,10 @@ def nearest_correlation(queries: torch.Tensor, reference: torch.Tensor, chunk_si
     """
     if len(queries) == 0:
         return torch.empty(0, device=queries.device)
-    reference = _standardise(_as_matrix(reference, "reference").to(torch.float64), "reference")
-    queries = _standardise(_as_matrix(queries, "queries").to(device=reference.device, dtype=torch.float64), "queries")
+    reference = standardise(as_matrix(reference, "reference").to(torch.float64), "reference")
+    queries = standardise(
+        as_matrix(queries, "queries").to(device=reference.device, dtype=torch.float64), "queries"
+    )
     return torch.cat([(rows @ reference.T).amax(dim=1) for rows in queries.split(chunk_size)])
 
 
@@ -398,7 +402,7 @@ def _tile_max(block: torch.Tensor, tile: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
-def _percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
+def linear_percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
     """numpy's default (linear) percentile of a 1-D tensor, in its own dtype.
 
     Written out rather than `torch.quantile`, which refuses inputs above 2**24 elements.
@@ -410,7 +414,7 @@ def _percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
     return torch.lerp(ordered[low], ordered[high], position - low)
 
 
-def _standardise(x: torch.Tensor, name: str) -> torch.Tensor:
+def standardise(x: torch.Tensor, name: str) -> torch.Tensor:
     """Centre each row over its L entries and scale it to unit L2 norm, so dot products are Pearson's r."""
     centred = x - x.mean(dim=1, keepdim=True)
     norms = torch.linalg.vector_norm(centred, dim=1, keepdim=True)
@@ -424,7 +428,7 @@ def _standardise(x: torch.Tensor, name: str) -> torch.Tensor:
     return centred / norms
 
 
-def _as_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+def as_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """`x` as a floating-point torch tensor, checked to be a non-empty finite 2-D matrix."""
     x = as_real_tensor(x, name, "matrix", "[N, L]")
     if x.ndim != 2:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from errors import InputError, SharedFailure, TrainingFailure
+from errors import FAILURE_KINDS, SharedFailure, classify_failure, one_line
 
 
 def distributed() -> bool:
@@ -69,7 +69,7 @@ def fail_together(device: torch.device, doing: str) -> Iterator[None]:
     if distributed():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         kinds = torch.zeros(world_size, dtype=torch.int32, device=device)
-        kinds[rank] = 0 if error is None else FAILURE_KINDS.index(failure_kind(error)) + 1
+        kinds[rank] = 0 if error is None else FAILURE_KINDS.index(classify_failure(error)[1]) + 1
         dist.all_reduce(kinds)
         if bool(kinds.any()):
             messages: list[str | None] = [None] * world_size
@@ -82,18 +82,3 @@ def fail_together(device: torch.device, doing: str) -> Iterator[None]:
                 )
     if error is not None:
         raise error
-
-
-FAILURE_KINDS = ("bug", "input", "training")
-
-
-def failure_kind(error: BaseException) -> str:
-    """`input` for a user's mistake, `training` for a failed run (e.g. a diverged model), else `bug`."""
-    if isinstance(error, InputError):
-        return "input"
-    return "training" if isinstance(error, TrainingFailure) else "bug"
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

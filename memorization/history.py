@@ -1,7 +1,7 @@
 """`memorization_history.csv`: one row per memorization check, written by the callback, read by everything else.
 
 A row holds the check's place (`check`, `epoch`, `step`), its copy rule (`rule`, `margin`), the
-headline numbers of `memorization.stats.headline` (counts, fractions, `*_ci` intervals, chance level),
+headline numbers of `memorization.summary.headline` (counts, fractions, `*_ci` intervals, chance level),
 `fd`, `ms_ssim` and what the check cost (`check_seconds`, `overhead`, `seconds_*`). Intervals are
 written as JSON lists, `"[low, high]"`; a value that could not be computed is empty. Rows resumed
 from older runs may lack columns that newer ones have: the header is the union, in first-seen order.
@@ -29,7 +29,9 @@ def write_history(folder: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows({k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in row.items()} for row in rows)
+        writer.writerows(
+            {k: json.dumps(v) if isinstance(v, list | tuple) else v for k, v in row.items()} for row in rows
+        )
     return path
 
 

@@ -78,7 +78,7 @@ def write_html_report(
 
     Args:
         report: from `detect_copies`; `train_ids`, `patients` (per training row) and `syn_ids` name its rows.
-        summary: the dict written to `summary.json` (`memorization.stats.headline` keys, `detector`, ...).
+        summary: the dict written to `summary.json` (`memorization.summary.headline` keys, `detector`, ...).
         histogram_png: the bytes of `histogram.png`, embedded as they are.
         shown: the synthetic rows whose pair the gallery shows, most similar first.
         train_image, syn_image: row index → image `[C, H, W]` or `[C, H, W, D]` in `[0, 1]`; without

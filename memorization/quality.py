@@ -196,5 +196,3 @@ def _as_images(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
                 f"`{name}` has values in [{low:.4g}, {high:.4g}]; MS-SSIM expects [0, 1] (clip decoder output first)"
             )
     return x
-
-

@@ -26,7 +26,14 @@ from errors import InputError
 MANIFEST = "manifest.json"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Lists of training ids: they identify patients and stay in the audit's report.
-PRIVATE_SUMMARY_KEYS = ("memorized_train_ids", "memorized_patient_ids", "copy_syn_ids", "inputs", "release", "out")
+PRIVATE_SUMMARY_KEYS = (
+    "memorized_train_ids",
+    "memorized_patient_ids",
+    "copy_syn_ids",
+    "inputs",
+    "release",
+    "out",
+)
 
 
 def sha256(path: Path) -> str:
@@ -45,7 +52,12 @@ def memwatch_version() -> dict[str, str | None]:
         version = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"]
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = None
@@ -100,7 +112,10 @@ def write_manifest(
 def _entry(folder: Path, released: ReleasedFile, taus: Mapping[str, float], primary: str) -> dict[str, Any]:
     def closeness(name: str) -> dict[str, float]:
         correlation = released.nearest_train_correlation[name]
-        return {"nearest_train_correlation": round(correlation, 6), "margin_below_tau": round(taus[name] - correlation, 6)}
+        return {
+            "nearest_train_correlation": round(correlation, 6),
+            "margin_below_tau": round(taus[name] - correlation, 6),
+        }
 
     entry = {"path": released.path, "sha256": sha256(folder / released.path), **closeness(primary)}
     if len(taus) > 1:
@@ -130,7 +145,9 @@ def verify_release(folder: Path) -> dict[str, Any]:
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path != manifest_path
     }
-    changed = [name for name in sorted(recorded.keys() & present.keys()) if sha256(present[name]) != recorded[name]]
+    changed = [
+        name for name in sorted(recorded.keys() & present.keys()) if sha256(present[name]) != recorded[name]
+    ]
     added, missing = sorted(present.keys() - recorded.keys()), sorted(recorded.keys() - present.keys())
     return {
         "verified": not (added or missing or changed),

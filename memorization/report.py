@@ -86,7 +86,7 @@ def write_report(
     Args:
         report: from `detect_copies(train, val, syn)`.
         train_ids, syn_ids: the id of each row of `train` and of `syn`.
-        summary: extra entries for `summary.json` (`memorization.stats.headline`, inputs, quality metrics).
+        summary: extra entries for `summary.json` (`memorization.summary.headline`, inputs, quality metrics).
         train_image, syn_image: row index → image `[C, *spatial]`; with both, `copies.png`
             shows each of the `max_pairs` most similar copies beside its training image
             (the middle slice of the last axis for 3D), and `report.html` shows them too (three
@@ -103,7 +103,9 @@ def write_report(
     patients = list(train_patients) if train_patients is not None else list(train_ids)
     if len(patients) != len(train_ids):
         raise ValueError(f"{len(patients)} patient ids for {len(train_ids)} training images")
-    summary_file = _write_summary(folder / "summary.json", report, train_ids, syn_ids, patients, summary or {})
+    summary_file = _write_summary(
+        folder / "summary.json", report, train_ids, syn_ids, patients, summary or {}
+    )
     histogram = _plot_histogram(folder / "histogram.png", report)
     written = [
         summary_file,
@@ -132,7 +134,9 @@ def copy_order(report: CopyReport) -> list[int]:
     return copies[order].tolist()
 
 
-def _write_summary(path: Path, report: CopyReport, train_ids, syn_ids, patients, extra: Mapping[str, Any]) -> Path:
+def _write_summary(
+    path: Path, report: CopyReport, train_ids, syn_ids, patients, extra: Mapping[str, Any]
+) -> Path:
     memorized = torch.nonzero(report.memorized).flatten().tolist()
     summary = {
         "n_train": len(train_ids),

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from scipy.stats import beta
-
-if TYPE_CHECKING:
-    from memorization.chance import ChanceLevel
-    from memorization.detect import CopyReport
 
 CI_LEVEL = 0.95
 CI_METHOD = "Clopper-Pearson exact binomial, 95%"
@@ -38,40 +34,14 @@ def memorized_patients(memorized: torch.Tensor, patients: Sequence[str]) -> list
     return sorted({patient for patient, hit in zip(patients, memorized.tolist(), strict=True) if hit})
 
 
-def headline(report: CopyReport, train_patients: Sequence[str], chance: ChanceLevel | None) -> dict[str, Any]:
-    """Every number of a check or an audit, per image and per patient, with intervals and chance level.
-
-    Keys: `n_train`, `n_train_patients`, `n_syn`, `n_mem`, `n_copies`, `frac_mem`, `frac_copies`,
-    `tau`, `n_mem_patients`, `frac_mem_patients`, `<fraction>_ci` for the three fractions, and
-    with `chance` its `null_*` rates and intervals and `excess_<fraction> = fraction − null`.
-    """
-    n_train, n_syn = len(report.memorized), len(report.is_copy)
-    patients = memorized_patients(report.memorized, train_patients)
-    n_patients = len(set(train_patients))
-    numbers: dict[str, Any] = {
-        "n_train": n_train,
-        "n_train_patients": n_patients,
-        "n_syn": n_syn,
-        **report.scalars(),
-        "n_mem_patients": len(patients),
-        "frac_mem_patients": len(patients) / n_patients,
-        "frac_mem_ci": list(binomial_interval(report.n_mem, n_train)),
-        "frac_copies_ci": list(binomial_interval(report.n_copies, n_syn)),
-        "frac_mem_patients_ci": list(binomial_interval(len(patients), n_patients)),
-    }
-    if chance is not None:
-        numbers |= chance.scalars()
-        for fraction in ("frac_mem", "frac_copies", "frac_mem_patients"):
-            numbers[f"excess_{fraction}"] = numbers[fraction] - numbers[f"null_{fraction}"]
-    return numbers
-
-
 def logged_scalars(numbers: dict[str, Any]) -> dict[str, float]:
     """`numbers` as TensorBoard scalars `memorization/<key>`; an interval `<key>_ci` becomes `<key>_low` and `<key>_high`."""
     scalars = {}
     for key, value in numbers.items():
         if isinstance(value, (list, tuple)) and key.endswith("_ci") and len(value) == 2:
-            scalars[f"memorization/{key[:-3]}_low"], scalars[f"memorization/{key[:-3]}_high"] = map(float, value)
+            scalars[f"memorization/{key[:-3]}_low"], scalars[f"memorization/{key[:-3]}_high"] = map(
+                float, value
+            )
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             scalars[f"memorization/{key}"] = float(value)
     return scalars

@@ -24,17 +24,17 @@ class RecordingMemorizationCallback(MemorizationCallback):
         super().on_fit_start(trainer, pl_module)
         if trainer.is_global_zero:
             self.record_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"train": self._train.cpu(), "val": self._val.cpu()}, self.record_dir / "reference.pt")
+            torch.save({"train": self.reference.train.cpu(), "val": self.reference.val.cpu()}, self.record_dir / "reference.pt")
 
     def _sample_and_embed(self, trainer: Trainer, generator, check_index: int, where: str) -> EmbeddedStream:
         local = super()._sample_and_embed(trainer, generator, check_index, where)
-        n = self.n_samples or len(self._train)
+        n = self.n_samples or len(self.reference.train)
         mine = block_shard(n, min(self.sample_batch_size, n), trainer.global_rank, trainer.world_size)
         self.record_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
                 "indices": list(mine),
-                "embeddings": self._as_embeddings(local.embeddings.cpu(), torch.device("cpu")),
+                "embeddings": local.embeddings.cpu() if len(local.embeddings) else torch.zeros(0, self.embedder.embedding_dim),
                 "pairs": local.pair_scores.cpu(),
             },
             self.record_dir / f"check{check_index}_rank{trainer.global_rank}.pt",

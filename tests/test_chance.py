@@ -20,8 +20,9 @@ from memorization.chance import (
 from memorization.chance import (
     held_out_exceedances as held_out_exceedances_by_default_rule,
 )
-from memorization.detect import _percentile, _standardise
-from memorization.stats import binomial_interval, headline, logged_scalars
+from memorization.detect import linear_percentile, standardise
+from memorization.stats import binomial_interval, logged_scalars
+from memorization.summary import headline
 
 # The chance level's arithmetic under the paper's rule unless a test names another
 detect_copies = functools.partial(detect_copies_by_default_rule, rule="paper")
@@ -106,10 +107,10 @@ def test_leave_one_out_tau_is_tau_without_that_held_out_image():
     generator = torch.Generator().manual_seed(3)
     train, val = random_patients(30, generator), random_patients(12, generator)
     exceedances = held_out_exceedances(train, val, 90.0)
-    correlations = _standardise(train, "t") @ _standardise(val, "v").T
+    correlations = standardise(train, "t") @ standardise(val, "v").T
     for j in range(len(val)):
         others = torch.cat([correlations[:, :j], correlations[:, j + 1 :]], dim=1)
-        assert float(exceedances.loo_tau[j]) == pytest.approx(float(_percentile(others.amax(dim=1), 90.0)), abs=1e-12)
+        assert float(exceedances.loo_tau[j]) == pytest.approx(float(linear_percentile(others.amax(dim=1), 90.0)), abs=1e-12)
     assert exceedances.tau == pytest.approx(detect_copies(train, val, val, percentile=90.0).tau, abs=1e-12)
     flagged = correlations.amax(dim=0) >= exceedances.loo_tau
     assert torch.equal(exceedances.val_flagged, flagged)
@@ -122,10 +123,10 @@ def test_leave_one_patient_out_tau_is_tau_without_any_image_of_that_patient(chun
     train, val = random_patients(40, generator), random_patients(15, generator)
     val_patients = ["a", "a", "a", "b", "c", "c", "d", "e", "e", "f", "g", "g", "g", "h", "i"]
     exceedances = held_out_exceedances(train, val, 90.0, chunk_size=chunk_size, val_patients=val_patients)
-    correlations = _standardise(train, "t") @ _standardise(val, "v").T
+    correlations = standardise(train, "t") @ standardise(val, "v").T
     for j, patient in enumerate(val_patients):
         others = correlations[:, [k for k, q in enumerate(val_patients) if q != patient]]
-        assert float(exceedances.loo_tau[j]) == pytest.approx(float(_percentile(others.amax(dim=1), 90.0)), abs=1e-12)
+        assert float(exceedances.loo_tau[j]) == pytest.approx(float(linear_percentile(others.amax(dim=1), 90.0)), abs=1e-12)
     one_each = held_out_exceedances(train, val, 90.0, val_patients=[str(j) for j in range(15)])
     assert torch.equal(one_each.loo_tau, held_out_exceedances(train, val, 90.0).loo_tau)
     with pytest.raises(ValueError, match="2 held-out patients"):

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks import MemorizationCallback
+from callbacks.startup_checks import check_sampler_options
 from errors import InputError
 from lightning_modules import LatentDiffusionModule, PixelDiffusionModule
 from memorization.distributed import block_shard
@@ -97,7 +98,7 @@ def test_sampler_graphs_on_a_cpu_change_nothing_and_say_so_once(embedder_ckpt, c
     assert torch.equal(graphed, model.sample(3, num_inference_steps=2))
     callback = MemorizationCallback(str(embedder_ckpt), sampler_graphs=True)
     with caplog.at_level(logging.INFO):
-        callback.check_sampler_options(model, torch.device("cpu"))
+        check_sampler_options(model, torch.device("cpu"), callback.decode_batch_size, callback.sampler_graphs)
     notices = [r.getMessage() for r in caplog.records if "sampler_graphs" in r.getMessage()]
     assert notices == ["memorization.sampler_graphs: CUDA graphs need a GPU; on this CPU sampling runs as without"]
 
@@ -105,9 +106,9 @@ def test_sampler_graphs_on_a_cpu_change_nothing_and_say_so_once(embedder_ckpt, c
 def test_sampler_options_a_generator_cannot_take_are_refused_naming_the_option(embedder_ckpt):
     generator = ScriptedGenerator(spatial_size=MEMORIZATION_SIZE)  # sample() takes no decode_batch_size
     with pytest.raises(InputError, match=r"^--memorization\.decode_batch_size: ScriptedGenerator\.sample takes no"):
-        MemorizationCallback(str(embedder_ckpt), decode_batch_size=2).check_sampler_options(generator, torch.device("cpu"))
+        check_sampler_options(generator, torch.device("cpu"), 2, False)
     with pytest.raises(InputError, match=r"^--memorization\.sampler_graphs: ScriptedGenerator has no sampler_graphs"):
-        MemorizationCallback(str(embedder_ckpt), sampler_graphs=True).check_sampler_options(generator, torch.device("cpu"))
+        check_sampler_options(generator, torch.device("cpu"), None, True)
     for bad in ({"sample_batch_size": 0}, {"decode_batch_size": 0}, {"max_overhead": 0.0}, {"max_overhead": 10.5}):
         (option,) = bad
         with pytest.raises(InputError, match=rf"^--memorization\.{option}="):

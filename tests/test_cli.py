@@ -353,8 +353,7 @@ def test_ldm_trains_as_two_cpu_processes(trained_runs, tmp_path):
 
 
 def test_an_input_error_raised_in_a_dataloader_worker_is_still_a_user_mistake():
-    from cli import user_mistake
-    from errors import InputError
+    from errors import InputError, user_mistake
 
     worker_text = (
         "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
@@ -391,8 +390,8 @@ def test_a_config_name_is_found_in_configs_and_a_plain_run_prints_no_lightningcl
 
 
 FLAG = re.compile(r"(?<![\w-])--([a-z][\w.-]*[a-z0-9_])")
-CODE = [ROOT / "cli.py", ROOT / "audit.py", ROOT / "errors.py"] + [
-    path for package in ("callbacks", "datamodules", "lightning_modules", "memorization", "networks")
+CODE = [ROOT / "cli.py", ROOT / "errors.py", ROOT / "lightning_private.py"] + [
+    path for package in ("audit", "callbacks", "datamodules", "lightning_modules", "memorization", "networks")
     for path in sorted((ROOT / package).rglob("*.py"))
 ]  # fmt: skip
 PROSE = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *CONFIGS]

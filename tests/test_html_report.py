@@ -21,7 +21,8 @@ from memorization import detect_copies
 from memorization.chance import chance_level, detector_check, held_out_exceedances
 from memorization.html_report import overall_status
 from memorization.report import write_report
-from memorization.stats import binomial_interval, headline
+from memorization.stats import binomial_interval
+from memorization.summary import headline
 
 N_PATIENTS = 20  # two training images each
 PLANTED_ROWS = [0, 4, 8, 12, 16, 20]  # one image of each of 6 patients is copied

@@ -19,7 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from callbacks import MemorizationCallback
-from callbacks.memorization import stale_early_stopping
+from callbacks.memorization import row_scalars
+from callbacks.startup_checks import stale_early_stopping
 from cli import main
 from datamodules import PhantomDataModule
 from errors import InputError
@@ -88,7 +89,7 @@ def test_checks_end_every_nth_epoch_embed_references_once_and_write_history(embe
     # the rule in every row, in memory and on disk; not a TensorBoard scalar
     assert all(row["rule"] == "distinct" and row["margin"] == 0.7 for row in callback.history)
     assert all(row["rule"] == "distinct" and float(row["margin"]) == 0.7 for row in rows)
-    assert not {"memorization/rule", "memorization/margin"} & set(callback._scalars(callback.history[-1]))
+    assert not {"memorization/rule", "memorization/margin"} & set(row_scalars(callback.history[-1]))
 
 
 def test_check_at_start_adds_a_check_at_the_end_of_the_first_epoch(embedder_ckpt):

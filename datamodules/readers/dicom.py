@@ -36,8 +36,8 @@ from datamodules.readers.dicom_pixels import (
     rescale,
     transfer_syntax,
 )
-from datamodules.readers.image_files import image_format, one_line
-from errors import InputError
+from datamodules.readers.image_files import image_format
+from errors import InputError, one_line
 
 PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")

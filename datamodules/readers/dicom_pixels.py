@@ -40,8 +40,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from datamodules.readers.image_files import one_line
-from errors import InputError
+from errors import InputError, one_line
 
 DECODER_FIX = (
     "install a decoder (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pip install "

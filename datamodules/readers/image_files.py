@@ -21,7 +21,7 @@ from monai.data import NibabelReader, NumpyReader, PILReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from errors import InputError
+from errors import InputError, one_line
 
 # With pydicom installed, every MONAI LoadImage builds its GPU DICOM reader, which warns (and logs)
 # on each construction where nvImageCodec is absent; DICOM is read by pydicom's own decoders then.
@@ -40,11 +40,6 @@ def image_format(path: Path) -> tuple[str, str] | None:
         if lower.endswith(suffix) and len(lower) > len(suffix):
             return kind, path.name[: -len(suffix)]
     return None
-
-
-def one_line(error: BaseException) -> str:
-    """A library's error message on one line (the CLI prints an `InputError` as one line)."""
-    return " ".join(str(error).split())
 
 
 def _pil_readable(image: Image.Image) -> Image.Image:

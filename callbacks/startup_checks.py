@@ -1,0 +1,170 @@
+"""The MemorizationCallback's checks before training: each refuses, in one line, a run that would fail later.
+
+Data the embedder cannot take, an EarlyStopping that would read an old check, sampler options the
+generator lacks, an output folder a rank cannot write, a check that runs out of GPU memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities import rank_zero_info
+
+from errors import InputError
+from lightning_private import reads_at_train_epoch_end
+from memorization.chance import check_patients
+from memorization.embedders import Embedder
+
+EMBEDDER_OPTION = "--memorization.embedder_ckpt"  # how cli.py sets embedder_ckpt, named in errors
+
+
+def check_embedder_fits(
+    embedder: Embedder,
+    spatial_size: Sequence[int] | None,
+    train_patients: Sequence[str] | None,
+    val_patients: Sequence[str] | None,
+    percentile: float,
+) -> None:
+    """Raise `InputError` if the embedder takes images of another dimensionality or size than the data's,
+    or was trained on a patient the data holds out."""
+    trained_on = embedder.image_spatial_size
+    if spatial_size is not None and len(spatial_size) != embedder.spatial_dims:
+        raise InputError(
+            f"the embedder takes {embedder.spatial_dims}D images but the data has spatial_size={list(spatial_size)}: "
+            "pass an embedder of the data's dimensionality"
+        )
+    if spatial_size is not None and trained_on is not None and tuple(spatial_size) != tuple(trained_on):
+        raise InputError(
+            f"the embedder was trained on images of spatial_size={list(trained_on)} but the data has "
+            f"{list(spatial_size)}: train the embedder on this data (python cli.py fit --config configs/<dataset>_simclr.yaml)"
+        )
+    if train_patients is not None and val_patients is not None:
+        check_patients(
+            embedder.training_patients, train_patients, val_patients, percentile, "memorization.embedder_ckpt",
+            EMBEDDER_OPTION,
+        )  # fmt: skip
+
+
+def memorization_stoppers(trainer: Trainer) -> list[EarlyStopping]:
+    """The trainer's EarlyStopping callbacks that monitor `memorization/*`."""
+    return [
+        stopper
+        for stopper in trainer.callbacks
+        if isinstance(stopper, EarlyStopping) and stopper.monitor.startswith("memorization/")
+    ]
+
+
+def check_early_stopping(trainer: Trainer, every_n_epochs: int, check_at_start: bool) -> None:
+    """Raise `InputError` for an EarlyStopping on `memorization/*` that would read an old check or none."""
+    for stopper in memorization_stoppers(trainer):
+        problem = stale_early_stopping(stopper, trainer, every_n_epochs, check_at_start)
+        if problem:
+            raise InputError(problem)
+
+
+def stale_early_stopping(
+    stopper: EarlyStopping, trainer: Trainer, every_n_epochs: int, check_at_start: bool = False
+) -> str | None:
+    """Why `stopper` (monitoring `memorization/*`) would not read the check that just ran, or `None` if it would.
+
+    Checks end the epochs `e` with `(e + 1) % every_n_epochs == 0`, at validation end when that
+    epoch validates. EarlyStopping reads at train epoch end (after every non-monitoring callback,
+    whatever the list order) or at validation end; the latter is current only if every check
+    epoch validates at its end.
+    """
+    name = f"EarlyStopping(monitor={stopper.monitor})"
+    if not reads_at_train_epoch_end(stopper, trainer):
+        every_k = trainer.check_val_every_n_epoch
+        validates_each_check = (
+            trainer.limit_val_batches != 0
+            and every_k is not None
+            and trainer.val_check_interval == 1.0
+            and every_n_epochs % every_k == 0
+        )
+        if not validates_each_check:
+            return (
+                f"{name} reads at validation end (check_val_every_n_epoch={every_k}, "
+                f"val_check_interval={trainer.val_check_interval}), but memorization checks run every "
+                f"{every_n_epochs} epochs, so it would read an old check: set check_on_train_epoch_end: true "
+                "in its init_args"
+            )
+        first_read = every_k - 1
+    else:
+        first_read = 0
+    first_check = 0 if check_at_start else every_n_epochs - 1
+    if stopper.strict and first_check > first_read:
+        return (
+            f"{name} with strict: true would stop the run at the end of epoch {first_read}, before the first "
+            f"memorization check (end of epoch {first_check}): set strict: false in its init_args, or "
+            "check_at_start: true in MemorizationCallback's"
+        )
+    return None
+
+
+def check_generator(generator: LightningModule) -> None:
+    """Raise `InputError` unless the model can be sampled (`memorization.embedders.Generator`)."""
+    if not callable(getattr(generator, "sample", None)):
+        raise InputError(
+            f"MemorizationCallback needs a model with sample(); {type(generator).__name__} has none: implement "
+            "sample(n, seed, num_inference_steps=..., sample_batch_size=..., start_index=...) as "
+            "memorization.embedders.Generator describes, returning [n, C, *spatial] images in [0, 1]"
+        )
+
+
+def check_sampler_options(
+    generator: LightningModule, device: torch.device, decode_batch_size: int | None, sampler_graphs: bool
+) -> None:
+    """Raise `InputError` for a sampler option the generator cannot take; a notice where it does nothing."""
+    if decode_batch_size is not None and not accepts_keyword(generator.sample, "decode_batch_size"):
+        raise InputError(
+            f"--memorization.decode_batch_size: {type(generator).__name__}.sample takes no decode_batch_size: "
+            "leave it unset, or add the keyword to sample"
+        )
+    if sampler_graphs and not callable(getattr(generator, "sampler_graphs", None)):
+        raise InputError(
+            f"--memorization.sampler_graphs: {type(generator).__name__} has no sampler_graphs() to capture its "
+            "sampling step (memwatch's diffusion modules have one): set --memorization.sampler_graphs false"
+        )
+    if sampler_graphs and device.type != "cuda":
+        rank_zero_info(
+            "memorization.sampler_graphs: CUDA graphs need a GPU; on this CPU sampling runs as without"
+        )
+
+
+def check_writable(folder: Path) -> None:
+    """Raise `InputError` unless this process can create files in `folder` (created if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".memwatch-write-test-"):
+            pass
+    except OSError as error:
+        raise InputError(
+            f"output_dir={folder} is not writable ({error.strerror or type(error).__name__}): choose a folder "
+            "that every rank can write, or leave output_dir unset"
+        ) from None
+
+
+def accepts_keyword(method: Callable, name: str) -> bool:
+    """Whether `method` takes the keyword `name` (named, or through `**kwargs`)."""
+    parameters = inspect.signature(method).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+@contextmanager
+def out_of_memory_named(sample_batch_size: int, decode_batch_size: int | None) -> Iterator[None]:
+    """A check that runs out of GPU memory is one line naming the options that size its blocks."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise InputError(
+            f"a memorization check ran out of GPU memory with blocks of sample_batch_size={sample_batch_size} "
+            f"(decode_batch_size={decode_batch_size or sample_batch_size}): lower --memorization.decode_batch_size "
+            "first (decoding to full-size images takes the most), then --memorization.sample_batch_size"
+        ) from None

@@ -1,0 +1,127 @@
+"""The streams of a check, shared by the callback and the audit: images in fixed blocks → embeddings.
+
+Every image is produced and embedded in whole blocks `[kB, (k + 1)B)` of global indices
+(`memorization.stream.blocks`); a rank takes a contiguous run of whole blocks
+(`memorization.distributed.block_shard`) and the embeddings are gathered in rank order. So an
+image is computed in the same batch on any number of processes, and the gathered matrix is the
+same as one process's (bitwise, under `deterministic_kernels`). With `world_size=1` (the audit)
+nothing is gathered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from monai.transforms import Compose
+from torch.utils.data import Dataset
+
+from datamodules.transforms import variation_batches
+from memorization.chance import positive_rows
+from memorization.distributed import block_shard, gather_rows
+from memorization.embedders import Generator
+from memorization.stream import EmbeddedStream, Progress, blocks, dataset_blocks, embed_stream
+
+Embed = Callable[[torch.Tensor], torch.Tensor]  # images [B, C, *spatial] in [0, 1] → [B, L]
+ProgressFor = Callable[[int], Progress | None]  # this rank's image count → progress lines, or None
+
+
+def gathered(local: EmbeddedStream, embedding_dim: int, device: torch.device) -> EmbeddedStream:
+    """`local` with its embeddings `[N, L]` and pair scores gathered from every rank, in rank order."""
+    # An empty share (more ranks than blocks) still has the embedding length, for the gather.
+    embeddings = (
+        local.embeddings.to(device) if len(local.embeddings) else torch.zeros(0, embedding_dim, device=device)
+    )
+    return EmbeddedStream(
+        embeddings=gather_rows(embeddings),
+        pair_scores=gather_rows(local.pair_scores.to(device)),
+        kept=local.kept,
+        seconds=local.seconds,
+    )
+
+
+def embed_dataset(
+    dataset: Dataset,
+    embed: Embed,
+    block_size: int,
+    embedding_dim: int,
+    *,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    score_pairs: bool = False,
+    progress: ProgressFor | None = None,
+) -> EmbeddedStream:
+    """`dataset[i]["image"]` for every `i`, embedded in blocks of `block_size`: gathered `[N, L]` in dataset order
+    (and, with `score_pairs`, the MS-SSIM of pairs `(2k, 2k + 1)`)."""
+    mine = block_shard(len(dataset), block_size, rank, world_size)
+    local = embed_stream(
+        (block.to(device) for block in dataset_blocks(dataset, mine, block_size, num_workers)),
+        embed, first_index=mine.start, score_pairs=score_pairs, autocast=autocast, device=device,
+        progress=progress(len(mine)) if progress else None,
+    )  # fmt: skip
+    return gathered(local, embedding_dim, device)
+
+
+def embed_variations(
+    dataset: Dataset,
+    n_positives: int,
+    embed: Embed,
+    block_size: int,
+    embedding_dim: int,
+    *,
+    seed: int,
+    variation: Compose,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    progress: ProgressFor | None = None,
+) -> torch.Tensor:
+    """Embeddings `[P, L]` of variations of `n_positives` evenly spaced training images (the self-check's
+    positives; all images when fewer); variation `k` seeded by `(seed, k)`."""
+    rows = positive_rows(len(dataset), n_positives)
+    mine = block_shard(len(rows), block_size, rank, world_size)
+
+    def vary_block(block: range) -> torch.Tensor:
+        padded = [rows[min(k, len(rows) - 1)] for k in block]  # the last block repeats its last row
+        return next(variation_batches(dataset, padded, len(block), seed, variation, block.start))
+
+    local = embed_stream(
+        (images.to(device) for images in blocks(vary_block, mine, block_size)),
+        embed, autocast=autocast, device=device, progress=progress(len(mine)) if progress else None,
+    )  # fmt: skip
+    return gathered(local, embedding_dim, device).embeddings
+
+
+def sample_blocks(
+    generator: Generator,
+    indices: range,
+    block_size: int,
+    *,
+    seed: int | Sequence[int],
+    num_inference_steps: int,
+    options: dict[str, Any] | None = None,
+) -> Iterator[torch.Tensor]:
+    """The generator's samples `indices`, drawn in whole blocks of `block_size` global indices: a lazy stream.
+
+    `options` are further keywords of `sample` (`decode_batch_size`, which memwatch's diffusion modules take).
+    """
+
+    def draw(block: range) -> torch.Tensor:
+        return generator.sample(
+            len(block), seed=seed, num_inference_steps=num_inference_steps, sample_batch_size=block_size,
+            start_index=block.start, **(options or {}),
+        )  # fmt: skip
+
+    return blocks(draw, indices, block_size)
+
+
+def sample_block_size(n_samples: int, sample_batch_size: int) -> int:
+    """The block samples are drawn in: `sample_batch_size`, or `n_samples` when fewer (a larger block would
+    only sample padding)."""
+    return min(sample_batch_size, n_samples)
