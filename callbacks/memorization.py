@@ -32,20 +32,20 @@ from callbacks.startup_checks import (
     check_early_stopping,
     check_embedder_fits,
     check_generator,
+    check_options,
     check_sampler_options,
     check_writable,
+    checked_variation,
+    load_callback_embedder,
     memorization_stoppers,
     out_of_memory_named,
 )
 from callbacks.tensorboard import add_layout, log_copy_pairs, log_histograms
-from datamodules.transforms import variation_transform
-from errors import InputError
 from lightning_modules.base import MemwatchModule
-from lightning_modules.plugins import embedder_name, load_embedder
 from lightning_private import averaged_model
 from memorization.chance import weak_detector_warning
 from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, check_rule, nearest_correlation
-from memorization.distributed import block_shard, fail_together, gather_rows
+from memorization.distributed import block_shard, fail_together, gather_kept
 from memorization.embedders import probe_generator
 from memorization.history import PLACE_KEYS, TIMING_PREFIX, write_history
 from memorization.pipeline import embed_dataset, embed_variations, gathered, sample_block_size, sample_blocks
@@ -159,35 +159,12 @@ class MemorizationCallback(Callback):
     ) -> None:
         super().__init__()
         self.rule, self.margin = check_rule(rule, margin, "--memorization.rule", "--memorization.margin")
-        if detector_positives < 0:
-            raise InputError(
-                f"detector_positives={detector_positives} must be at least 0 (0 skips the self-check)"
-            )
-        if every_n_epochs < 1:
-            raise InputError(f"every_n_epochs={every_n_epochs} must be at least 1")
-        if n_samples is not None and n_samples < 1:
-            raise InputError(f"n_samples={n_samples} must be at least 1 (or null for the training-set size)")
-        if sample_batch_size < 1:
-            raise InputError(f"--memorization.sample_batch_size={sample_batch_size} must be at least 1")
-        if decode_batch_size is not None and decode_batch_size < 1:
-            raise InputError(
-                f"--memorization.decode_batch_size={decode_batch_size} must be at least 1 (or null for sample_batch_size)"
-            )
-        if not 0.0 < max_overhead <= 10.0:
-            raise InputError(f"--memorization.max_overhead={max_overhead} must lie in (0, 10], e.g. 0.25")
-        if not 0.0 < percentile < 100.0:
-            raise InputError(f"percentile={percentile} must lie in (0, 100), e.g. 95")
-        if embedder_ckpt is None and embedder is None:
-            raise InputError(
-                "MemorizationCallback needs its embedder: embedder_ckpt (a SimCLR checkpoint, "
-                f"{EMBEDDER_OPTION} PATH) or embedder (pixel, or a class_path/init_args mapping, "
-                "--memorization.embedder)"
-            )
-        self.embedder_ckpt = embedder_name(embedder) if embedder is not None else str(embedder_ckpt)
-        if embedder is not None:
-            self.embedder = load_embedder(embedder, "memorization.embedder")
-        else:
-            self.embedder = load_embedder(str(embedder_ckpt), EMBEDDER_OPTION.removeprefix("--"))
+        check_options(
+            every_n_epochs=every_n_epochs, n_samples=n_samples, sample_batch_size=sample_batch_size,
+            decode_batch_size=decode_batch_size, max_overhead=max_overhead, percentile=percentile,
+            detector_positives=detector_positives,
+        )  # fmt: skip
+        self.embedder_ckpt, self.embedder = load_callback_embedder(embedder_ckpt, embedder)
         self.every_n_epochs = every_n_epochs
         self.check_at_start = check_at_start
         self.n_samples = n_samples
@@ -205,12 +182,7 @@ class MemorizationCallback(Callback):
         self.variation = dict(variation or {})
         self.progress_seconds = progress_seconds
         self._safe_to_save: str | None = None  # why the check just run is within its limits (last_safe.py)
-        try:
-            self._variation = variation_transform(self.embedder.spatial_dims, **self.variation)
-        except TypeError as error:
-            raise InputError(
-                f"variation={self.variation} ({error}): use rotation_degrees, contrast_gamma and noise_std"
-            ) from None
+        self._variation = checked_variation(self.embedder.spatial_dims, self.variation)
         self.history: list[dict[str, Any]] = []
         self.data: ReferenceData | None = None
         self.reference: ReferenceSet | None = None
@@ -427,7 +399,12 @@ class MemorizationCallback(Callback):
             pl_module.log(key, value, logger=False, sync_dist=False)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-        copies = self._gather_shown(detection.report, local.kept, device) if self.log_images else {}
+        shape = (self.embedder.in_channels, *self.data.spatial_size)
+        copies = (
+            gather_kept(local.kept, copy_order(detection.report), MAX_PAIRS, shape, device)
+            if self.log_images
+            else {}
+        )
         log_dir = Path(trainer.log_dir) if trainer.loggers else None  # a broadcast: every rank asks
         with fail_together(device, f"writing the results of {where}"):
             if trainer.is_global_zero:
@@ -439,20 +416,6 @@ class MemorizationCallback(Callback):
                 if self.output_dir is not None:
                     self._write_report(detection, row, fd, ms_ssim, copies)
         self._training_since = Stopwatch(device).last
-
-    def _gather_shown(
-        self, report, kept: dict[int, torch.Tensor], device: torch.device
-    ) -> dict[int, torch.Tensor]:
-        """The most similar copies (at most `MAX_PAIRS`) among the images the ranks kept, in that order, on every rank."""
-        held = gather_rows(torch.tensor(sorted(kept), dtype=torch.long, device=device))
-        shown = [j for j in copy_order(report) if j in set(held.tolist())][:MAX_PAIRS]
-        mine = [j for j in shown if j in kept]
-        shape = (self.embedder.in_channels, *self.data.spatial_size)
-        local = torch.stack([kept[j] for j in mine]) if mine else torch.zeros(0, *shape)
-        images = gather_rows(local.to(device))
-        owners = gather_rows(torch.tensor(mine, dtype=torch.long, device=device))
-        by_index = dict(zip(owners.tolist(), images.cpu(), strict=True))
-        return {j: by_index[j] for j in shown}
 
     def _training_image(self, index: int) -> torch.Tensor:
         # From the dataset itself: a new DataLoader would reseed torch's global generator.

@@ -11,18 +11,78 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info
+from monai.transforms import Compose
 
+from datamodules.transforms import variation_transform
 from errors import InputError
+from lightning_modules.plugins import embedder_name, load_embedder
 from lightning_private import reads_at_train_epoch_end
 from memorization.chance import check_patients
 from memorization.embedders import Embedder
 
 EMBEDDER_OPTION = "--memorization.embedder_ckpt"  # how cli.py sets embedder_ckpt, named in errors
+
+
+def check_options(
+    *,
+    every_n_epochs: int,
+    n_samples: int | None,
+    sample_batch_size: int,
+    decode_batch_size: int | None,
+    max_overhead: float,
+    percentile: float,
+    detector_positives: int,
+) -> None:
+    """Raise `InputError` for a MemorizationCallback option out of its range, naming the option."""
+    if detector_positives < 0:
+        raise InputError(
+            f"detector_positives={detector_positives} must be at least 0 (0 skips the self-check)"
+        )
+    if every_n_epochs < 1:
+        raise InputError(f"every_n_epochs={every_n_epochs} must be at least 1")
+    if n_samples is not None and n_samples < 1:
+        raise InputError(f"n_samples={n_samples} must be at least 1 (or null for the training-set size)")
+    if sample_batch_size < 1:
+        raise InputError(f"--memorization.sample_batch_size={sample_batch_size} must be at least 1")
+    if decode_batch_size is not None and decode_batch_size < 1:
+        raise InputError(
+            f"--memorization.decode_batch_size={decode_batch_size} must be at least 1 (or null for sample_batch_size)"
+        )
+    if not 0.0 < max_overhead <= 10.0:
+        raise InputError(f"--memorization.max_overhead={max_overhead} must lie in (0, 10], e.g. 0.25")
+    if not 0.0 < percentile < 100.0:
+        raise InputError(f"percentile={percentile} must lie in (0, 100), e.g. 95")
+
+
+def load_callback_embedder(
+    embedder_ckpt: str | None, embedder: str | dict[str, Any] | None
+) -> tuple[str, Embedder]:
+    """The callback's embedder and its name: `embedder` when given, else the SimCLR checkpoint `embedder_ckpt`."""
+    if embedder_ckpt is None and embedder is None:
+        raise InputError(
+            "MemorizationCallback needs its embedder: embedder_ckpt (a SimCLR checkpoint, "
+            f"{EMBEDDER_OPTION} PATH) or embedder (pixel, or a class_path/init_args mapping, "
+            "--memorization.embedder)"
+        )
+    if embedder is not None:
+        return embedder_name(embedder), load_embedder(embedder, "memorization.embedder")
+    return str(embedder_ckpt), load_embedder(str(embedder_ckpt), EMBEDDER_OPTION.removeprefix("--"))
+
+
+def checked_variation(spatial_dims: int, variation: dict[str, Any]) -> Compose:
+    """The self-check's variation transform (`datamodules.transforms.variation_transform`) of these strengths."""
+    try:
+        return variation_transform(spatial_dims, **variation)
+    except TypeError as error:
+        raise InputError(
+            f"variation={variation} ({error}): use rotation_degrees, contrast_gamma and noise_std"
+        ) from None
 
 
 def check_embedder_fits(

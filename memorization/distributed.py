@@ -51,6 +51,21 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(gather_all_tensors(local.contiguous()))
 
 
+def gather_kept(
+    kept: dict[int, torch.Tensor], order: list[int], limit: int, shape: tuple[int, ...], device: torch.device
+) -> dict[int, torch.Tensor]:
+    """The first `limit` images of `order` that any rank kept (`kept`: global index → image `[C, *spatial]`),
+    in that order, on every rank."""
+    held = set(gather_rows(torch.tensor(sorted(kept), dtype=torch.long, device=device)).tolist())
+    shown = [j for j in order if j in held][:limit]
+    mine = [j for j in shown if j in kept]
+    local = torch.stack([kept[j] for j in mine]) if mine else torch.zeros(0, *shape)
+    images = gather_rows(local.to(device))
+    owners = gather_rows(torch.tensor(mine, dtype=torch.long, device=device))
+    by_index = dict(zip(owners.tolist(), images.cpu(), strict=True))
+    return {j: by_index[j] for j in shown}
+
+
 @contextmanager
 def fail_together(device: torch.device, doing: str) -> Iterator[None]:
     """Run a block on every rank; if it raises on any rank, raise on every rank.
