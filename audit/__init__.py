@@ -8,17 +8,21 @@
 
 The training and validation images come from two folders (read as `FolderDataModule`
 reads them, or as `DicomDataModule` when they hold DICOM) or from a config's DataModule;
-the synthetic images from a folder or from an LDM checkpoint (sampled into `OUT/samples/`,
-sample `i` seeded by `(seed, i)`). Every image is embedded by the SimCLR embedder, copies are
-counted with `memorization.detect_copies` (τ = the `--percentile` of training → held-out
-similarities; `--rule distinct` also asks a copy to be clearly nearer to one training patient than
-to any other, by `--margin`), and `OUT` receives `report.html` (the verdict and evidence on one page),
+the synthetic images from a folder or from a generator's checkpoint (the LDM, the pixel DDPM or a
+user's; sampled into `OUT/samples/`, sample `i` seeded by `(seed, i)`). Every image is embedded once
+by every `--embedder` (a SimCLR checkpoint, `pixel`, or a class_path mapping; the first sets the
+headline), and the callback's pipeline counts the copies (`memorization.reference`: τ = the
+`--percentile` of training → held-out similarities; `--rule distinct` also asks a copy to be clearly
+nearer to one training patient than to any other, by `--margin`), and `OUT` receives `report.html` (the verdict and evidence on one page),
 `summary.json`, `pairs.csv`, `train_nn.csv`, `histogram.png` and `copies.png`.
 `--release-dir` receives only the synthetic files that are not copies, and `manifest.json`
 (`memorization.release`), which `--verify-release` checks later.
 
 `OUT` (and the release folder) appear only complete: everything is written under a
 temporary name and moved into place at the end.
+
+Parts: `options.py` (the parser and its checks), `inputs.py` (embedders, generator, real and synthetic
+images), `command.py` (`run_audit`), `printing.py` (the verdict on the terminal).
 """
 
 from audit.command import run_audit

@@ -1,4 +1,10 @@
-"""The science, free of Lightning: copy detection between training, validation and synthetic embeddings."""
+"""The science, free of Lightning, shared by the callback and the audit.
+
+The reference set and detection (`reference`), the streams of a check (`pipeline`, `stream`,
+`distributed`), copy detection and rules (`detect`), intervals and chance level (`stats`, `chance`),
+the numbers and the history (`summary`, `history`), quality metrics (`quality`), reports and the
+release (`report`, `html_report`, `release`), and the generator and embedder protocols (`embedders`).
+"""
 
 from memorization.detect import CopyReport, detect_copies
 from memorization.quality import frechet_distance, ms_ssim_diversity

@@ -1,4 +1,5 @@
-"""Counts a person can read against their noise: exact binomial intervals and per-patient counts."""
+"""Counts a person can read against their noise: exact binomial intervals, per-patient counts, and the
+scalars a logger receives (an interval as `_low`/`_high`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The streaming check: images arrive in chunks, are embedded and scored, and only the results are kept.
 
-One function, `embed_stream`, serves every embedding loop of memwatch: the callback's
-reference sets and samples, and the audit's folders and `--ldm` samples. Per chunk it embeds
+One function, `embed_stream`, serves every embedding loop of memwatch (through
+`memorization.pipeline`, for the callback and the audit alike): reference sets, varied images,
+folders and a generator's samples. Per chunk it embeds
 the images, optionally scores the MS-SSIM of consecutive pairs `(2k, 2k + 1)` (an odd image
 waits for the next chunk, so pairs never depend on the chunking), and optionally keeps the
 few images ranked highest by a caller's score (the copy pairs a report shows). Nothing of

@@ -295,7 +295,7 @@ def write_results(findings: Findings, figures: dict[str, Path], path: Path, cont
         "# Results: the paper's findings in miniature",
         "",
         f"Written by `{context['command']}` on {context['date']} (Dar et al., arXiv 2402.01054; the paper's numbers "
-        "from PAPER.md). Every number here is read from the runs' `memorization_history.csv` under "
+        "as it reports them). Every number here is read from the runs' `memorization_history.csv` under "
         f"`{context['runs']}`; rerun the command to rewrite this page.",
         "",
         *(
