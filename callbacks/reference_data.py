@@ -139,13 +139,13 @@ class LoaderData:
         if split not in self._labels:
             dataset = self.datasets[split]
             first = dataset[0]
+            ids = [f"{split}{i:06d}" for i in range(len(dataset))]
+            patients = list(ids)
             if PATIENT_KEY in first or ID_KEY in first:
-                items = [dataset[i] for i in range(len(dataset))]
-                ids = [str(item.get(ID_KEY, f"{split}{i:06d}")) for i, item in enumerate(items)]
-                patients = [str(item.get(PATIENT_KEY, ids[i])) for i, item in enumerate(items)]
-            else:
-                ids = [f"{split}{i:06d}" for i in range(len(dataset))]
-                patients = list(ids)
+                for i in range(len(dataset)):  # one item at a time: the images are not kept
+                    item = dataset[i]
+                    ids[i] = str(item.get(ID_KEY, ids[i]))
+                    patients[i] = str(item.get(PATIENT_KEY, ids[i]))
             self._labels[split] = (ids, patients)
         return self._labels[split]
 
