@@ -14,7 +14,9 @@ by every `--embedder` (a SimCLR checkpoint, `pixel`, or a class_path mapping; th
 headline), and the callback's pipeline counts the copies (`memorization.reference`: τ = the
 `--percentile` of training → held-out similarities; `--rule distinct` also asks a copy to be clearly
 nearer to one training patient than to any other, by `--margin`), and `OUT` receives `report.html` (the verdict and evidence on one page),
-`summary.json`, `pairs.csv`, `train_nn.csv`, `histogram.png` and `copies.png`.
+`summary.json`, `pairs.csv`, `train_nn.csv`, `histogram.png` and `copies.png`. A `--generator` is also
+scored on the training and held-out images (its `membership_scores`; `memorization.membership`): its
+membership signal is in `summary.json` and `report.html`, or why it was skipped.
 `--release-dir` receives only the synthetic files that are not copies, and `manifest.json`
 (`memorization.release`), which `--verify-release` checks later.
 

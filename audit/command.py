@@ -28,11 +28,18 @@ from audit.options import audit_parser, check_arguments
 from datamodules.transforms import variation_transform
 from lightning_modules.plugins import load_generator
 from memorization.chance import check_patients
-from memorization.pipeline import embed_dataset, embed_variations, sample_block_size, sample_blocks
+from memorization.membership import MIN_HELD_OUT
+from memorization.pipeline import (
+    embed_dataset,
+    embed_variations,
+    sample_block_size,
+    sample_blocks,
+    score_membership,
+)
 from memorization.reference import ReferenceSet
 from memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
 from memorization.report import check_output_folder, staged_output, write_report
-from memorization.stream import Progress, embed_stream
+from memorization.stream import Progress, deterministic_kernels, embed_stream, rng_preserved
 from memorization.summary import detectors_summary, quality_numbers, summary_numbers
 
 
@@ -90,6 +97,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
         else nullcontext()
     )
     # Both folders move into place only after everything in both is written.
+    membership = None  # summary.json's membership section: only a generator has scores of its own
     with staged_output(out, "--out", args.overwrite) as staging, release as release_staging:
         if generator is not None:
             n_samples = args.n_samples or len(train)
@@ -107,6 +115,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
                 device=device, progress=progress(args, "sampling and embedding the generator's samples")(n_samples),
             )  # fmt: skip
             synthetic = synthetic_folder(staging / "samples", size, "none")
+            membership = membership_section(generator, train, val, args, device)
         else:
             syn = embed(synthetic, "--synthetic", score_pairs=True)
         varied = None
@@ -140,6 +149,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
         summary = {
             **summary_numbers(primary, train_patients, len(val), fd, ms_ssim),
             "detectors": detectors_summary(detections, syn_ids, train_patients),
+            **({"membership": membership} if membership is not None else {}),
             "inputs": audit_inputs(args),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
@@ -169,6 +179,32 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
                 summary=json.loads((staging / "summary.json").read_text()),
             )  # fmt: skip
     return {**json.loads((out / "summary.json").read_text()), "out": str(out)}
+
+
+def membership_section(
+    generator: torch.nn.Module, train: Dataset, val: Dataset, args, device: torch.device
+) -> dict[str, Any]:
+    """`summary.json`'s `membership`: the generator's own scores of training against held-out images
+    (`memorization.membership`), or `{"skipped": why}` when it has no `membership_scores` or the data too few
+    held-out images."""
+    scores = getattr(generator, "membership_scores", None)
+    if not callable(scores):
+        return {
+            "skipped": f"{type(generator).__name__} has no membership_scores(images, ids), so it cannot score "
+            "the training and held-out images."
+        }
+    if len(val) < MIN_HELD_OUT:
+        return {
+            "skipped": f"The data holds {len(val)} held-out images, fewer than the {MIN_HELD_OUT} a membership "
+            "interval needs."
+        }
+    with rng_preserved(device), deterministic_kernels(), torch.no_grad():
+        evaluation = score_membership(
+            train, val, scores, args.batch_size, n_ref=args.membership_n_ref, seed=args.seed,
+            option="--membership-n-ref", device=device, num_workers=args.num_workers,
+        )  # fmt: skip
+    # A NumPy bool (interval bounds are NumPy floats) is not JSON: summary.json takes Python's.
+    return {**evaluation.summary(), "above_control": bool(evaluation.above_control)}
 
 
 def saved(samples: Iterator[torch.Tensor], folder: Path) -> Iterator[torch.Tensor]:

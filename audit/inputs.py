@@ -187,6 +187,7 @@ def audit_inputs(args: Namespace) -> dict[str, Any]:
         "n_samples",
         "seed",
         "num_inference_steps",
+        "membership_n_ref",
         "intensity",
     )
     return {key: getattr(args, key) for key in keys if getattr(args, key) not in (None, [])}

@@ -7,6 +7,7 @@ from jsonargparse import ArgumentParser, Namespace
 from datamodules.transforms import CONTRAST_GAMMA, NOISE_STD, ROTATION_DEGREES
 from errors import InputError
 from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, RULES, check_rule
+from memorization.membership import MIN_HELD_OUT
 
 
 def audit_parser() -> ArgumentParser:
@@ -66,6 +67,11 @@ def audit_parser() -> ArgumentParser:
     synthetic.add_argument(
         "--num_inference_steps", "--num-inference-steps", type=int, default=50, help="DDIM steps per sample"
     )
+    synthetic.add_argument(
+        "--membership_n_ref", "--membership-n-ref", type=int,
+        help="with --generator, held-out images (evenly spaced; default all, at least "
+        f"{MIN_HELD_OUT}) and as many training images that the model scores for the membership signal",
+    )  # fmt: skip
     parser.add_argument(
         "--intensity", choices=["minmax", "none"], default="minmax",
         help="minmax scales each image from a folder to [0, 1] (as FolderDataModule does); none keeps "
@@ -147,6 +153,11 @@ def check_arguments(args: Namespace) -> None:
         )
     if args.n_samples is not None and (args.generator is None or args.n_samples < 1):
         raise InputError(f"--n-samples {args.n_samples} needs --generator and must be at least 1")
+    if args.membership_n_ref is not None and (args.generator is None or args.membership_n_ref < MIN_HELD_OUT):
+        raise InputError(
+            f"--membership-n-ref {args.membership_n_ref} needs --generator and must be at least {MIN_HELD_OUT} "
+            "(fewer held-out images give no useful interval); leave it out to score every held-out image"
+        )
     if args.data_arg and not data:
         raise InputError("--data-arg overrides a --data config: give --data CONFIG.yaml too")
     if not 0.0 < args.percentile < 100.0:

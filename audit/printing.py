@@ -60,6 +60,8 @@ def print_audit(summary: dict) -> None:
     ]:
         if summary.get(key) is not None:
             table.add_row(label, f"{summary[key]:.4f}")
+    if "membership" in summary:
+        table.add_row("membership signal (training vs held-out AUC)", membership_line(summary["membership"]))
     if "release" in summary:
         release = summary["release"]
         table.add_row(
@@ -69,6 +71,20 @@ def print_audit(summary: dict) -> None:
     weak = detector and weak_detector_warning(detector["sensitivity"], detector["n_positive"], "--embedder")
     if weak:
         print(f"warning: {weak}", file=sys.stderr)
+
+
+def membership_line(membership: dict) -> str:
+    """The membership signal in one line: AUC and interval, its control, whether it lies above; or why skipped."""
+    if "skipped" in membership:
+        return f"skipped: {membership['skipped']}"
+    low, high = membership["auc_ci"]
+    line = f"{membership['auc']:.3f} (95% CI {low:.3f}–{high:.3f})"
+    above = membership.get("above_control")
+    if membership.get("auc_control") is None:  # too few training images for two halves: compared with 0.5
+        return line + f", no control (too few training images): {'above' if above else 'not above'} 0.5"
+    c_low, c_high = membership["auc_control_ci"]
+    line += f", control {membership['auc_control']:.3f} ({c_low:.3f}–{c_high:.3f})"
+    return line + (": above control" if above else ": not above its control")
 
 
 def print_verification(result: dict) -> bool:

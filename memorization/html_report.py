@@ -90,6 +90,7 @@ def write_html_report(
         _header(summary, with_images),
         _verdict(summary),
         _detectors_section(summary),
+        _membership_section(summary),
         "<h2>How close the synthetic images come to training images</h2>",
         f'<img class="histogram" alt="histogram of nearest-neighbour correlations" src="{_data_uri(histogram_png)}">',
         _histogram_caption(),
@@ -286,6 +287,69 @@ def _detectors_section(summary: Mapping[str, Any]) -> str:
         )
     lines.append("<h3>Where they agree</h3><ul>" + "".join(agreement) + "</ul>")
     return "\n".join(lines)
+
+
+MEMBERSHIP_EXPLANATION = (
+    "What this measures: the model scores each image by its own denoising loss (an autoencoder by its "
+    "reconstruction error), and the AUC is the chance that a training image scores better than a held-out image: "
+    "0.5 when the model fits both alike, higher when it fits its training images better. The control compares "
+    "two halves of the training images, all of them training images, so its AUC is what the comparison gives "
+    "without any membership (for instance from images that differ between the splits)."
+)
+
+
+def _auc(value: float, bounds: Sequence[float] | None) -> str:
+    interval = f"95% CI {bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else f"95% CI {NOT_MEASURED}"
+    return f"AUC {value:.3f}, {interval}"
+
+
+def _membership_section(summary: Mapping[str, Any]) -> str:
+    """The membership signal (`memorization.membership`) when the summary has one, or why it was skipped."""
+    membership = summary.get("membership")
+    if membership is None:
+        return ""
+    lines = ['<section id="membership"><h2>Membership signal</h2>']
+    if "skipped" in membership:
+        lines.append(
+            f'<p class="note" id="membership-skipped">Not measured: {html.escape(str(membership["skipped"]))}</p>'
+        )
+        return "\n".join(lines + ["</section>"])
+    signal = _auc(membership["auc"], membership.get("auc_ci"))
+    control = membership.get("auc_control")
+    if control is not None:
+        control_text = _auc(control, membership.get("auc_control_ci"))
+        verdict = (
+            f"Above control: training images score higher than held-out images ({signal}), and the interval lies "
+            f"wholly above the control's ({control_text}): the model fits its training images better than new patients."
+            if membership.get("above_control")
+            else "Not above control: training images do not score detectably higher against held-out images than "
+            f"the control's two halves of training images do against each other ({signal}; control {control_text})."
+        )
+    else:
+        control_text = f"{NOT_MEASURED} (too few training images for two halves)"
+        verdict = (
+            f"Above 0.5: training images score higher than held-out images ({signal}); there is no control "
+            "(too few training images), so a difference between the splits' images may explain it."
+            if membership.get("above_control")
+            else f"Not above 0.5: training images do not score detectably higher than held-out images ({signal}); "
+            "there is no control (too few training images)."
+        )
+    tpr = membership.get("tpr_at_5fpr")
+    items = [
+        f"Training against held-out images: {signal} (method: {membership.get('method') or NOT_MEASURED}).",
+        "Training images that score above 95% of the held-out images (true-positive rate at 5% false positives): "
+        f"{percent(tpr) if tpr is not None else NOT_MEASURED}.",
+        f"Control, two halves of the training images against each other: {control_text}.",
+        f"Scored: {_count(membership.get('n_train'))} training and {_count(membership.get('n_held_out'))} held-out images.",
+    ]
+    lines.append(f'<p class="note" id="membership-verdict">{html.escape(verdict)}</p>')
+    lines.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>")
+    lines.append(f"<p>{html.escape(MEMBERSHIP_EXPLANATION)}</p>")
+    return "\n".join(lines + ["</section>"])
+
+
+def _count(value: Any) -> str:
+    return str(int(value)) if value is not None else NOT_MEASURED
 
 
 def _release_sentence(release: Mapping[str, Any]) -> str:
