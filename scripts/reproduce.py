@@ -11,13 +11,16 @@ The autoencoder and the embedder are trained once, on every training patient of 
 shared by every LDM run (like `make demo`). Each LDM run is `python cli.py fit --config
 configs/phantom_ldm.yaml` with flags; its `memorization_history.csv` is the only source of the
 numbers in the figures and in `RESULTS.md`, which this script writes (paper's numbers beside ours,
-95% Clopper-Pearson intervals, a verdict per finding computed from the numbers).
+95% Clopper-Pearson intervals, a verdict per finding computed from the numbers). Where the runs also wrote
+`membership_history.csv`, the page asks whether the membership AUC rises before N_mem; `--demo` adds the
+LDM run of `make demo` to that question.
 
 The runs (sizes, flags, launching, reading their checks) are in `reproduce_runs.py`; the page in
 `reproduce_results.py` (verdicts, RESULTS.md) and `reproduce_figures.py`.
 
     python scripts/reproduce.py                      # full size: docs/RESULTS.md, docs/figures/*.png
     python scripts/reproduce.py --tiny --out /tmp/r  # seconds-sized, for the test
+    python scripts/reproduce.py --demo runs/phantom_ldm/demo-20261201-120000  # and the demo's LDM run
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from scripts.reproduce_runs import (  # noqa: E402
     ldm_flags,
     planned_runs,
     read_checks,
+    read_demo,
+    read_membership,
     run_all,
 )
 
@@ -60,7 +65,13 @@ def main(argv: list[str] | None = None) -> None:
         "--jobs", type=int, default=2, help="stages trained at once, each on cores/jobs threads"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the scale's seeds")
+    parser.add_argument(
+        "--demo", type=Path, default=None, help="make demo's LDM run folder: membership section"
+    )
     args = parser.parse_args(argv)
+    # read before any training, so that a wrong folder stops the script at once
+    demo = (read_demo(args.demo),) if args.demo else ()
+    demo_flag = f" --demo {args.demo}" if args.demo else ""
     scale = TINY if args.tiny else FULL
     if args.seeds:
         scale = replace(scale, seeds=tuple(args.seeds))
@@ -95,12 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         replace(
             run,
             history=read_checks(ldm_folders[run.name], run.n_train),
+            membership=read_membership(ldm_folders[run.name]),
             seconds=ldm_seconds[run.name],
         )
         for run in plan
     ]
 
-    findings = Findings.of(finished, scale)
+    findings = replace(Findings.of(finished, scale), demo=demo)
     figures = write_figures(findings, args.out / "figures")
     stage_seconds["total"] = time.perf_counter() - started
     context = {
@@ -112,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         "code": code,
         "jobs": jobs,
         "threads": max(1, cores // jobs),
-        "command": "python scripts/reproduce.py" + (" --tiny" if args.tiny else ""),
+        "command": "python scripts/reproduce.py" + (" --tiny" if args.tiny else "") + demo_flag,
     }
     results = write_results(findings, figures, args.out / "RESULTS.md", context)
     print(f"{results} and {len(figures)} figures in {args.out / 'figures'}; runs in {runs}; "

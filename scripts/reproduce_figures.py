@@ -1,4 +1,5 @@
-"""The figures of docs/RESULTS.md: one per finding, each from the runs' checks, with 95% intervals.
+"""The figures of docs/RESULTS.md: one per finding, each from the runs' checks, with 95% intervals, and the
+membership AUC beside N_mem where the runs have a membership history.
 
 Small PNGs (80 dpi), since they are committed to docs/figures/.
 """
@@ -14,11 +15,12 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scripts.reproduce_runs import Check, Findings  # noqa: E402
+from scripts.reproduce_runs import Check, Findings, Run  # noqa: E402
 
 plt.rcParams.update({"axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8})
 
-COLOURS = {"mem": "tab:red", "copies": "tab:purple", "plain": "tab:blue", "augmented": "tab:orange"}
+COLOURS = {"mem": "tab:red", "copies": "tab:purple", "plain": "tab:blue", "augmented": "tab:orange",
+           "membership": "tab:green", "control": "tab:gray"}  # fmt: skip
 
 
 def _band(axis, checks: Sequence[Check], key: str, colour: str, label: str, style: str = "-") -> None:
@@ -137,10 +139,43 @@ def plot_training_size(findings: Findings, path: Path) -> Path:
     return _save(figure, path)
 
 
+def _style(run: Run, k: int) -> str:
+    """The line of the `k`-th run of a figure: the first solid (with its bands), later seeds dotted, the demo dashed."""
+    return "-" if k == 0 else "--" if run.demo else ":"
+
+
+def plot_membership(findings: Findings, path: Path) -> Path:
+    """Per step, the membership AUC (95% band) and its control on the left axis, N_mem / N_train at the checks on
+    the right."""
+    figure, auc_axis = plt.subplots(figsize=(8, 3.4))
+    mem_axis = auc_axis.twinx()
+    runs = findings.with_membership
+    for k, run in enumerate(runs):
+        style = _style(run, k)
+        points = run.membership
+        _band(auc_axis, points, "auc", COLOURS["membership"], f"membership AUC, {run.label}", style)
+        auc_axis.plot([p.step for p in points], [p.auc_control for p in points], style, color=COLOURS["control"],
+                      label=f"control AUC (training halves), {run.label}")  # fmt: skip
+        _band(mem_axis, run.history, "frac_mem", COLOURS["mem"], f"N_mem / N_train, {run.label}", style)
+    auc_axis.axhline(0.5, linestyle=":", color="black", linewidth=0.8)
+    sizes = ", ".join(sorted({str(run.n_train) for run in runs}, key=int))
+    auc_axis.set(title=f"membership AUC and memorization (N_train = {sizes}), 95% bands",
+                 xlabel="LDM training step", ylabel="AUC, training vs held-out", ylim=(0, 1))  # fmt: skip
+    mem_axis.set(ylabel="N_mem / N_train", ylim=(0, 1))
+    handles = [sum(pair, []) for pair in zip(auc_axis.get_legend_handles_labels(),
+                                             mem_axis.get_legend_handles_labels(), strict=True)]  # fmt: skip
+    auc_axis.legend(*handles, fontsize=7, loc="upper left")
+    return _save(figure, path)
+
+
 def write_figures(findings: Findings, folder: Path) -> dict[str, Path]:
+    """One figure per finding; `membership` only where a run has a membership history."""
     folder.mkdir(parents=True, exist_ok=True)
-    return {
+    figures = {
         "over_training": plot_over_training(findings, folder / "over_training.png"),
         "augmentation": plot_augmentation(findings, folder / "augmentation.png"),
         "training_size": plot_training_size(findings, folder / "training_size.png"),
     }
+    if findings.with_membership:
+        figures["membership"] = plot_membership(findings, folder / "membership_vs_nmem.png")
+    return figures

@@ -1,8 +1,8 @@
 """The results page of `make reproduce`: a verdict per finding, computed from the runs' numbers, and RESULTS.md.
 
-Every number on the page comes from the runs' `memorization_history.csv` (`scripts/reproduce_runs.py`
-reads them); the paper's numbers (Dar et al., arXiv 2402.01054) stand beside ours, and each verdict
-follows `VERDICT_RULE`, which the page states.
+Every number on the page comes from the runs' `memorization_history.csv` and `membership_history.csv`
+(`scripts/reproduce_runs.py` reads them); the paper's numbers (Dar et al., arXiv 2402.01054) stand beside
+ours, and each verdict follows `VERDICT_RULE` (`MEMBERSHIP_RULE` for the membership signal), which the page states.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 
 from memorization.stats import binomial_interval
 from scripts.machine_load import MachineLoad
-from scripts.reproduce_runs import Findings, Scale
+from scripts.reproduce_runs import Check, Findings, Run, Scale
 
 # --- verdicts: computed from the numbers, with the rule written beside them --------------------
 
@@ -92,7 +92,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def _tracks(rho: float | None) -> str:
     if rho is None:
-        return "undefined (constant over the checks)"
+        return "undefined (constant, or fewer than 3 checks)"
     return f"ρ = {rho:+.2f}, " + (
         "tracks N_mem (|ρ| ≥ 0.5)" if abs(rho) >= 0.5 else "does not track N_mem (|ρ| < 0.5)"
     )
@@ -237,6 +237,118 @@ def training_size_section(findings: Findings, figure: str) -> tuple[list[str], s
     return lines, summary, f"memorized: {calls['memorized']}; copies: {calls['copies']}"
 
 
+# --- does the membership signal foretell N_mem? ------------------------------------------------
+
+MEMBERSHIP_RULE = (
+    "the AUC *rose* at the first evaluation whose 95% interval lies above the control's interval "
+    "(`membership_above_control`); N_mem *rose* at the first check whose 95% interval lies above its chance level "
+    "(`null_frac_mem`, 0 where the history has none; the audit report's *above chance*); the AUC *leads* when it "
+    "had risen by a check at which N_mem was still at chance, since N_mem is only measured at the checks."
+)
+
+
+def above_chance(check: Check) -> bool:
+    """N_mem clearly above chance: the low end of its 95% interval above the chance level (0 where none was recorded)."""
+    return check.frac_mem_ci[0] > (check.null_frac_mem or 0.0)
+
+
+def auc_rise(run: Run) -> int | None:
+    """The step of the first membership evaluation whose interval lies above the control's."""
+    return next((p.step for p in run.membership if p.above_control), None)
+
+
+def n_mem_rise(run: Run) -> int | None:
+    """The step of the first check with N_mem above chance."""
+    return next((c.step for c in run.history if above_chance(c)), None)
+
+
+def lead(run: Run) -> tuple[str, bool]:
+    """Which rose first, in words, and whether the AUC leads (it had risen by a check where N_mem was at chance)."""
+    auc, mem = auc_rise(run), n_mem_rise(run)
+    at_chance = [c.step for c in run.history if mem is None or c.step < mem]
+    if auc is None:
+        return ("neither rose" if mem is None else "lags: the AUC never rose above its control"), False
+    if at_chance and auc <= at_chance[-1]:
+        return (
+            "leads: N_mem never rose above chance" if mem is None else f"leads by {mem - auc} steps"
+        ), True
+    if mem is None:
+        return f"undecided: the AUC rose at step {auc}, after the last check", False
+    if auc > mem:
+        return f"lags by {auc - mem} steps", False
+    return (
+        f"no lead the checks can see: the AUC rose {mem - auc} steps before N_mem, in the same check interval",
+        False,
+    )
+
+
+def membership_rho(run: Run) -> float | None:
+    """Spearman's ρ of the membership AUC with N_mem over the checks where both were measured."""
+    return rank_correlation([c.n_mem for c in run.history], [c.membership_auc for c in run.history])
+
+
+def _membership_sentence(run: Run) -> str:
+    first, last = run.membership[0], run.membership[-1]
+    both = sum(c.membership_auc is not None for c in run.history)
+    return (
+        f"- {run.label.capitalize()}: AUC {optional(first.auc)} at step {first.step} → {optional(last.auc)} "
+        f"[{optional(last.auc_ci[0])}, {optional(last.auc_ci[1])}] at step {last.step} (control "
+        f"{optional(last.auc_control)}) over {len(run.membership)} evaluations; N_mem {run.history[0].n_mem} → "
+        f"{run.last.n_mem} of {run.n_train}; AUC against N_mem over the {both} checks with both: {_tracks(membership_rho(run))}."
+    )
+
+
+def _membership_row(run: Run) -> str:
+    auc, mem, rho = auc_rise(run), n_mem_rise(run), membership_rho(run)
+    points = run.membership
+    return (
+        f"| {run.label} | {len(points)} (steps {points[0].step}–{points[-1].step}) "
+        f"| {'never' if auc is None else auc} | {'never' if mem is None else mem} | {lead(run)[0]} "
+        f"| {'—' if rho is None else f'{rho:+.2f}'} | `{run.name}` |"
+    )
+
+
+def membership_verdict(runs: Sequence[Run]) -> str:
+    led = [run.label for run in runs if lead(run)[1]]
+    if not led:
+        return (f"**Verdict: the membership AUC does not lead N_mem at this size**: on none of the {len(runs)} run(s) "
+                "had it risen above its control at a check where N_mem was still at chance.")  # fmt: skip
+    if len(led) == len(runs):
+        return f"**Verdict: the membership AUC leads N_mem on every run ({_seed_list(led)}).**"
+    return (f"**Verdict: mixed: the membership AUC leads N_mem on {_seed_list(led)} only, of {len(runs)} runs; it "
+            "does not lead N_mem consistently at this size.**")  # fmt: skip
+
+
+def membership_section(findings: Findings, figure: str | None) -> list[str]:
+    """Section 4: the membership AUC beside N_mem per run, which rose first, and a verdict; or that no run has one."""
+    title = ["## 4. Does the membership AUC foretell N_mem?", ""]
+    runs = findings.with_membership
+    if not runs:
+        return [*title, "The runs have no membership history (`membership_history.csv`): the membership signal "
+                "was not evaluated, so this section is skipped.", ""]  # fmt: skip
+    missing = [f"`{run.name}`" for run in findings.membership_runs if not run.membership]
+    return [
+        *title,
+        "Not in the paper: the membership signal (`memorization/membership.py`) scores training and held-out "
+        "images by the model's own denoising loss; its AUC is 0.5 without a signal and higher when the model fits "
+        "its training images better, and its control compares two halves of the training images. It is evaluated "
+        f"more often than the checks; does it rise before N_mem? Rule: {MEMBERSHIP_RULE}",
+        "",
+        *[_membership_sentence(run) for run in runs],
+        "",
+        f"![membership AUC and N_mem]({figure})",
+        "",
+        "| run | membership evaluations | AUC above control from step | N_mem above chance from check "
+        "| AUC vs N_mem | Spearman ρ (AUC, N_mem) at the checks | run folder |",
+        "|---|---|---|---|---|---|---|",
+        *[_membership_row(run) for run in runs],
+        "",
+        *([f"No membership history: {', '.join(missing)}.", ""] if missing else []),
+        membership_verdict(runs),
+        "",
+    ]
+
+
 def _config(name: str, flags: Sequence[str]) -> str:
     """`configs/NAME.yaml`, with the scale's extra flags where it has some."""
     return f"`configs/{name}.yaml`" + (f" with `{' '.join(flags)}`" if flags else "")
@@ -286,6 +398,7 @@ def write_results(findings: Findings, figures: dict[str, Path], path: Path, cont
     over, over_summary, over_call = over_training_section(findings, relative["over_training"])
     aug, aug_summary, aug_call = augmentation_section(findings, relative["augmentation"])
     size, size_summary, size_call = training_size_section(findings, relative["training_size"])
+    membership = membership_section(findings, relative.get("membership"))
     plain = findings.over_training
     prevalence = (f"last check, mean over seeds: memorized {percent(_mean([r.last.frac_mem for r in plain]))}, "
                   f"copies {percent(_mean([r.last.frac_copies for r in plain]))}")  # fmt: skip
@@ -314,6 +427,7 @@ def write_results(findings: Findings, figures: dict[str, Path], path: Path, cont
         *over,
         *aug,
         *size,
+        *membership,
         "## What this does not show",
         "",
         f"- The paper's scale: {min(scale.sizes)}–{max(scale.sizes)} phantom patients at {scale.spatial_size}×"

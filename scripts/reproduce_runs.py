@@ -7,6 +7,7 @@ The autoencoder and the embedder are trained once and shared by every LDM run; e
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from memorization.history import read_history
+from memorization.history import HISTORY_FILE, MEMBERSHIP_HISTORY_FILE, read_history
 from memorization.stats import binomial_interval
 from scripts.launch import ROOT, fit
 
@@ -66,6 +67,8 @@ FULL = Scale(
     n_train=16, sizes=(16, 32, 64), seeds=(0, 1),
     ae_flags=("--model.init_args.channels", "[32,64,64]"),
 )  # fmt: skip
+# The tiny LDMs evaluate the membership signal every 2 epochs (steps at N_train = 4), so that the test reads the
+# runs' own membership_history.csv; FULL keeps phantom_ldm.yaml's every 10 epochs.
 TINY = Scale(
     name="tiny", spatial_size=16, n_patients=40, val_fraction=0.5, batch_size=4,
     ae_steps=8, simclr_steps=8, ldm_steps=8, check_every_steps=4, num_inference_steps=2,
@@ -75,7 +78,7 @@ TINY = Scale(
     simclr_flags=("--model.init_args.channels", "[8,8,8,8]", "--model.init_args.embedding_dim", "16",
                   "--model.init_args.hidden_dim", "16"),
     ldm_flags=("--model.init_args.channels", "[8,8]", "--model.init_args.norm_num_groups", "4",
-               "--model.init_args.num_head_channels", "8"),
+               "--model.init_args.num_head_channels", "8", "--memorization.membership_every_n_epochs", "2"),
 )  # fmt: skip
 
 
@@ -96,6 +99,7 @@ class Check:
     fd: float | None
     ms_ssim: float | None
     null_frac_mem: float | None = None
+    membership_auc: float | None = None  # where the membership signal was evaluated at the check's step
 
     @property
     def frac_mem(self) -> float:
@@ -107,18 +111,41 @@ class Check:
 
 
 @dataclass(frozen=True)
+class MembershipPoint:
+    """One row of `membership_history.csv`: the AUC of training vs held-out images scored by the model's own
+    denoising loss, its 95% interval, the control's AUC (two halves of the training images), and whether the
+    interval lies above the control's. NaN where the row has no value."""
+
+    step: int
+    auc: float
+    auc_ci: tuple[float, float]
+    auc_control: float
+    above_control: bool
+
+
+@dataclass(frozen=True)
 class Run:
-    """One LDM training run and, once trained, its checks."""
+    """One LDM training run and, once trained, its checks and membership evaluations.
+
+    `demo` names a run of `make demo` (its log folder's name) read beside the planned runs; its seed and
+    augmentation are not read and not shown.
+    """
 
     seed: int
     augment: bool
     n_train: int
     history: tuple[Check, ...] = field(default=(), compare=False)
     seconds: float = field(default=0.0, compare=False)
+    membership: tuple[MembershipPoint, ...] = field(default=(), compare=False)
+    demo: str | None = None
 
     @property
     def name(self) -> str:
-        return f"ldm-n{self.n_train}-{'aug' if self.augment else 'noaug'}-seed{self.seed}"
+        return self.demo or f"ldm-n{self.n_train}-{'aug' if self.augment else 'noaug'}-seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return "demo" if self.demo else f"seed {self.seed}"
 
     @property
     def last(self) -> Check:
@@ -134,15 +161,18 @@ def _interval(row: dict, key: str, k: int, n: int) -> tuple[float, float]:
     return binomial_interval(k, n)
 
 
-def read_checks(run_dir: Path, n_train: int) -> tuple[Check, ...]:
+def read_checks(run_dir: Path, n_train: int | None = None) -> tuple[Check, ...]:
     """The checks of one run (its log folder, or its history file); `n_train`/`n_syn` from the history where
-    it records them (else N_syn = N_train)."""
+    it records them (else `n_train` and N_syn = N_train)."""
     rows = read_history(run_dir)
     if not rows:
         raise SystemExit(f"error: {run_dir} holds no memorization checks")
     checks = []
     for row in rows:
-        n, n_mem, n_copies = int(row.get("n_train") or n_train), int(row["n_mem"]), int(row["n_copies"])
+        n = int(row.get("n_train") or n_train or 0)
+        if not n:
+            raise SystemExit(f"error: {run_dir} does not record n_train")
+        n_mem, n_copies = int(row["n_mem"]), int(row["n_copies"])
         n_syn = int(row.get("n_syn") or n)
         checks.append(
             Check(
@@ -156,9 +186,42 @@ def read_checks(run_dir: Path, n_train: int) -> tuple[Check, ...]:
                 fd=row.get("fd"),
                 ms_ssim=row.get("ms_ssim"),
                 null_frac_mem=row.get("null_frac_mem"),
+                membership_auc=row.get("membership_auc"),
             )  # fmt: skip
         )
     return tuple(checks)
+
+
+def _number(row: dict, key: str) -> float:
+    value = row.get(key)
+    return math.nan if value is None else float(value)
+
+
+def read_membership(run_dir: Path) -> tuple[MembershipPoint, ...]:
+    """The membership evaluations of one run (its log folder); none where it has no `membership_history.csv`."""
+    path = Path(run_dir) / MEMBERSHIP_HISTORY_FILE
+    if not path.is_file():
+        return ()
+    return tuple(
+        MembershipPoint(
+            step=int(row["step"]),
+            auc=_number(row, "membership_auc"),
+            auc_ci=(_number(row, "membership_auc_low"), _number(row, "membership_auc_high")),
+            auc_control=_number(row, "membership_auc_control"),
+            above_control=bool(row.get("membership_above_control")),
+        )
+        for row in read_history(path)
+    )
+
+
+def read_demo(run_dir: Path) -> Run:
+    """The LDM run of `make demo` (`runs/phantom_ldm/demo-<time>`): its checks and membership evaluations."""
+    run_dir = Path(run_dir)
+    if not (run_dir / HISTORY_FILE).is_file():
+        raise SystemExit(f"error: {run_dir} holds no {HISTORY_FILE}: pass the LDM run folder of `make demo`")
+    checks = read_checks(run_dir)
+    return Run(seed=0, augment=False, n_train=checks[-1].n_train, history=checks,
+               membership=read_membership(run_dir), demo=run_dir.name)  # fmt: skip
 
 
 # --- the three findings ------------------------------------------------------------------------
@@ -173,6 +236,17 @@ class Findings:
     ]  # no augmentation at the main n_train, one per seed; the first is "the" run
     augmented: tuple[Run, ...]  # with augmentation, the same seeds in the same order
     by_size: tuple[Run, ...]  # no augmentation, the first seed, ascending n_train
+    demo: tuple[Run, ...] = ()  # a run of `make demo`, where one was given: in the membership section only
+
+    @property
+    def membership_runs(self) -> tuple[Run, ...]:
+        """The runs the membership section asks about: over-training (the first is "the" run), then the demo."""
+        return (*self.over_training, *self.demo)
+
+    @property
+    def with_membership(self) -> tuple[Run, ...]:
+        """Those of `membership_runs` with a membership history."""
+        return tuple(run for run in self.membership_runs if run.membership)
 
     @classmethod
     def of(cls, runs: Sequence[Run], scale: Scale) -> Findings:
