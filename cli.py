@@ -50,7 +50,9 @@ class MemwatchCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
         # Optional: the LDM configs fill them, other stages leave them out. Added in this order, so
         # the trainer counts copies before EarlyStopping reads the count.
-        parser.add_lightning_class_args(MemorizationCallback, "memorization", subclass_mode=True, required=False)
+        parser.add_lightning_class_args(
+            MemorizationCallback, "memorization", subclass_mode=True, required=False
+        )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping", subclass_mode=True, required=False)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
@@ -62,7 +64,9 @@ class MemwatchCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # A section left out is instantiated as None.
-        return super()._instantiate_trainer(config, [callback for callback in callbacks if callback is not None])
+        return super()._instantiate_trainer(
+            config, [callback for callback in callbacks if callback is not None]
+        )
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -89,7 +93,7 @@ class MemwatchCLI(LightningCLI):
             if hasattr(callback, "check_data"):
                 callback.check_data(self.datamodule)
             if hasattr(callback, "check_trainer"):
-                callback.check_trainer(self.trainer)
+                callback.check_trainer(self.trainer, self.model)
 
     before_validate = before_test = before_predict = _load_checkpoints_safely
 

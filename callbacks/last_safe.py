@@ -1,6 +1,7 @@
 """`last_safe.ckpt`: the latest model whose memorization check stays within every EarlyStopping's limit.
 
-After a check, `within_limits` judges its scalars against each EarlyStopping on `memorization/*`
+At the end of an epoch with a check or a membership evaluation, `within_limits` judges that epoch's
+scalars against each EarlyStopping on `memorization/*`
 that has a `divergence_threshold` (the value that would stop training: `≤` it in mode `min`).
 When every such limit holds, `save_last_safe` writes the model beside `last.ckpt`: the one to
 share when EarlyStopping fires. Without such a threshold nothing is saved.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
@@ -41,7 +41,7 @@ def within_limits(stoppers: Sequence[EarlyStopping], scalars: Mapping[str, float
     return ", ".join(reasons) or None
 
 
-def save_last_safe(trainer: Trainer, row: Mapping[str, Any], reason: str) -> Path:
+def save_last_safe(trainer: Trainer, reason: str) -> Path:
     """Save `last_safe.ckpt` beside `last.ckpt` (every rank takes part, as in any checkpoint save)."""
     checkpoint = trainer.checkpoint_callback
     folder = (
@@ -50,7 +50,5 @@ def save_last_safe(trainer: Trainer, row: Mapping[str, Any], reason: str) -> Pat
     )
     path = Path(folder) / LAST_SAFE
     trainer.save_checkpoint(path)
-    rank_zero_info(
-        f"memorization check {row['check']} (step {row['step']}) within the limit ({reason}): saved {path}"
-    )
+    rank_zero_info(f"memorization at step {trainer.global_step} within the limit ({reason}): saved {path}")
     return path

@@ -7,7 +7,9 @@ audit: the reference set (`memorization.reference`), the streams of images in fi
 (`memorization.history`). Start-up checks live in `callbacks/startup_checks.py`, `last_safe.ckpt`
 in `callbacks/last_safe.py`, the TensorBoard extras in `callbacks/tensorboard.py`, and what the
 callback needs of the data (memwatch's DataModules or any LightningDataModule) in
-`callbacks/reference_data.py`. Every rank computes the same report from gathered tensors, so N_mem
+`callbacks/reference_data.py`. Between checks, every `membership_every_n_epochs`, the cheaper membership
+signal (`memorization.membership`): the generator's own scores of training versus held-out images.
+Every rank computes the same report from gathered tensors, so N_mem
 is the same on 1 or N processes; a check leaves every random stream as it found it.
 """
 
@@ -32,11 +34,13 @@ from callbacks.startup_checks import (
     check_early_stopping,
     check_embedder_fits,
     check_generator,
+    check_membership_data,
     check_options,
     check_sampler_options,
     check_writable,
     checked_variation,
     load_callback_embedder,
+    membership_scorer,
     memorization_stoppers,
     out_of_memory_named,
 )
@@ -47,8 +51,16 @@ from memorization.chance import weak_detector_warning
 from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, check_rule, nearest_correlation
 from memorization.distributed import block_shard, fail_together, gather_kept
 from memorization.embedders import probe_generator
-from memorization.history import PLACE_KEYS, TIMING_PREFIX, write_history
-from memorization.pipeline import embed_dataset, embed_variations, gathered, sample_block_size, sample_blocks
+from memorization.history import MEMBERSHIP_HISTORY_FILE, PLACE_KEYS, TIMING_PREFIX, write_history
+from memorization.membership import AUC_METHOD, MembershipEvaluation
+from memorization.pipeline import (
+    embed_dataset,
+    embed_variations,
+    gathered,
+    sample_block_size,
+    sample_blocks,
+    score_membership,
+)
 from memorization.reference import ReferenceSet
 from memorization.report import copy_order, staged_output, write_report
 from memorization.stats import logged_scalars
@@ -63,6 +75,7 @@ from memorization.stream import (
 from memorization.summary import check_numbers, quality_numbers, summary_numbers
 
 MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
+MEMBERSHIP_KEY = "membership_"  # the membership signal's columns and scalars
 
 
 class MemorizationCallback(Callback):
@@ -115,6 +128,16 @@ class MemorizationCallback(Callback):
             `contrast_gamma`, `noise_std` of `datamodules.transforms.variation_transform`).
         progress_seconds: while embedding the reference images and during each check, a line
             on rank 0 every this many seconds (count, elapsed, time left); `None` for none.
+        membership_every_n_epochs: epochs between evaluations of the membership signal (0: off): the
+            generator's `membership_scores` of `membership_n_ref` training and held-out images (for
+            memwatch's diffusion models minus the denoising loss at t = T/10 with noise seeded by each
+            image's id; for the autoencoder minus the reconstruction error), one forward pass per image.
+            Logs `memorization/membership_auc` (training vs held-out; Mann–Whitney, DeLong 95% interval
+            `_low`/`_high`), `memorization/membership_tpr_at_5fpr` (training images above the held-out
+            95th percentile) and `memorization/membership_auc_control` (two halves of the training
+            images: the AUC without any membership), to the loggers and `membership_history.csv`. A
+            model without `membership_scores` gets one warning and no signal.
+        membership_n_ref: held-out images scored (evenly spaced; default all), and as many training images.
 
     After every check within the limit of each EarlyStopping on `memorization/*` that has a
     `divergence_threshold` (the value that would stop training, `≤` it in mode `min`), the model
@@ -156,13 +179,16 @@ class MemorizationCallback(Callback):
         max_overhead: float = 0.25,
         rule: str = DEFAULT_RULE,
         margin: float = DEFAULT_MARGIN,
+        membership_every_n_epochs: int = 1,
+        membership_n_ref: int | None = None,
     ) -> None:
         super().__init__()
         self.rule, self.margin = check_rule(rule, margin, "--memorization.rule", "--memorization.margin")
         check_options(
             every_n_epochs=every_n_epochs, n_samples=n_samples, sample_batch_size=sample_batch_size,
             decode_batch_size=decode_batch_size, max_overhead=max_overhead, percentile=percentile,
-            detector_positives=detector_positives,
+            detector_positives=detector_positives, membership_every_n_epochs=membership_every_n_epochs,
+            membership_n_ref=membership_n_ref,
         )  # fmt: skip
         self.embedder_ckpt, self.embedder = load_callback_embedder(embedder_ckpt, embedder)
         self.every_n_epochs = every_n_epochs
@@ -181,7 +207,15 @@ class MemorizationCallback(Callback):
         self.detector_positives = detector_positives
         self.variation = dict(variation or {})
         self.progress_seconds = progress_seconds
-        self._safe_to_save: str | None = None  # why the check just run is within its limits (last_safe.py)
+        self.membership_every_n_epochs = membership_every_n_epochs
+        self.membership_n_ref = membership_n_ref
+        self._membership_period = 0  # membership_every_n_epochs where the model has membership_scores, else 0
+        self.membership_history: list[dict[str, Any]] = []
+        self.membership: MembershipEvaluation | None = None  # the latest evaluation, with its scores
+        self._membership_summary: tuple[int, dict[str, Any]] | None = None  # (step, summary.json's section)
+        self._epoch_scalars: dict[
+            str, float
+        ] = {}  # this epoch's scalars, judged for last_safe.ckpt at its end
         self._variation = checked_variation(self.embedder.spatial_dims, self.variation)
         self.history: list[dict[str, Any]] = []
         self.data: ReferenceData | None = None
@@ -197,17 +231,28 @@ class MemorizationCallback(Callback):
             self.percentile,
         )  # fmt: skip
 
-    def check_trainer(self, trainer: Trainer) -> None:
-        """Raise `InputError` for an EarlyStopping on `memorization/*` that would read an old check or none."""
-        check_early_stopping(trainer, self.every_n_epochs, self.check_at_start)
+    def check_trainer(self, trainer: Trainer, generator: LightningModule | None = None) -> None:
+        """Raise `InputError` for an EarlyStopping on `memorization/*` that would read an old evaluation or none
+        (the membership signal's period is `generator`'s, when given, else the one `setup` found)."""
+        period = self._membership_period if generator is None else self._membership_period_of(generator)
+        check_early_stopping(trainer, self.every_n_epochs, self.check_at_start, period)
+
+    def _membership_period_of(self, generator: LightningModule) -> int:
+        return (
+            self.membership_every_n_epochs if callable(getattr(generator, "membership_scores", None)) else 0
+        )
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         check_generator(pl_module)
+        membership_scorer(pl_module, self.membership_every_n_epochs)  # one warning when it has none
+        self._membership_period = self._membership_period_of(pl_module)
         check_sampler_options(
             pl_module, trainer.strategy.root_device, self.decode_batch_size, self.sampler_graphs
         )
         self.data = reference_data(trainer.datamodule)
         self.check_data(self.data)
+        if self._membership_period:
+            check_membership_data(len(self.data.val_patients), self.membership_n_ref)
         self.check_trainer(trainer)
         with fail_together(trainer.strategy.root_device, "checking output_dir"):
             if self.output_dir is not None:
@@ -296,16 +341,29 @@ class MemorizationCallback(Callback):
         at_epoch_end = (
             trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and trainer.is_last_batch
         )
-        if at_epoch_end and self._due(trainer):
-            self._check(trainer, pl_module)
+        if at_epoch_end:
+            self._evaluate(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._evaluate(trainer, pl_module)
+        # Saved here, never during validation: there an averaging callback's weights are swapped in.
+        if self._epoch_scalars:
+            reason = within_limits(memorization_stoppers(trainer), self._epoch_scalars)
+            if reason is not None:
+                save_last_safe(trainer, reason)
+            self._epoch_scalars = {}
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """What is due at the end of this epoch: the membership signal (cheap) first, then the check."""
+        if self._membership_due(trainer):
+            self._membership(trainer, pl_module)
         if self._due(trainer):
             self._check(trainer, pl_module)
-        # Saved here, never during validation: there an averaging callback's weights are swapped in.
-        if self._safe_to_save is not None:
-            save_last_safe(trainer, self.history[-1], self._safe_to_save)
-            self._safe_to_save = None
+
+    def _membership_due(self, trainer: Trainer) -> bool:
+        if not self._membership_period or (trainer.current_epoch + 1) % self._membership_period:
+            return False
+        return not (self.membership_history and self.membership_history[-1]["step"] == trainer.global_step)
 
     def _due(self, trainer: Trainer) -> bool:
         epoch = trainer.current_epoch
@@ -328,6 +386,48 @@ class MemorizationCallback(Callback):
                     averaged.module.image_spatial_size = pl_module.image_spatial_size
                 return averaged.module
         return pl_module
+
+    # --- the membership signal ---------------------------------------------------------
+
+    def _membership(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        device = pl_module.device
+        generator = self._generator(trainer, pl_module)
+        started = Stopwatch(device)
+        where = f"scoring membership (epoch {trainer.current_epoch}, step {trainer.global_step})"
+        with rng_preserved(device), deterministic_kernels(), fail_together(device, where):
+            evaluation = score_membership(
+                self.data.reference_dataset("train"), self.data.reference_dataset("val"), generator.membership_scores,
+                self.sample_batch_size, n_ref=self.membership_n_ref, seed=self.seed,
+                option="--memorization.membership_n_ref", device=device, rank=trainer.global_rank,
+                world_size=trainer.world_size, num_workers=getattr(self.data, "num_workers", 0),
+                autocast=trainer.precision_plugin.forward_context,
+            )  # fmt: skip
+        numbers = evaluation.scalars() | {"membership_seconds": started.lap()}
+        self.membership = evaluation
+        self._membership_summary = (trainer.global_step, evaluation.summary())
+        self.membership_history.append(
+            {"epoch": trainer.current_epoch, "step": trainer.global_step, **numbers,
+             "membership_above_control": evaluation.above_control, "membership_method": AUC_METHOD}
+        )  # fmt: skip
+        self._log({f"memorization/{key}": float(value) for key, value in numbers.items()}, trainer, pl_module)
+        log_dir = Path(trainer.log_dir) if trainer.loggers else None  # a broadcast: every rank asks
+        with fail_together(device, f"writing {MEMBERSHIP_HISTORY_FILE}"):
+            if trainer.is_global_zero and log_dir is not None:
+                write_history(log_dir, self.membership_history, MEMBERSHIP_HISTORY_FILE)
+
+    def _log(self, scalars: dict[str, float], trainer: Trainer, pl_module: LightningModule) -> None:
+        """Into callback_metrics (where EarlyStopping and ModelCheckpoint read them) and to every logger."""
+        for key, value in scalars.items():
+            pl_module.log(key, value, logger=False, sync_dist=False)
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+        self._epoch_scalars |= scalars
+
+    def _membership_now(self, trainer: Trainer) -> dict[str, Any]:
+        """The membership columns evaluated at this step, for the check's row (empty when none was)."""
+        if not self.membership_history or self.membership_history[-1]["step"] != trainer.global_step:
+            return {}
+        return {k: v for k, v in self.membership_history[-1].items() if k.startswith(MEMBERSHIP_KEY)}
 
     # --- a check -----------------------------------------------------------------------
 
@@ -392,13 +492,8 @@ class MemorizationCallback(Callback):
             row, device, self.max_overhead, self.decode_batch_size or self.sample_batch_size
         ):
             rank_zero_warn(warning)
-        scalars = row_scalars(row)
-        self._safe_to_save = within_limits(memorization_stoppers(trainer), scalars)
-        for key, value in scalars.items():
-            # Into callback_metrics, where EarlyStopping and ModelCheckpoint read it; loggers get it below.
-            pl_module.log(key, value, logger=False, sync_dist=False)
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
+        self._log(row_scalars(row), trainer, pl_module)
+        row |= self._membership_now(trainer)  # in the history beside N_mem; logged when it was evaluated
         shape = (self.embedder.in_channels, *self.data.spatial_size)
         copies = (
             gather_kept(local.kept, copy_order(detection.report), MAX_PAIRS, shape, device)
@@ -427,13 +522,15 @@ class MemorizationCallback(Callback):
         check, n_syn = row["check"], row["n_syn"]
         summary = {
             **summary_numbers(detection, self.reference.train_patients, len(self.reference.val), fd, ms_ssim),
-            **{key: value for key, value in row.items() if not key.startswith(TIMING_PREFIX)},
+            **{k: v for k, v in row.items() if not k.startswith(TIMING_PREFIX) and not k.startswith(MEMBERSHIP_KEY)},
             "inputs": {
                 "embedder_ckpt": self.embedder_ckpt, "n_samples": n_syn, "seed": self.seed,
                 "num_inference_steps": self.num_inference_steps, "sample_batch_size": self.sample_batch_size,
             },
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }  # fmt: skip
+        if self._membership_summary is not None and self._membership_summary[0] == row["step"]:
+            summary["membership"] = self._membership_summary[1]
         with staged_output(self.output_dir / f"check_{check:03d}", "output_dir", overwrite=True) as folder:
             write_report(
                 folder, detection.report, self.data.train_ids, [f"check{check:03d}-sample{i:06d}" for i in range(n_syn)],
@@ -445,10 +542,14 @@ class MemorizationCallback(Callback):
     # --- resume ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(row) for row in self.history]}
+        return {
+            "history": [dict(row) for row in self.history],
+            "membership_history": [dict(row) for row in self.membership_history],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(row) for row in state_dict.get("history", [])]
+        self.membership_history = [dict(row) for row in state_dict.get("membership_history", [])]
 
 
 def row_scalars(row: dict[str, Any]) -> dict[str, float]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from monai.transforms import Compose
 
 from datamodules.transforms import variation_transform
@@ -25,6 +25,9 @@ from lightning_modules.plugins import embedder_name, load_embedder
 from lightning_private import reads_at_train_epoch_end
 from memorization.chance import check_patients
 from memorization.embedders import Embedder
+from memorization.membership import MIN_HELD_OUT
+
+MEMBERSHIP_PREFIX = "memorization/membership_"
 
 EMBEDDER_OPTION = "--memorization.embedder_ckpt"  # how cli.py sets embedder_ckpt, named in errors
 
@@ -38,8 +41,20 @@ def check_options(
     max_overhead: float,
     percentile: float,
     detector_positives: int,
+    membership_every_n_epochs: int = 1,
+    membership_n_ref: int | None = None,
 ) -> None:
     """Raise `InputError` for a MemorizationCallback option out of its range, naming the option."""
+    if membership_every_n_epochs < 0:
+        raise InputError(
+            f"--memorization.membership_every_n_epochs={membership_every_n_epochs} must be at least 0 (0 turns the "
+            "membership signal off)"
+        )
+    if membership_n_ref is not None and membership_n_ref < MIN_HELD_OUT:
+        raise InputError(
+            f"--memorization.membership_n_ref={membership_n_ref} is too few for a membership interval: give at least "
+            f"{MIN_HELD_OUT} (or null for every held-out image)"
+        )
     if detector_positives < 0:
         raise InputError(
             f"detector_positives={detector_positives} must be at least 0 (0 skips the self-check)"
@@ -121,16 +136,36 @@ def memorization_stoppers(trainer: Trainer) -> list[EarlyStopping]:
     ]
 
 
-def check_early_stopping(trainer: Trainer, every_n_epochs: int, check_at_start: bool) -> None:
-    """Raise `InputError` for an EarlyStopping on `memorization/*` that would read an old check or none."""
+def check_early_stopping(
+    trainer: Trainer, every_n_epochs: int, check_at_start: bool, membership_every_n_epochs: int = 0
+) -> None:
+    """Raise `InputError` for an EarlyStopping on `memorization/*` that would read an old check or none.
+
+    `memorization/membership_*` is evaluated every `membership_every_n_epochs` (0: never), the rest at checks.
+    """
     for stopper in memorization_stoppers(trainer):
-        problem = stale_early_stopping(stopper, trainer, every_n_epochs, check_at_start)
+        if stopper.monitor.startswith(MEMBERSHIP_PREFIX):
+            if not membership_every_n_epochs:
+                raise InputError(
+                    f"EarlyStopping(monitor={stopper.monitor}) reads the membership signal, which is off (the model "
+                    "has no membership_scores, or --memorization.membership_every_n_epochs is 0): monitor "
+                    "memorization/n_mem_patients, or set --memorization.membership_every_n_epochs 1"
+                )
+            problem = stale_early_stopping(
+                stopper, trainer, membership_every_n_epochs, evaluation="membership evaluation"
+            )
+        else:
+            problem = stale_early_stopping(stopper, trainer, every_n_epochs, check_at_start)
         if problem:
             raise InputError(problem)
 
 
 def stale_early_stopping(
-    stopper: EarlyStopping, trainer: Trainer, every_n_epochs: int, check_at_start: bool = False
+    stopper: EarlyStopping,
+    trainer: Trainer,
+    every_n_epochs: int,
+    check_at_start: bool = False,
+    evaluation: str = "memorization check",
 ) -> str | None:
     """Why `stopper` (monitoring `memorization/*`) would not read the check that just ran, or `None` if it would.
 
@@ -151,8 +186,8 @@ def stale_early_stopping(
         if not validates_each_check:
             return (
                 f"{name} reads at validation end (check_val_every_n_epoch={every_k}, "
-                f"val_check_interval={trainer.val_check_interval}), but memorization checks run every "
-                f"{every_n_epochs} epochs, so it would read an old check: set check_on_train_epoch_end: true "
+                f"val_check_interval={trainer.val_check_interval}), but {evaluation}s run every "
+                f"{every_n_epochs} epochs, so it would read an old {evaluation.split()[-1]}: set check_on_train_epoch_end: true "
                 "in its init_args"
             )
         first_read = every_k - 1
@@ -162,7 +197,7 @@ def stale_early_stopping(
     if stopper.strict and first_check > first_read:
         return (
             f"{name} with strict: true would stop the run at the end of epoch {first_read}, before the first "
-            f"memorization check (end of epoch {first_check}): set strict: false in its init_args, or "
+            f"{evaluation} (end of epoch {first_check}): set strict: false in its init_args, or "
             "check_at_start: true in MemorizationCallback's"
         )
     return None
@@ -228,3 +263,26 @@ def out_of_memory_named(sample_batch_size: int, decode_batch_size: int | None) -
             f"(decode_batch_size={decode_batch_size or sample_batch_size}): lower --memorization.decode_batch_size "
             "first (decoding to full-size images takes the most), then --memorization.sample_batch_size"
         ) from None
+
+
+def membership_scorer(generator: LightningModule, every_n_epochs: int) -> Callable | None:
+    """The generator's `membership_scores`, or `None` (with one warning) when it has none; `None` when off."""
+    if not every_n_epochs:
+        return None
+    scores = getattr(generator, "membership_scores", None)
+    if not callable(scores):
+        rank_zero_warn(
+            f"memorization.membership_every_n_epochs: {type(generator).__name__} has no membership_scores(images, ids), "
+            "so the membership signal is off for this model (memwatch's diffusion and autoencoder modules have one)"
+        )
+        return None
+    return scores
+
+
+def check_membership_data(n_val: int, n_ref: int | None) -> None:
+    """Raise `InputError` when fewer than `MIN_HELD_OUT` held-out images would be scored."""
+    if min(n_val, n_ref or n_val) < MIN_HELD_OUT:
+        raise InputError(
+            f"the data holds {n_val} held-out images, too few for a membership interval (at least {MIN_HELD_OUT}): "
+            "hold out more patients, or set --memorization.membership_every_n_epochs 0"
+        )

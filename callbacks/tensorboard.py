@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from memorization.detect import CopyReport
 from memorization.report import viewable
 
-# One TensorBoard page (the CUSTOM SCALARS tab) with memorization next to the quality metrics
-# that do not see it (the paper's over-training finding) and the loss.
+# One TensorBoard page (the CUSTOM SCALARS tab) with memorization (copies and the membership signal)
+# next to the quality metrics that do not see it (the paper's over-training finding) and the loss.
 TENSORBOARD_LAYOUT = {
     "memwatch": {
         "memorized training samples (N_mem) and copies (N_copies)": [
@@ -38,6 +38,22 @@ TENSORBOARD_LAYOUT = {
         "fraction memorized above chance (excess) and chance level": [
             "Multiline",
             ["memorization/excess_frac_mem", "memorization/null_frac_mem", "memorization/frac_mem"],
+        ],
+        "membership AUC, training vs held-out images (Mann-Whitney, DeLong 95% interval)": [
+            "Margin",
+            [
+                "memorization/membership_auc",
+                "memorization/membership_auc_low",
+                "memorization/membership_auc_high",
+            ],
+        ],
+        "membership AUC and its control (two halves of the training images: no membership)": [
+            "Multiline",
+            ["memorization/membership_auc", "memorization/membership_auc_control"],
+        ],
+        "training images scored above the held-out 95th percentile (TPR at 5% FPR)": [
+            "Multiline",
+            ["memorization/membership_tpr_at_5fpr"],
         ],
         "Fréchet distance in embedder space (synthetic vs validation)": ["Multiline", ["memorization/fd"]],
         "MS-SSIM between synthetic samples (lower: more diverse)": ["Multiline", ["memorization/ms_ssim"]],

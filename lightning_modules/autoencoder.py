@@ -28,6 +28,13 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
+def mean_latents(network: AutoencoderKL | VQVAE, images: torch.Tensor) -> torch.Tensor:
+    """MONAI autoencoder's latents of `images` without randomness: KL, the posterior's mean; VQ, the codes."""
+    if isinstance(network, AutoencoderKL):
+        return network.encode(images)[0]
+    return network.encode_stage_2_inputs(images)
+
+
 class AutoencoderModule(MemwatchModule):
     """KL-VAE (`kind="kl"`) or VQ-GAN (`kind="vq"`) in 2D or 3D, trained with manual optimization.
 
@@ -217,6 +224,25 @@ class AutoencoderModule(MemwatchModule):
         """Latents → images `[B, C, *spatial]` (not clipped)."""
         return self.autoencoder.decode_stage_2_outputs(latents)
 
+    def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """Images → latents without randomness: KL, the posterior's mean; VQ, the quantized codes."""
+        return mean_latents(self.autoencoder, images)
+
+    @torch.no_grad()
+    def membership_scores(self, images: torch.Tensor, ids: Sequence[int] | None = None) -> torch.Tensor:
+        """`[B]`: minus each image's mean squared reconstruction error (higher = more likely a training image).
+
+        Deterministic (the KL posterior's mean, in eval mode), so `ids` (the generator protocol's noise seeds)
+        are not needed.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            reconstruction = self.decode(self.encode_mean(images)).float()
+        finally:
+            self.train(was_training)
+        return -(reconstruction - images.float()).pow(2).flatten(1).mean(1)
+
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, regularisation loss): the KL term times its weight, or the VQ loss."""
         if self.kind == "kl":
@@ -281,11 +307,7 @@ class AutoencoderModule(MemwatchModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         images = batch["image"]
-        if self.kind == "kl":
-            z_mu, _ = self.autoencoder.encode(images)
-            reconstruction = self.autoencoder.decode(z_mu)
-        else:
-            reconstruction, _ = self.autoencoder(images)
+        reconstruction = self.decode(self.encode_mean(images))
         l1 = F.l1_loss(reconstruction.float(), images.float())
         self.log("val/l1", l1, prog_bar=True, sync_dist=True, batch_size=len(images))
 

@@ -34,6 +34,14 @@ def sample_generator(
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+# A membership score's noise comes from its own stream, apart from every sample's `(seed, check, i)`.
+MEMBERSHIP_SEED = 0x6D656D62
+# Low noise (t = T/10): where a model that memorized denoises its training images better than others
+# (loss-based membership inference on diffusion models: Matsumoto et al. 2023; PIA, ICLR 2024). One
+# timestep keeps a score at one UNet forward per image.
+MEMBERSHIP_TIMESTEP_FRACTIONS = (0.1,)
+
+
 class DiffusionModule(MemwatchModule):
     """DDPM training and sampling in the space `to_model_space` maps images to.
 
@@ -146,6 +154,62 @@ class DiffusionModule(MemwatchModule):
 
     def can_validate(self) -> bool:
         return True
+
+    # --- membership ----------------------------------------------------------------------
+
+    def membership_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Images → the model space without randomness (the LDM encodes to the KL posterior's mean)."""
+        return self.to_model_space(images)
+
+    def membership_timesteps(self) -> list[int]:
+        """The fixed timesteps a membership score averages over: `MEMBERSHIP_TIMESTEP_FRACTIONS` of the schedule."""
+        last = self.scheduler.num_train_timesteps - 1
+        return [
+            min(last, round(f * self.scheduler.num_train_timesteps)) for f in MEMBERSHIP_TIMESTEP_FRACTIONS
+        ]
+
+    @torch.no_grad()
+    def membership_scores(
+        self, images: torch.Tensor, ids: Sequence[int] | None = None, timesteps: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """`[B]`: minus each image's denoising loss at fixed timesteps (higher = more likely a training image).
+
+        Image `k`'s noise at timestep `t` is seeded by `(MEMBERSHIP_SEED, t, ids[k])` (default ids: `0..B-1`), so an
+        image's score depends on its id and the weights only: the same at every epoch, in any batch and on any
+        number of processes (to float rounding; in fixed blocks, bitwise). The loss is the training loss
+        (noise or v, as the model predicts), in eval mode, averaged over the image's elements.
+        """
+        problem = self.ready_to_sample()
+        if problem:
+            raise InputError(problem)
+        ids = list(range(len(images))) if ids is None else [int(i) for i in ids]
+        if len(ids) != len(images):
+            raise ValueError(f"{len(ids)} ids for {len(images)} images")
+        steps = self.membership_timesteps() if timesteps is None else [int(t) for t in timesteps]
+        was_training = self.training
+        self.eval()
+        try:
+            z = self.membership_space(images.to(self.device)).float()
+            losses = torch.zeros(len(z), device=z.device)
+            for t in steps:
+                noise = torch.stack(
+                    [
+                        torch.randn(z.shape[1:], generator=sample_generator((MEMBERSHIP_SEED, t), i))
+                        for i in ids
+                    ]
+                ).to(z)
+                timestep = torch.full((len(z),), t, device=z.device, dtype=torch.long)
+                noisy = self.scheduler.add_noise(original_samples=z, noise=noise, timesteps=timestep)
+                target = (
+                    noise
+                    if self.hparams.prediction_type == "epsilon"
+                    else self.scheduler.get_velocity(z, noise, timestep)
+                )
+                prediction = self.unet(noisy, timesteps=timestep).float()
+                losses += (prediction - target.float()).pow(2).flatten(1).mean(1)
+        finally:
+            self.train(was_training)
+        return -losses / len(steps)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.unet.parameters(), lr=self.hparams.lr)

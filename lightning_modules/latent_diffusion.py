@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from errors import InputError
-from lightning_modules.autoencoder import AutoencoderModule
+from lightning_modules.autoencoder import AutoencoderModule, mean_latents
 from lightning_modules.diffusion import DiffusionModule, sample_generator
 
 __all__ = ["LatentDiffusionModule", "sample_generator"]
@@ -124,11 +124,19 @@ class LatentDiffusionModule(DiffusionModule):
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         return self._latents(images)
 
+    @torch.no_grad()
+    def membership_space(self, images: torch.Tensor) -> torch.Tensor:
+        if float(self.scale_factor) == 0.0:
+            raise InputError("this LDM has no latent scale factor yet: it has not seen a training batch")
+        return mean_latents(self.autoencoder, images) * self.scale_factor
+
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode_stage_2_outputs(x / self.scale_factor)
 
     def can_validate(self) -> bool:
-        return self._scale_known or self.scale_factor.item() != 0.0  # no scale before the first training batch
+        return (
+            self._scale_known or self.scale_factor.item() != 0.0
+        )  # no scale before the first training batch
 
     def ready_to_sample(self) -> str | None:
         if self.image_spatial_size is None:

@@ -2,7 +2,9 @@
 
 A row holds the check's place (`check`, `epoch`, `step`), its copy rule (`rule`, `margin`), the
 headline numbers of `memorization.summary.headline` (counts, fractions, `*_ci` intervals, chance level),
-`fd`, `ms_ssim` and what the check cost (`check_seconds`, `overhead`, `seconds_*`). Intervals are
+`fd`, `ms_ssim`, what the check cost (`check_seconds`, `overhead`, `seconds_*`) and, when the membership
+signal was evaluated at the same step, its `membership_*` columns. `membership_history.csv` holds every
+membership evaluation (`epoch`, `step`, `membership_*`), checked or not. Intervals are
 written as JSON lists, `"[low, high]"`; a value that could not be computed is empty. Rows resumed
 from older runs may lack columns that newer ones have: the header is the union, in first-seen order.
 """
@@ -16,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 HISTORY_FILE = "memorization_history.csv"
+MEMBERSHIP_HISTORY_FILE = "membership_history.csv"  # one row per membership evaluation (epoch, step, membership_*)
 # Columns that place a check rather than measure it: never logged as scalars.
 PLACE_KEYS = ("check", "epoch", "step", "n_train", "n_train_patients", "n_syn", "rule", "margin")
 TIMING_PREFIX = "seconds_"  # per-rank timings: in the CSV, not logged, not in summary.json
 
 
-def write_history(folder: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write `rows` to `folder/memorization_history.csv` (the folder is created), replacing the file."""
+def write_history(folder: Path, rows: Sequence[Mapping[str, Any]], name: str = HISTORY_FILE) -> Path:
+    """Write `rows` to `folder/name` (the folder is created), replacing the file."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / HISTORY_FILE
+    path = folder / name
     columns = dict.fromkeys(key for row in rows for key in row)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns))

@@ -16,15 +16,17 @@ from typing import Any
 
 import torch
 from monai.transforms import Compose
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from datamodules.transforms import variation_batches
 from memorization.chance import positive_rows
 from memorization.distributed import block_shard, gather_rows
 from memorization.embedders import Generator
+from memorization.membership import MembershipEvaluation, evaluate_membership, reference_rows, score_ids
 from memorization.stream import EmbeddedStream, Progress, blocks, dataset_blocks, embed_stream
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images [B, C, *spatial] in [0, 1] → [B, L]
+Score = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]  # images [B, C, *spatial], ids [B] → scores [B]
 ProgressFor = Callable[[int], Progress | None]  # this rank's image count → progress lines, or None
 
 
@@ -125,3 +127,53 @@ def sample_block_size(n_samples: int, sample_batch_size: int) -> int:
     """The block samples are drawn in: `sample_batch_size`, or `n_samples` when fewer (a larger block would
     only sample padding)."""
     return min(sample_batch_size, n_samples)
+
+
+def score_dataset(
+    dataset: Dataset,
+    score: Score,
+    ids: Sequence[int],
+    block_size: int,
+    *,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> torch.Tensor:
+    """`score(images, ids)` of every `dataset[i]["image"]` (image `i` named `ids[i]`), in blocks of `block_size`
+    aligned to global indices: gathered `[N]` float32 in dataset order, the same on any number of ranks."""
+    mine = block_shard(len(dataset), block_size, rank, world_size)
+    local = [torch.zeros(0, device=device)]
+    with autocast():
+        for start, images in zip(
+            range(mine.start, mine.stop, block_size),
+            dataset_blocks(dataset, mine, block_size, num_workers),
+            strict=True,
+        ):
+            local.append(score(images.to(device), ids[start : start + len(images)]).float().to(device))
+    return gather_rows(torch.cat(local)).cpu()
+
+
+def score_membership(
+    train: Dataset,
+    val: Dataset,
+    score: Score,
+    block_size: int,
+    *,
+    n_ref: int | None = None,
+    seed: int = 0,
+    option: str = "",
+    **where: Any,
+) -> MembershipEvaluation:
+    """Score `n_ref` held-out images (all by default) and as many training images (`memorization.membership.
+    reference_rows`) with their fixed ids, and compare them (`evaluate_membership`). `where`: `score_dataset`'s
+    device, rank, world_size, num_workers and autocast."""
+    train_rows, val_rows = reference_rows(len(train), len(val), n_ref)
+    scores = {
+        split: score_dataset(
+            Subset(dataset, rows), score, score_ids(split, rows, len(train)), block_size, **where
+        )
+        for split, dataset, rows in (("train", train, train_rows), ("val", val, val_rows))
+    }
+    return evaluate_membership(scores["train"], scores["val"], seed=seed, option=option)

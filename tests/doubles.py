@@ -61,3 +61,25 @@ class ScriptedGenerator(MemwatchModule):
             if self.hparams.nan_from_sample is not None and i >= self.hparams.nan_from_sample:
                 images[-1] = torch.full_like(images[-1], float("nan"))
         return torch.stack(images).to(self.device) if images else torch.empty(0, 1, *self.hparams.spatial_size)
+
+
+class MembershipScriptedGenerator(ScriptedGenerator):
+    """A `ScriptedGenerator` with `membership_scores` whose membership signal we control.
+
+    From epoch `members_from_epoch` on, an image's score is minus its mean squared distance to the nearest
+    phantom of `member_ids` (about 0 for those training images, lower for every other: AUC near 1); before,
+    a standard normal draw seeded by the image's id alone, alike for every image (no membership).
+    """
+
+    def __init__(self, member_ids: Sequence[str] = (), members_from_epoch: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.member_ids = list(member_ids)
+        self.members_from_epoch = members_from_epoch
+
+    def membership_scores(self, images: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        if epoch < self.members_from_epoch or not self.member_ids:
+            return torch.cat([torch.randn(1, generator=torch.Generator().manual_seed(int(i))) for i in ids])
+        members = torch.stack([torch.from_numpy(render_phantom(p, self.hparams.spatial_size)) for p in self.member_ids])
+        distances = (images.cpu()[:, None].float() - members[None].float()).pow(2).flatten(2).mean(2)
+        return -distances.min(1).values

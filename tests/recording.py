@@ -13,8 +13,9 @@ from memorization.stream import EmbeddedStream
 
 
 class RecordingMemorizationCallback(MemorizationCallback):
-    """Writes `record_dir/reference.pt` (the gathered training and held-out embeddings, rank 0) and, per
-    check and rank, `check{k}_rank{r}.pt` (the indices it sampled, their embeddings and pair scores)."""
+    """Writes `record_dir/reference.pt` (the gathered training and held-out embeddings, rank 0), per
+    check and rank, `check{k}_rank{r}.pt` (the indices it sampled, their embeddings and pair scores),
+    and per membership evaluation `membership_step{s}.pt` (the gathered scores, rank 0)."""
 
     def __init__(self, record_dir: str, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -40,3 +41,10 @@ class RecordingMemorizationCallback(MemorizationCallback):
             self.record_dir / f"check{check_index}_rank{trainer.global_rank}.pt",
         )
         return local
+
+    def _membership(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super()._membership(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            scores = {split: torch.from_numpy(getattr(self.membership, f"{split}_scores")) for split in ("train", "val")}
+            torch.save(scores, self.record_dir / f"membership_step{trainer.global_step}.pt")

@@ -100,7 +100,8 @@ def fit(config: str, save_dir: Path, *extra: str, steps: int = 2):
 def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
     """Point a config's `memorization:` section (if any) at `embedder_ckpt`, few steps.
 
-    The tiny fixtures hold out as few as 2 images: τ at the 50th percentile leaves one above it.
+    The tiny fixtures hold out as few as 2 images: τ at the 50th percentile leaves one above it, and
+    the membership signal, which needs 10, is off (tests/test_membership_signal.py runs it).
     """
     if "memorization" not in config_sections(ROOT / "configs" / config):  # an overlay: its base's
         return []
@@ -108,6 +109,7 @@ def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
         "--memorization.embedder_ckpt", str(embedder_ckpt),
         "--memorization.num_inference_steps", "2",
         "--memorization.percentile", "50",
+        "--memorization.membership_every_n_epochs", "0",
     ]  # fmt: skip
 
 

@@ -11,7 +11,8 @@ import yaml
 from cli import main
 from tests.conftest import ROOT
 
-OVERLAYS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "config" in yaml.safe_load(p.read_text()))
+ALL_OVERLAYS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "config" in yaml.safe_load(p.read_text()))
+OVERLAYS = [p for p in ALL_OVERLAYS if p.stem.endswith("_aug")]
 
 
 def resolved(capsys, *args: str) -> dict:
@@ -26,9 +27,21 @@ def base_of(overlay: Path) -> Path:
     return overlay.parent / yaml.safe_load(overlay.read_text())["config"]
 
 
-def test_the_augmentation_configs_are_the_overlays():
-    assert [p.name for p in OVERLAYS] == ["chestxray_ldm_aug.yaml", "mrnet_ldm_aug.yaml", "nifti_ldm_aug.yaml"]
-    assert all(next(iter(yaml.safe_load(p.read_text()))) == "config" for p in OVERLAYS)  # keys above it are lost
+def test_the_augmentation_configs_and_the_membership_example_are_the_overlays():
+    assert [p.name for p in ALL_OVERLAYS] == [
+        "chestxray_ldm_aug.yaml", "mrnet_ldm_aug.yaml", "nifti_ldm_aug.yaml", "phantom_ldm_membership.yaml"
+    ]  # fmt: skip
+    assert all(next(iter(yaml.safe_load(p.read_text()))) == "config" for p in ALL_OVERLAYS)  # keys above it are lost
+
+
+def test_the_membership_example_is_the_phantom_ldm_stopped_by_the_membership_interval(capsys):
+    overlay = ROOT / "configs" / "phantom_ldm_membership.yaml"
+    expected = resolved(capsys, "--config", str(base_of(overlay)))
+    expected["trainer"]["logger"]["init_args"]["name"] = overlay.stem
+    expected["early_stopping"]["init_args"] |= {
+        "monitor": "memorization/membership_auc_low", "divergence_threshold": 0.6
+    }  # fmt: skip
+    assert resolved(capsys, "--config", str(overlay)) == expected
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)

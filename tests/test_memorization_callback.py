@@ -161,10 +161,10 @@ def test_early_stopping_from_yaml_stops_when_the_generator_starts_copying(embedd
     assert last["epoch"] > safe["epoch"]
     saved = [r.getMessage() for r in caplog.records if "last_safe.ckpt" in r.getMessage()]
     assert len(saved) == 2, saved
-    # Each line names its check, the monitor, the check's value (chance level, 0 or not) and the threshold.
+    # Each line names its step, the monitor, the check's value (chance level, 0 or not) and the threshold.
     for line, row in zip(saved, rows[:2], strict=True):
         named = re.match(
-            rf"memorization check {row['check']} \(step {row['step']}\) within the limit "
+            rf"memorization at step {row['step']} within the limit "
             r"\(memorization/frac_mem = (\S+) ≤ (\S+)\): saved ",
             line,
         )
@@ -416,7 +416,9 @@ def test_quality_metrics_layout_copy_pairs_and_reports_reach_tensorboard_and_dis
     assert history[1]["frac_mem_ci"] == pytest.approx(second["frac_mem_ci"])
     assert int(history[1]["n_mem_patients"]) == second["n_mem_patients"]
     margins = [chart for category in layout.category for chart in category.chart if chart.HasField("margin")]
-    assert [series.value for chart in margins for series in chart.margin.series] == ["memorization/frac_mem_patients"]
+    assert [series.value for chart in margins for series in chart.margin.series] == [
+        "memorization/frac_mem_patients", "memorization/membership_auc"
+    ]
 
 
 def test_without_log_images_no_patient_pixels_are_written(embedder_ckpt, tmp_path):

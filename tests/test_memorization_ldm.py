@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks import MemorizationCallback
 from datamodules import PhantomDataModule
 from lightning_modules import LatentDiffusionModule, SimCLRModule
+from memorization.history import MEMBERSHIP_HISTORY_FILE, read_history
 from tests.conftest import memorization_history, quiet_trainer, run_cli
 
 SIZE = (16, 16)  # the size of the session autoencoder
@@ -129,6 +130,17 @@ def test_one_two_and_three_processes_compute_every_image_identically(autoencoder
         # The CSV writes each float's repr, read back exactly: equal reprs are equal bits (NaN included).
         keys = ("check", "epoch", "n_mem", "n_copies", "tau", "fd", "ms_ssim", "frac_mem", "frac_copies", "null_frac_mem")
         assert [[repr(row[k]) for k in keys] for row in runs[devices]] == [[repr(row[k]) for k in keys] for row in runs[1]]
+        # The membership signal: every image's score and the AUCs, bitwise, on any world size.
+        for step in (2, 3):  # one training batch per epoch, evaluated at the end of epochs 1 and 2
+            scores, one = (torch.load(tmp_path / f"record{d}" / f"membership_step{step}.pt") for d in (devices, 1))
+            assert all(torch.equal(scores[split], one[split]) for split in ("train", "val")), (devices, step)
+        membership = [read_history(tmp_path / "ldm" / f"devices{d}" / MEMBERSHIP_HISTORY_FILE) for d in (devices, 1)]
+        keys = ("step", "membership_auc", "membership_auc_low", "membership_tpr_at_5fpr", "membership_auc_control")
+        assert [[repr(row[k]) for k in keys] for row in membership[0]] == [[repr(row[k]) for k in keys] for row in membership[1]]
     assert float(runs[1][0]["tau"]) > 0 and float(runs[1][0]["ms_ssim"]) > 0
+    # All 27 held-out images and 27 of the 33 training ones are scored (1 UNet forward each), in the history too.
+    one = torch.load(tmp_path / "record1" / "membership_step2.pt")
+    assert (len(one["train"]), len(one["val"])) == (27, 27) and torch.isfinite(one["train"]).all()
+    assert runs[1][0]["membership_auc"] == read_history(tmp_path / "ldm" / "devices1" / MEMBERSHIP_HISTORY_FILE)[0]["membership_auc"]
     # Rank 0 of 3 holds samples 0-5 (two blocks of 3: a pair never splits), rank 1 sample 6, rank 2 none.
     assert [len(torch.load(tmp_path / "record3" / f"check0_rank{r}.pt")["indices"]) for r in range(3)] == [6, 1, 0]

@@ -1,0 +1,162 @@
+"""What one membership evaluation costs beside the training epoch and the validation pass. One JSON.
+
+    python bench/membership_cost.py                                   # configs/phantom_ldm.yaml, this machine's device
+    python bench/membership_cost.py --config mrnet_ldm.yaml --spatial-size 64 64 16   # a 3D config, smaller
+
+Builds the config's LDM over an autoencoder of its `*_ae.yaml` model section (random weights: the time
+of a forward pass does not depend on them) on phantoms of the config's data section, and times, best
+of `--repeats`, in one process:
+
+- `epoch`: a training epoch (steps per epoch × one LDM step, forward, backward and Adam, at the
+  config's batch);
+- `validation`: one validation pass (`validation_step`'s loss on every held-out image, in batches of
+  the config's batch size);
+- `membership`: one evaluation as the callback runs it (`memorization.pipeline.score_membership`: the
+  held-out images and as many training images, one UNet forward each, in blocks of the config's
+  `memorization.sample_batch_size`), and the AUC.
+
+`ratio` gives membership ÷ validation (target ≤ 1) and membership ÷ epoch; `overhead` the share of
+the training time at the config's `membership_every_n_epochs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.machine import describe_machine  # noqa: E402
+from datamodules import PhantomDataModule  # noqa: E402
+from lightning_modules import AutoencoderModule, LatentDiffusionModule  # noqa: E402
+from memorization.pipeline import score_membership  # noqa: E402
+from memorization.stream import deterministic_kernels  # noqa: E402
+
+
+def config(name: str) -> dict:
+    return yaml.safe_load((ROOT / "configs" / name).read_text())
+
+
+def synchronized(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def best_of(repeats: int, device: torch.device, work) -> float:
+    times = []
+    for _ in range(repeats):
+        started = synchronized(device)
+        work()
+        times.append(synchronized(device) - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="phantom_ldm.yaml")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--spatial-size", type=int, nargs="+", help="override the data's spatial_size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    ldm_config = config(args.config)
+    stem = args.config.removesuffix(".yaml").removesuffix("_ldm")
+    memorization = ldm_config["memorization"]
+    data_args = {
+        k: v for k, v in ldm_config["data"]["init_args"].items() if k in ("spatial_size", "batch_size")
+    }
+    if args.spatial_size:
+        data_args["spatial_size"] = args.spatial_size
+    phantom = config("phantom_ldm.yaml")["data"]["init_args"] if stem == "phantom" else {"n_patients": 40}
+    data = PhantomDataModule(**{**phantom, **data_args})
+    data.setup("fit")
+    torch.manual_seed(0)
+    autoencoder = {
+        k: v for k, v in config(f"{stem}_ae.yaml")["model"]["init_args"].items() if k != "perceptual_weights"
+    }
+    autoencoder = {k: v for k, v in AutoencoderModule(**autoencoder).hparams.items() if not k.startswith("_")}
+    model_args = {k: v for k, v in ldm_config["model"]["init_args"].items() if k != "autoencoder_ckpt"}
+    model = LatentDiffusionModule(**model_args, autoencoder_config=autoencoder).to(device)
+    model.image_spatial_size = tuple(data.spatial_size)
+    model.scale_factor.fill_(1.0)
+    model._scale_known = True
+
+    batch_size = data_args["batch_size"]
+    images = next(iter(data.train_dataloader()))["image"].to(device)
+    optimizer = torch.optim.Adam(model.unet.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        loss = model._diffusion_loss(model.to_model_space(images))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    train_step()  # the first step allocates
+    step_seconds = statistics.median(best_of(1, device, train_step) for _ in range(args.train_steps))
+    n_train, n_val = len(data.train_ids), len(data.val_ids)
+    steps_per_epoch = -(-n_train // batch_size)
+    epoch_seconds = step_seconds * steps_per_epoch
+    train, val = data.reference_dataset("train"), data.reference_dataset("val")
+
+    def validation_pass() -> None:
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, n_val, batch_size):
+                held_out = torch.stack(
+                    [val[i]["image"] for i in range(start, min(start + batch_size, n_val))]
+                )
+                generator = torch.Generator().manual_seed(start)
+                model._diffusion_loss(model.to_model_space(held_out.to(device)), generator=generator)
+        model.train()
+
+    evaluation = {}
+
+    def membership() -> None:
+        evaluation["last"] = score_membership(
+            train, val, model.membership_scores, memorization["sample_batch_size"], device=device
+        )
+
+    with deterministic_kernels():
+        validation_seconds = best_of(args.repeats, device, validation_pass)
+        membership_seconds = best_of(args.repeats, device, membership)
+    every = memorization.get("membership_every_n_epochs", 1)
+    signal = evaluation["last"].signal
+    result = {
+        "config": args.config,
+        "device": str(device),
+        "spatial_size": list(data.spatial_size),
+        "n_train": n_train,
+        "n_val": n_val,
+        "scored": {"train": signal.n_members, "held_out": signal.n_non_members},
+        "batch_size": batch_size,
+        "sample_batch_size": memorization["sample_batch_size"],
+        "seconds": {
+            "training_step": round(step_seconds, 4),
+            "epoch": round(epoch_seconds, 4),
+            "validation_pass": round(validation_seconds, 4),
+            "membership": round(membership_seconds, 4),
+        },
+        "ratio": {
+            "membership_over_validation": round(membership_seconds / validation_seconds, 3),
+            "membership_over_epoch": round(membership_seconds / epoch_seconds, 3),
+        },
+        "membership_every_n_epochs": every,
+        "overhead": round(membership_seconds / (epoch_seconds * every), 3),
+        "machine": describe_machine(),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
