@@ -139,7 +139,8 @@ def test_print_config(config, capsys):
     if "_ldm" in config.stem or config.stem.endswith("_ddpm"):
         assert printed["memorization"]["class_path"] == "callbacks.MemorizationCallback"
         assert printed["memorization"]["init_args"]["embedder_ckpt"].endswith("simclr/version_0/checkpoints/last.ckpt")
-        assert printed["early_stopping"]["init_args"]["monitor"] == "memorization/excess_frac_mem"
+        stops_on = "membership_auc_low" if "membership" in config.stem else "excess_frac_mem"
+        assert printed["early_stopping"]["init_args"]["monitor"] == f"memorization/{stops_on}"
     else:
         assert printed["memorization"] is None and printed["early_stopping"] is None
     if config.stem in REAL_DATA_EMBEDDERS:  # the recipe bench/detector_quality.py measured (BENCHMARKS.md)
