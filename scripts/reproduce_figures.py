@@ -147,7 +147,7 @@ def _style(run: Run, k: int) -> str:
 def plot_membership(findings: Findings, path: Path) -> Path:
     """Per step, the membership AUC (95% band) and its control on the left axis, N_mem / N_train at the checks on
     the right."""
-    figure, auc_axis = plt.subplots(figsize=(8, 3.4))
+    figure, auc_axis = plt.subplots(figsize=(8, 4.8))
     mem_axis = auc_axis.twinx()
     runs = findings.with_membership
     for k, run in enumerate(runs):
@@ -164,7 +164,8 @@ def plot_membership(findings: Findings, path: Path) -> Path:
     mem_axis.set(ylabel="N_mem / N_train", ylim=(0, 1))
     handles = [sum(pair, []) for pair in zip(auc_axis.get_legend_handles_labels(),
                                              mem_axis.get_legend_handles_labels(), strict=True)]  # fmt: skip
-    auc_axis.legend(*handles, fontsize=7, loc="upper left")
+    # below the axes: inside, it would hide the AUC's rise, the figure's point
+    auc_axis.legend(*handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     return _save(figure, path)
 
 
