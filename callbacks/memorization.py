@@ -213,9 +213,8 @@ class MemorizationCallback(Callback):
         self.membership_history: list[dict[str, Any]] = []
         self.membership: MembershipEvaluation | None = None  # the latest evaluation, with its scores
         self._membership_summary: tuple[int, dict[str, Any]] | None = None  # (step, summary.json's section)
-        self._epoch_scalars: dict[
-            str, float
-        ] = {}  # this epoch's scalars, judged for last_safe.ckpt at its end
+        # this epoch's scalars, judged for last_safe.ckpt at its end
+        self._epoch_scalars: dict[str, float] = {}
         self._variation = checked_variation(self.embedder.spatial_dims, self.variation)
         self.history: list[dict[str, Any]] = []
         self.data: ReferenceData | None = None
