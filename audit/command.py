@@ -28,6 +28,7 @@ from audit.options import audit_parser, check_arguments
 from datamodules.transforms import variation_transform
 from lightning_modules.plugins import load_generator
 from memorization.chance import check_patients
+from memorization.embedders import membership_scorer
 from memorization.membership import MIN_HELD_OUT
 from memorization.pipeline import (
     embed_dataset,
@@ -187,8 +188,8 @@ def membership_section(
     """`summary.json`'s `membership`: the generator's own scores of training against held-out images
     (`memorization.membership`), or `{"skipped": why}` when it has no `membership_scores` or the data too few
     held-out images."""
-    scores = getattr(generator, "membership_scores", None)
-    if not callable(scores):
+    scores = membership_scorer(generator)
+    if scores is None:
         return {
             "skipped": f"{type(generator).__name__} has no membership_scores(images, ids), so it cannot score "
             "the training and held-out images."
@@ -203,8 +204,7 @@ def membership_section(
             train, val, scores, args.batch_size, n_ref=args.membership_n_ref, seed=args.seed,
             option="--membership-n-ref", device=device, num_workers=args.num_workers,
         )  # fmt: skip
-    # A NumPy bool (interval bounds are NumPy floats) is not JSON: summary.json takes Python's.
-    return {**evaluation.summary(), "above_control": bool(evaluation.above_control)}
+    return evaluation.summary()
 
 
 def saved(samples: Iterator[torch.Tensor], folder: Path) -> Iterator[torch.Tensor]:

@@ -40,9 +40,9 @@ from callbacks.startup_checks import (
     check_writable,
     checked_variation,
     load_callback_embedder,
-    membership_scorer,
     memorization_stoppers,
     out_of_memory_named,
+    warn_without_membership_scores,
 )
 from callbacks.tensorboard import add_layout, log_copy_pairs, log_histograms
 from lightning_modules.base import MemwatchModule
@@ -50,7 +50,7 @@ from lightning_private import averaged_model
 from memorization.chance import weak_detector_warning
 from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, check_rule, nearest_correlation
 from memorization.distributed import block_shard, fail_together, gather_kept
-from memorization.embedders import probe_generator
+from memorization.embedders import membership_scorer, probe_generator
 from memorization.history import MEMBERSHIP_HISTORY_FILE, PLACE_KEYS, TIMING_PREFIX, write_history
 from memorization.membership import AUC_METHOD, MembershipEvaluation
 from memorization.pipeline import (
@@ -212,7 +212,6 @@ class MemorizationCallback(Callback):
         self._membership_period = 0  # membership_every_n_epochs where the model has membership_scores, else 0
         self.membership_history: list[dict[str, Any]] = []
         self.membership: MembershipEvaluation | None = None  # the latest evaluation, with its scores
-        self._membership_summary: tuple[int, dict[str, Any]] | None = None  # (step, summary.json's section)
         # this epoch's scalars, judged for last_safe.ckpt at its end
         self._epoch_scalars: dict[str, float] = {}
         self._variation = checked_variation(self.embedder.spatial_dims, self.variation)
@@ -237,13 +236,11 @@ class MemorizationCallback(Callback):
         check_early_stopping(trainer, self.every_n_epochs, self.check_at_start, period)
 
     def _membership_period_of(self, generator: LightningModule) -> int:
-        return (
-            self.membership_every_n_epochs if callable(getattr(generator, "membership_scores", None)) else 0
-        )
+        return self.membership_every_n_epochs if membership_scorer(generator) is not None else 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         check_generator(pl_module)
-        membership_scorer(pl_module, self.membership_every_n_epochs)  # one warning when it has none
+        warn_without_membership_scores(pl_module, self.membership_every_n_epochs)
         self._membership_period = self._membership_period_of(pl_module)
         check_sampler_options(
             pl_module, trainer.strategy.root_device, self.decode_batch_size, self.sampler_graphs
@@ -403,7 +400,6 @@ class MemorizationCallback(Callback):
             )  # fmt: skip
         numbers = evaluation.scalars() | {"membership_seconds": started.lap()}
         self.membership = evaluation
-        self._membership_summary = (trainer.global_step, evaluation.summary())
         self.membership_history.append(
             {"epoch": trainer.current_epoch, "step": trainer.global_step, **numbers,
              "membership_above_control": evaluation.above_control, "membership_method": AUC_METHOD}
@@ -422,9 +418,9 @@ class MemorizationCallback(Callback):
             logger.log_metrics(scalars, step=trainer.global_step)
         self._epoch_scalars |= scalars
 
-    def _membership_now(self, trainer: Trainer) -> dict[str, Any]:
-        """The membership columns evaluated at this step, for the check's row (empty when none was)."""
-        if not self.membership_history or self.membership_history[-1]["step"] != trainer.global_step:
+    def _membership_now(self, step: int) -> dict[str, Any]:
+        """The membership columns evaluated at `step`, for the check's row (empty when none was)."""
+        if not self.membership_history or self.membership_history[-1]["step"] != step:
             return {}
         return {k: v for k, v in self.membership_history[-1].items() if k.startswith(MEMBERSHIP_KEY)}
 
@@ -492,7 +488,9 @@ class MemorizationCallback(Callback):
         ):
             rank_zero_warn(warning)
         self._log(row_scalars(row), trainer, pl_module)
-        row |= self._membership_now(trainer)  # in the history beside N_mem; logged when it was evaluated
+        row |= self._membership_now(
+            trainer.global_step
+        )  # in the history beside N_mem; logged when it was evaluated
         shape = (self.embedder.in_channels, *self.data.spatial_size)
         copies = (
             gather_kept(local.kept, copy_order(detection.report), MAX_PAIRS, shape, device)
@@ -528,8 +526,8 @@ class MemorizationCallback(Callback):
             },
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }  # fmt: skip
-        if self._membership_summary is not None and self._membership_summary[0] == row["step"]:
-            summary["membership"] = self._membership_summary[1]
+        if self._membership_now(row["step"]):
+            summary["membership"] = self.membership.summary()
         with staged_output(self.output_dir / f"check_{check:03d}", "output_dir", overwrite=True) as folder:
             write_report(
                 folder, detection.report, self.data.train_ids, [f"check{check:03d}-sample{i:06d}" for i in range(n_syn)],

@@ -24,7 +24,7 @@ from errors import InputError
 from lightning_modules.plugins import embedder_name, load_embedder
 from lightning_private import reads_at_train_epoch_end
 from memorization.chance import check_patients
-from memorization.embedders import Embedder
+from memorization.embedders import Embedder, membership_scorer
 from memorization.membership import MIN_HELD_OUT
 
 MEMBERSHIP_PREFIX = "memorization/membership_"
@@ -265,18 +265,13 @@ def out_of_memory_named(sample_batch_size: int, decode_batch_size: int | None) -
         ) from None
 
 
-def membership_scorer(generator: LightningModule, every_n_epochs: int) -> Callable | None:
-    """The generator's `membership_scores`, or `None` (with one warning) when it has none; `None` when off."""
-    if not every_n_epochs:
-        return None
-    scores = getattr(generator, "membership_scores", None)
-    if not callable(scores):
+def warn_without_membership_scores(generator: LightningModule, every_n_epochs: int) -> None:
+    """One warning when the membership signal is asked for and the generator has no `membership_scores`."""
+    if every_n_epochs and membership_scorer(generator) is None:
         rank_zero_warn(
             f"memorization.membership_every_n_epochs: {type(generator).__name__} has no membership_scores(images, ids), "
             "so the membership signal is off for this model (memwatch's diffusion and autoencoder modules have one)"
         )
-        return None
-    return scores
 
 
 def check_membership_data(n_val: int, n_ref: int | None) -> None:

@@ -126,8 +126,6 @@ class LatentDiffusionModule(DiffusionModule):
 
     @torch.no_grad()
     def membership_space(self, images: torch.Tensor) -> torch.Tensor:
-        if float(self.scale_factor) == 0.0:
-            raise InputError("this LDM has no latent scale factor yet: it has not seen a training batch")
         return mean_latents(self.autoencoder, images) * self.scale_factor
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ with `torch.jit.save`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -39,6 +39,13 @@ class Generator(Protocol):
         sample_batch_size: int = 16,
         start_index: int = 0,
     ) -> torch.Tensor: ...
+
+
+def membership_scorer(generator: object) -> Callable[..., torch.Tensor] | None:
+    """The generator's optional `membership_scores(images, ids) -> [B]` (higher = more likely a training image;
+    `memorization.membership`), or `None` when it has none."""
+    scores = getattr(generator, "membership_scores", None)
+    return scores if callable(scores) else None
 
 
 @runtime_checkable
