@@ -28,11 +28,8 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,32 +37,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
-from datamodules import PhantomDataModule  # noqa: E402
-from lightning_modules import AutoencoderModule, LatentDiffusionModule, SimCLRModule  # noqa: E402
+from bench.random_ldm import best_of, config, random_ldm  # noqa: E402
+from lightning_modules import LatentDiffusionModule, SimCLRModule  # noqa: E402
 from lightning_modules.diffusion import sample_generator  # noqa: E402
 from memorization import detect_copies, frechet_distance  # noqa: E402
 from memorization.quality import ms_ssim_diversity  # noqa: E402
 from memorization.stream import blocks, deterministic_kernels  # noqa: E402
-
-
-def config(name: str) -> dict:
-    path = ROOT / "configs" / name
-    return yaml.safe_load(path.read_text())
-
-
-def synchronized(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def best_of(repeats: int, device: torch.device, work) -> float:
-    times = []
-    for _ in range(repeats):
-        started = synchronized(device)
-        work()
-        times.append(synchronized(device) - started)
-    return min(times)
 
 
 def old_denoise(model: LatentDiffusionModule, indices: range, steps: int) -> torch.Tensor:
@@ -91,22 +68,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=10)
     args = parser.parse_args()
     device = torch.device(args.device)
-    ldm_config = config(args.config)
-    stem = args.config.removesuffix(".yaml").removesuffix("_ldm")
-    memorization = ldm_config["memorization"]
-    data_args = {k: v for k, v in ldm_config["data"]["init_args"].items() if k in ("spatial_size", "batch_size")}
-    if args.spatial_size:
-        data_args["spatial_size"] = args.spatial_size
-    phantom = config("phantom_ldm.yaml")["data"]["init_args"] if stem == "phantom" else {"n_patients": 40}
-    data = PhantomDataModule(**{**phantom, **data_args})
-    data.setup("fit")
-    torch.manual_seed(0)
-    autoencoder = {k: v for k, v in config(f"{stem}_ae.yaml")["model"]["init_args"].items() if k != "perceptual_weights"}
-    model_args = {k: v for k, v in ldm_config["model"]["init_args"].items() if k != "autoencoder_ckpt"}
-    autoencoder = {k: v for k, v in AutoencoderModule(**autoencoder).hparams.items() if not k.startswith("_")}
-    model = LatentDiffusionModule(**model_args, autoencoder_config=autoencoder).to(device)
-    model.image_spatial_size = tuple(data.spatial_size)
-    model.scale_factor.fill_(1.0)
+    built = random_ldm(args.config, device, args.spatial_size)
+    model, data, stem = built.model, built.data, built.stem
+    memorization = built.ldm_config["memorization"]
     embedder_args = config(f"{stem}_simclr.yaml")["model"]["init_args"]
     embedder = SimCLRModule(**embedder_args).to(device).eval()
 
@@ -123,7 +87,7 @@ def main() -> None:
     train_step()  # the first step allocates
     step_seconds = statistics.median(best_of(1, device, train_step) for _ in range(args.train_steps))
     n_train = len(data.train_ids)
-    steps_per_epoch = -(-n_train // data_args["batch_size"])
+    steps_per_epoch = -(-n_train // built.batch_size)
     between_checks = step_seconds * steps_per_epoch * memorization["every_n_epochs"]
 
     n = args.n_samples or n_train

@@ -25,10 +25,7 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,29 +33,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
-from datamodules import PhantomDataModule  # noqa: E402
-from lightning_modules import AutoencoderModule, LatentDiffusionModule  # noqa: E402
+from bench.random_ldm import best_of, random_ldm  # noqa: E402
 from memorization.pipeline import score_membership  # noqa: E402
 from memorization.stream import deterministic_kernels  # noqa: E402
-
-
-def config(name: str) -> dict:
-    return yaml.safe_load((ROOT / "configs" / name).read_text())
-
-
-def synchronized(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def best_of(repeats: int, device: torch.device, work) -> float:
-    times = []
-    for _ in range(repeats):
-        started = synchronized(device)
-        work()
-        times.append(synchronized(device) - started)
-    return min(times)
 
 
 def main() -> None:
@@ -70,29 +47,10 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
-    ldm_config = config(args.config)
-    stem = args.config.removesuffix(".yaml").removesuffix("_ldm")
-    memorization = ldm_config["memorization"]
-    data_args = {
-        k: v for k, v in ldm_config["data"]["init_args"].items() if k in ("spatial_size", "batch_size")
-    }
-    if args.spatial_size:
-        data_args["spatial_size"] = args.spatial_size
-    phantom = config("phantom_ldm.yaml")["data"]["init_args"] if stem == "phantom" else {"n_patients": 40}
-    data = PhantomDataModule(**{**phantom, **data_args})
-    data.setup("fit")
-    torch.manual_seed(0)
-    autoencoder = {
-        k: v for k, v in config(f"{stem}_ae.yaml")["model"]["init_args"].items() if k != "perceptual_weights"
-    }
-    autoencoder = {k: v for k, v in AutoencoderModule(**autoencoder).hparams.items() if not k.startswith("_")}
-    model_args = {k: v for k, v in ldm_config["model"]["init_args"].items() if k != "autoencoder_ckpt"}
-    model = LatentDiffusionModule(**model_args, autoencoder_config=autoencoder).to(device)
-    model.image_spatial_size = tuple(data.spatial_size)
-    model.scale_factor.fill_(1.0)
+    built = random_ldm(args.config, device, args.spatial_size)
+    model, data, batch_size = built.model, built.data, built.batch_size
     model._scale_known = True
-
-    batch_size = data_args["batch_size"]
+    memorization = built.ldm_config["memorization"]
     images = next(iter(data.train_dataloader()))["image"].to(device)
     optimizer = torch.optim.Adam(model.unet.parameters(), lr=1e-4)
 
