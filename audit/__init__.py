@@ -27,8 +27,8 @@ Parts: `options.py` (the parser and its checks), `inputs.py` (embedders, generat
 images), `command.py` (`run_audit`), `printing.py` (the verdict on the terminal).
 """
 
-from audit.command import run_audit
-from audit.options import audit_parser
-from audit.printing import print_audit, print_verification
+from memwatch.audit.command import run_audit
+from memwatch.audit.options import audit_parser
+from memwatch.audit.printing import print_audit, print_verification
 
 __all__ = ["audit_parser", "print_audit", "print_verification", "run_audit"]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from monai.data import Dataset
 
-from audit.inputs import (
+from memwatch.audit.inputs import (
     audit_inputs,
     check_generator,
     checkpoint_file,
@@ -24,24 +24,24 @@ from audit.inputs import (
     reference_data,
     synthetic_folder,
 )
-from audit.options import audit_parser, check_arguments
-from datamodules.transforms import variation_transform
-from lightning_modules.plugins import load_generator
-from memorization.chance import check_patients
-from memorization.embedders import membership_scorer
-from memorization.membership import MIN_HELD_OUT
-from memorization.pipeline import (
+from memwatch.audit.options import audit_parser, check_arguments
+from memwatch.datamodules.transforms import variation_transform
+from memwatch.lightning_modules.plugins import load_generator
+from memwatch.memorization.chance import check_patients
+from memwatch.memorization.embedders import membership_scorer
+from memwatch.memorization.membership import MIN_HELD_OUT
+from memwatch.memorization.pipeline import (
     embed_dataset,
     embed_variations,
     sample_block_size,
     sample_blocks,
     score_membership,
 )
-from memorization.reference import ReferenceSet
-from memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
-from memorization.report import check_output_folder, staged_output, write_report
-from memorization.stream import Progress, deterministic_kernels, embed_stream, rng_preserved
-from memorization.summary import detectors_summary, quality_numbers, summary_numbers
+from memwatch.memorization.reference import ReferenceSet
+from memwatch.memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
+from memwatch.memorization.report import check_output_folder, staged_output, write_report
+from memwatch.memorization.stream import Progress, deterministic_kernels, embed_stream, rng_preserved
+from memwatch.memorization.summary import detectors_summary, quality_numbers, summary_numbers
 
 
 def run_audit(argv: Sequence[str]) -> dict[str, Any]:

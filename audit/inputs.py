@@ -14,12 +14,12 @@ from lightning.pytorch.cli import instantiate_class
 from monai.data import Dataset
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd, SelectItemsd
 
-from datamodules import DicomDataModule, FolderDataModule, MedicalImageDataModule, is_dicom_folder
-from datamodules.intensity import CheckUnitRange
-from datamodules.readers.image_files import LoadImageFile, image_records
-from errors import InputError
-from lightning_modules.plugins import embedder_name, load_embedder
-from memorization.embedders import Embedder, probe_generator
+from memwatch.datamodules import DicomDataModule, FolderDataModule, MedicalImageDataModule, is_dicom_folder
+from memwatch.datamodules.intensity import CheckUnitRange
+from memwatch.datamodules.readers.image_files import LoadImageFile, image_records
+from memwatch.errors import InputError
+from memwatch.lightning_modules.plugins import embedder_name, load_embedder
+from memwatch.memorization.embedders import Embedder, probe_generator
 
 
 def load_embedders(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser, Namespace
 
-from datamodules.transforms import CONTRAST_GAMMA, NOISE_STD, ROTATION_DEGREES
-from errors import InputError
-from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, RULES, check_rule
-from memorization.membership import MIN_HELD_OUT
+from memwatch.datamodules.transforms import CONTRAST_GAMMA, NOISE_STD, ROTATION_DEGREES
+from memwatch.errors import InputError
+from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, RULES, check_rule
+from memwatch.memorization.membership import MIN_HELD_OUT
 
 
 def audit_parser() -> ArgumentParser:
@@ -24,7 +24,7 @@ def audit_parser() -> ArgumentParser:
         "--embedder", action="append", default=[],
         help="the embedder that counts copies: a SimCLR checkpoint (trained on the training images), pixel "
         "(raw pixels, mirror invariant), or a {class_path: ..., init_args: {...}} YAML such as "
-        "memorization.embedders.TorchScriptEmbedder; repeat it to compare detectors (the first sets the headline)",
+        "memwatch.memorization.embedders.TorchScriptEmbedder; repeat it to compare detectors (the first sets the headline)",
     )  # fmt: skip
     parser.add_argument(
         "--spatial_size", "--spatial-size", type=int, nargs="+",
@@ -55,7 +55,7 @@ def audit_parser() -> ArgumentParser:
     synthetic.add_argument(
         "--generator", "--ldm",
         help="a generator's checkpoint to sample instead: the LDM, the pixel DDPM, or any LightningModule with "
-        "sample() trained through cli.py fit (memorization.embedders.Generator)",
+        "sample() trained through cli.py fit (memwatch.memorization.embedders.Generator)",
     )  # fmt: skip
     synthetic.add_argument(
         "--n_samples",

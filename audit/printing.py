@@ -10,7 +10,7 @@ def print_audit(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from memorization.chance import weak_detector_warning
+    from memwatch.memorization.chance import weak_detector_warning
 
     def share(count: int, total: int, key: str) -> str:
         low, high = summary[f"{key}_ci"]

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe_machine  # noqa: E402
-from memorization.history import read_history  # noqa: E402
+from memwatch.memorization.history import read_history  # noqa: E402
 from scripts.launch import fit  # noqa: E402
 
 EMA = {
@@ -70,9 +70,9 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
     from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 
-    import callbacks.memorization as glue
-    import cli
-    from callbacks.memorization import MemorizationCallback
+    import memwatch.callbacks.memorization as glue
+    from memwatch import cli
+    from memwatch.callbacks.memorization import MemorizationCallback
 
     seconds: dict[str, list[float]] = {"fit": [], "check": [], "reference": [], "hooks": []}
     step_ends: list[float] = []

@@ -24,8 +24,8 @@ from machine import describe_machine  # bench/machine.py: scripts run from bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memorization import detect_copies  # noqa: E402
-from memorization.chance import chance_level, detector_check, held_out_exceedances  # noqa: E402
+from memwatch.memorization import detect_copies  # noqa: E402
+from memwatch.memorization.chance import chance_level, detector_check, held_out_exceedances  # noqa: E402
 
 
 def peak_mib() -> float:

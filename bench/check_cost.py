@@ -38,11 +38,11 @@ import torch  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
 from bench.random_ldm import best_of, config, random_ldm  # noqa: E402
-from lightning_modules import LatentDiffusionModule, SimCLRModule  # noqa: E402
-from lightning_modules.diffusion import sample_generator  # noqa: E402
-from memorization import detect_copies, frechet_distance  # noqa: E402
-from memorization.quality import ms_ssim_diversity  # noqa: E402
-from memorization.stream import blocks, deterministic_kernels  # noqa: E402
+from memwatch.lightning_modules import LatentDiffusionModule, SimCLRModule  # noqa: E402
+from memwatch.lightning_modules.diffusion import sample_generator  # noqa: E402
+from memwatch.memorization import detect_copies, frechet_distance  # noqa: E402
+from memwatch.memorization.quality import ms_ssim_diversity  # noqa: E402
+from memwatch.memorization.stream import blocks, deterministic_kernels  # noqa: E402
 
 
 def old_denoise(model: LatentDiffusionModule, indices: range, steps: int) -> torch.Tensor:

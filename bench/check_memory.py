@@ -43,11 +43,11 @@ EMBEDDERS = {
 def one_check(n_samples: int, size: int, sample_batch_size: int, mode: str, embedder_size: str) -> dict:
     import torch
 
-    from datamodules.phantom import render_phantom
-    from datamodules.transforms import vary
-    from lightning_modules import SimCLRModule
-    from memorization.detect import nearest_correlation
-    from memorization.stream import blocks, embed_stream
+    from memwatch.datamodules.phantom import render_phantom
+    from memwatch.datamodules.transforms import vary
+    from memwatch.lightning_modules import SimCLRModule
+    from memwatch.memorization.detect import nearest_correlation
+    from memwatch.memorization.stream import blocks, embed_stream
 
     torch.manual_seed(0)
     embedder = SimCLRModule(**EMBEDDERS[embedder_size]).eval()

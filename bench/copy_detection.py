@@ -73,7 +73,7 @@ def authors_method(train: np.ndarray, val: np.ndarray, syn: np.ndarray, percenti
 
 
 def ours(train, val, syn, percentile: float, chunk_size: int) -> dict:
-    from memorization import detect_copies
+    from memwatch.memorization import detect_copies
 
     report = detect_copies(train, val, syn, percentile=percentile, chunk_size=chunk_size)
     return {

@@ -103,7 +103,7 @@ def evict(*folders: Path) -> None:
 def worker(spec: dict) -> None:
     """Build one DataModule, iterate its training loader `epochs` times; print a JSON line."""
     start = time.perf_counter()
-    from datamodules import MRNetDataModule, NiftiDataModule, folder
+    from memwatch.datamodules import MRNetDataModule, NiftiDataModule, folder
 
     import_s = time.perf_counter() - start
     counter = Path(spec["counter"])

@@ -52,9 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe_machine  # noqa: E402
-from datamodules.families import family_spatial_dims, write_planted_copy_set  # noqa: E402
-from memorization.chance import prediction_interval  # noqa: E402
-from memorization.stats import binomial_interval  # noqa: E402
+from memwatch.datamodules.families import family_spatial_dims, write_planted_copy_set  # noqa: E402
+from memwatch.memorization.chance import prediction_interval  # noqa: E402
+from memwatch.memorization.stats import binomial_interval  # noqa: E402
 from scripts.launch import CliRun, run_cli  # noqa: E402
 
 
@@ -97,7 +97,7 @@ MARGIN_SWEEP = (1.0, 0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4)
 
 
 def clopper_pearson(successes: int, trials: int) -> list[float]:
-    """`memorization.stats.binomial_interval` (exact, 95%) as a JSON-ready `[low, high]`, rounded to 4 places."""
+    """`memwatch.memorization.stats.binomial_interval` (exact, 95%) as a JSON-ready `[low, high]`, rounded to 4 places."""
     return [round(bound, 4) for bound in binomial_interval(successes, trials)]
 
 
@@ -212,7 +212,7 @@ def fit_config(recipe: str, data: Path, work: Path, size: list[int], steps: int)
         "checkpoint": {"save_last": True, "dirpath": str(work / "checkpoints")},
         "model": model,
         "data": {
-            "class_path": "datamodules.FolderDataModule",
+            "class_path": "memwatch.datamodules.FolderDataModule",
             "init_args": {
                 "train_dir": str(data / "train"), "val_dir": str(data / "val"), "spatial_size": size,
                 "resize": "resize", "intensity": "minmax", "batch_size": scale["batch_size"], "cache": "memory",

@@ -64,10 +64,10 @@ import torch  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
-from datamodules import PhantomDataModule  # noqa: E402
-from lightning_modules import AutoencoderModule, LatentDiffusionModule, SimCLRModule  # noqa: E402
-from memorization.distributed import block_shard  # noqa: E402
-from memorization.stream import Stopwatch, blocks, deterministic_kernels  # noqa: E402
+from memwatch.datamodules import PhantomDataModule  # noqa: E402
+from memwatch.lightning_modules import AutoencoderModule, LatentDiffusionModule, SimCLRModule  # noqa: E402
+from memwatch.memorization.distributed import block_shard  # noqa: E402
+from memwatch.memorization.stream import Stopwatch, blocks, deterministic_kernels  # noqa: E402
 
 REAL_DATA = ("mrnet", "chestxray", "nifti", "dicom")
 STAGES = {"ae": "autoencoder", "simclr": "embedder", "ldm": "ldm"}

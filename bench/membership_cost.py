@@ -34,8 +34,8 @@ import torch  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
 from bench.random_ldm import best_of, random_ldm  # noqa: E402
-from memorization.pipeline import score_membership  # noqa: E402
-from memorization.stream import deterministic_kernels  # noqa: E402
+from memwatch.memorization.pipeline import score_membership  # noqa: E402
+from memwatch.memorization.stream import deterministic_kernels  # noqa: E402
 
 
 def main() -> None:

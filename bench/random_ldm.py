@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from datamodules import PhantomDataModule
-from lightning_modules import AutoencoderModule, LatentDiffusionModule
+from memwatch.datamodules import PhantomDataModule
+from memwatch.lightning_modules import AutoencoderModule, LatentDiffusionModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -65,9 +65,9 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from machine import describe_machine  # noqa: E402  (bench/machine.py: scripts run from bench/ on sys.path)
 from torch.utils.data import DataLoader  # noqa: E402
 
-from datamodules import PhantomDataModule  # noqa: E402
-from lightning_modules import AutoencoderModule, LatentDiffusionModule  # noqa: E402
-from lightning_modules.autoencoder import kl_divergence  # noqa: E402
+from memwatch.datamodules import PhantomDataModule  # noqa: E402
+from memwatch.lightning_modules import AutoencoderModule, LatentDiffusionModule  # noqa: E402
+from memwatch.lightning_modules.autoencoder import kl_divergence  # noqa: E402
 
 AE_ARGS = dict(kind="kl", spatial_dims=2, in_channels=1, channels=(32, 64), latent_channels=3, num_res_blocks=1, norm_num_groups=32,
                kl_weight=1e-6, adv_weight=0.01, adv_warmup_steps=0, lr=1e-3, disc_lr=1e-3)  # fmt: skip

@@ -1,5 +1,5 @@
-"""Lightning glue around `memorization/`: configs name it as `callbacks.MemorizationCallback`."""
+"""Lightning glue around `memorization/`: configs name it as `memwatch.callbacks.MemorizationCallback`."""
 
-from callbacks.memorization import MemorizationCallback
+from memwatch.callbacks.memorization import MemorizationCallback
 
 __all__ = ["MemorizationCallback"]

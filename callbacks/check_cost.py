@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from memorization.distributed import distributed
+from memwatch.memorization.distributed import distributed
 
 
 def check_cost(

@@ -26,10 +26,10 @@ from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.check_cost import check_cost, cost_warnings
-from callbacks.last_safe import save_last_safe, within_limits
-from callbacks.reference_data import ReferenceData, reference_data
-from callbacks.startup_checks import (
+from memwatch.callbacks.check_cost import check_cost, cost_warnings
+from memwatch.callbacks.last_safe import save_last_safe, within_limits
+from memwatch.callbacks.reference_data import ReferenceData, reference_data
+from memwatch.callbacks.startup_checks import (
     EMBEDDER_OPTION,
     check_early_stopping,
     check_embedder_fits,
@@ -44,16 +44,16 @@ from callbacks.startup_checks import (
     out_of_memory_named,
     warn_without_membership_scores,
 )
-from callbacks.tensorboard import add_layout, log_copy_pairs, log_histograms
-from lightning_modules.base import MemwatchModule
-from lightning_private import averaged_model
-from memorization.chance import weak_detector_warning
-from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, check_rule, nearest_correlation
-from memorization.distributed import block_shard, fail_together, gather_kept
-from memorization.embedders import membership_scorer, probe_generator
-from memorization.history import MEMBERSHIP_HISTORY_FILE, PLACE_KEYS, TIMING_PREFIX, write_history
-from memorization.membership import AUC_METHOD, MembershipEvaluation
-from memorization.pipeline import (
+from memwatch.callbacks.tensorboard import add_layout, log_copy_pairs, log_histograms
+from memwatch.lightning_modules.base import MemwatchModule
+from memwatch.lightning_private import averaged_model
+from memwatch.memorization.chance import weak_detector_warning
+from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, check_rule, nearest_correlation
+from memwatch.memorization.distributed import block_shard, fail_together, gather_kept
+from memwatch.memorization.embedders import membership_scorer, probe_generator
+from memwatch.memorization.history import MEMBERSHIP_HISTORY_FILE, PLACE_KEYS, TIMING_PREFIX, write_history
+from memwatch.memorization.membership import AUC_METHOD, MembershipEvaluation
+from memwatch.memorization.pipeline import (
     embed_dataset,
     embed_variations,
     gathered,
@@ -61,10 +61,10 @@ from memorization.pipeline import (
     sample_blocks,
     score_membership,
 )
-from memorization.reference import ReferenceSet
-from memorization.report import copy_order, staged_output, write_report
-from memorization.stats import logged_scalars
-from memorization.stream import (
+from memwatch.memorization.reference import ReferenceSet
+from memwatch.memorization.report import copy_order, staged_output, write_report
+from memwatch.memorization.stats import logged_scalars
+from memwatch.memorization.stream import (
     EmbeddedStream,
     Progress,
     Stopwatch,
@@ -72,7 +72,7 @@ from memorization.stream import (
     embed_stream,
     rng_preserved,
 )
-from memorization.summary import check_numbers, quality_numbers, summary_numbers
+from memwatch.memorization.summary import check_numbers, quality_numbers, summary_numbers
 
 MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
 MEMBERSHIP_KEY = "membership_"  # the membership signal's columns and scalars
@@ -317,7 +317,7 @@ class MemorizationCallback(Callback):
 
     @property
     def detector(self):
-        """The detector's self-check of this fit (`memorization.chance.DetectorCheck`), or `None`."""
+        """The detector's self-check of this fit (`memwatch.memorization.chance.DetectorCheck`), or `None`."""
         return self.reference.self_check if self.reference is not None else None
 
     def _progress(self, trainer: Trainer, label: str):

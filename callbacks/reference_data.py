@@ -25,7 +25,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import Dataset, IterableDataset
 
-from errors import InputError
+from memwatch.errors import InputError
 
 IMAGE_KEY, PATIENT_KEY, ID_KEY = "image", "patient", "id"
 Split = Literal["train", "val"]
@@ -106,7 +106,7 @@ class LoaderData:
             raise InputError(
                 f"{self.name}.{method}() must return one DataLoader over a map-style dataset (len and indexing): "
                 "MemorizationCallback reads every image once in a fixed order; or define "
-                "reference_dataset(split) on the DataModule (callbacks.reference_data.ReferenceData)"
+                "reference_dataset(split) on the DataModule (memwatch.callbacks.reference_data.ReferenceData)"
             )
         if len(dataset) == 0:
             raise InputError(f"{self.name}.{method}() has no images: MemorizationCallback needs the {role}")

@@ -19,13 +19,13 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from monai.transforms import Compose
 
-from datamodules.transforms import variation_transform
-from errors import InputError
-from lightning_modules.plugins import embedder_name, load_embedder
-from lightning_private import reads_at_train_epoch_end
-from memorization.chance import check_patients
-from memorization.embedders import Embedder, membership_scorer
-from memorization.membership import MIN_HELD_OUT
+from memwatch.datamodules.transforms import variation_transform
+from memwatch.errors import InputError
+from memwatch.lightning_modules.plugins import embedder_name, load_embedder
+from memwatch.lightning_private import reads_at_train_epoch_end
+from memwatch.memorization.chance import check_patients
+from memwatch.memorization.embedders import Embedder, membership_scorer
+from memwatch.memorization.membership import MIN_HELD_OUT
 
 MEMBERSHIP_PREFIX = "memorization/membership_"
 
@@ -91,7 +91,7 @@ def load_callback_embedder(
 
 
 def checked_variation(spatial_dims: int, variation: dict[str, Any]) -> Compose:
-    """The self-check's variation transform (`datamodules.transforms.variation_transform`) of these strengths."""
+    """The self-check's variation transform (`memwatch.datamodules.transforms.variation_transform`) of these strengths."""
     try:
         return variation_transform(spatial_dims, **variation)
     except TypeError as error:
@@ -204,12 +204,12 @@ def stale_early_stopping(
 
 
 def check_generator(generator: LightningModule) -> None:
-    """Raise `InputError` unless the model can be sampled (`memorization.embedders.Generator`)."""
+    """Raise `InputError` unless the model can be sampled (`memwatch.memorization.embedders.Generator`)."""
     if not callable(getattr(generator, "sample", None)):
         raise InputError(
             f"MemorizationCallback needs a model with sample(); {type(generator).__name__} has none: implement "
             "sample(n, seed, num_inference_steps=..., sample_batch_size=..., start_index=...) as "
-            "memorization.embedders.Generator describes, returning [n, C, *spatial] images in [0, 1]"
+            "memwatch.memorization.embedders.Generator describes, returning [n, C, *spatial] images in [0, 1]"
         )
 
 

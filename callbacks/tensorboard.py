@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from memorization.detect import CopyReport
-from memorization.report import viewable
+from memwatch.memorization.detect import CopyReport
+from memwatch.memorization.report import viewable
 
 # One TensorBoard page (the CUSTOM SCALARS tab) with memorization (copies and the membership signal)
 # next to the quality metrics that do not see it (the paper's over-training finding) and the loss.

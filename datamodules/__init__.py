@@ -1,12 +1,12 @@
-"""One LightningDataModule per dataset, all sharing `MedicalImageDataModule`; file readers in `datamodules.readers`."""
+"""One LightningDataModule per dataset, all sharing `MedicalImageDataModule`; file readers in `memwatch.datamodules.readers`."""
 
-from datamodules.base import MedicalImageDataModule
-from datamodules.chestxray import ChestXray14DataModule
-from datamodules.dicom import DicomDataModule
-from datamodules.folder import FolderDataModule
-from datamodules.mrnet import MRNetDataModule
-from datamodules.nifti import NiftiDataModule
-from datamodules.phantom import PhantomDataModule
-from datamodules.readers.dicom import is_dicom_folder
+from memwatch.datamodules.base import MedicalImageDataModule
+from memwatch.datamodules.chestxray import ChestXray14DataModule
+from memwatch.datamodules.dicom import DicomDataModule
+from memwatch.datamodules.folder import FolderDataModule
+from memwatch.datamodules.mrnet import MRNetDataModule
+from memwatch.datamodules.nifti import NiftiDataModule
+from memwatch.datamodules.phantom import PhantomDataModule
+from memwatch.datamodules.readers.dicom import is_dicom_folder
 
 __all__ = ["ChestXray14DataModule", "DicomDataModule", "FolderDataModule", "MedicalImageDataModule", "MRNetDataModule", "NiftiDataModule", "PhantomDataModule", "is_dicom_folder"]

@@ -28,8 +28,8 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose, EnsureTyped, Lambda, SelectItemsd, Transform
 
-from datamodules.transforms import augmentation_transforms
-from errors import InputError
+from memwatch.datamodules.transforms import augmentation_transforms
+from memwatch.errors import InputError
 
 
 def record_hash(record: dict[str, Any]) -> bytes:

@@ -43,9 +43,9 @@ import numpy as np
 from monai.transforms import Resized, ScaleIntensityd
 from PIL import Image
 
-from datamodules.base import MedicalImageDataModule
-from datamodules.readers.image_files import LoadImageFile
-from errors import InputError, one_line
+from memwatch.datamodules.base import MedicalImageDataModule
+from memwatch.datamodules.readers.image_files import LoadImageFile
+from memwatch.errors import InputError, one_line
 
 TABLES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")  # the first one present is read
 IMAGE_COLUMN, PATIENT_COLUMN = "Image Index", "Patient ID"

@@ -53,12 +53,12 @@ from typing import Any, Literal
 from monai.transforms import Orientationd, Resized, ResizeWithPadOrCropd
 from pydicom.dataset import Dataset
 
-from datamodules.base import MedicalImageDataModule
-from datamodules.intensity import check_intensity, clip_to_unit, scale_to_unit
-from datamodules.readers.dicom import LoadDicom, frame_count, is_dicom_file, read_header
-from datamodules.readers.dicom_series import patient_of, series_geometry, why_2d
-from datamodules.readers.nifti import RAS_LABELS
-from errors import InputError
+from memwatch.datamodules.base import MedicalImageDataModule
+from memwatch.datamodules.intensity import check_intensity, clip_to_unit, scale_to_unit
+from memwatch.datamodules.readers.dicom import LoadDicom, frame_count, is_dicom_file, read_header
+from memwatch.datamodules.readers.dicom_series import patient_of, series_geometry, why_2d
+from memwatch.datamodules.readers.nifti import RAS_LABELS
+from memwatch.errors import InputError
 
 LAYOUT = "root/<patient>/<DICOM files, any subfolders> (one folder per patient)"
 DICOM_SUFFIXES = (".dcm", ".dicom")  # stripped from a 2D image's id; any other name is kept whole

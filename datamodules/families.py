@@ -38,7 +38,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.ndimage import shift as scipy_shift
 from scipy.special import expit
 
-from errors import InputError
+from memwatch.errors import InputError
 
 
 def _rng(family: str, patient_id: str) -> np.random.Generator:

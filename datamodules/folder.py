@@ -34,10 +34,10 @@ from typing import Any, Literal
 
 from monai.transforms import Resized, ResizeWithPadOrCropd
 
-from datamodules.base import MedicalImageDataModule
-from datamodules.intensity import CheckUnitRange, check_intensity, clip_to_unit, scale_to_unit
-from datamodules.readers.image_files import LoadImageFile, image_records
-from errors import InputError
+from memwatch.datamodules.base import MedicalImageDataModule
+from memwatch.datamodules.intensity import CheckUnitRange, check_intensity, clip_to_unit, scale_to_unit
+from memwatch.datamodules.readers.image_files import LoadImageFile, image_records
+from memwatch.errors import InputError
 
 # Also importable from here, as before `datamodules.readers` (bench/data_loading.py patches folder.LoadImageFile);
 # new code imports them from `datamodules.readers.image_files` and `datamodules.intensity`.

@@ -22,7 +22,7 @@ from monai.transforms import (
     Transform,
 )
 
-from errors import InputError
+from memwatch.errors import InputError
 
 INTENSITIES = ("window", "percentile", "minmax", "none")
 

@@ -38,9 +38,9 @@ from typing import Any, Literal
 import numpy as np
 from monai.transforms import ResizeWithPadOrCropd, ScaleIntensityd, Transposed
 
-from datamodules.base import MedicalImageDataModule
-from datamodules.readers.image_files import LoadImageFile
-from errors import InputError, one_line
+from memwatch.datamodules.base import MedicalImageDataModule
+from memwatch.datamodules.readers.image_files import LoadImageFile
+from memwatch.errors import InputError, one_line
 
 PLANES = ("axial", "coronal", "sagittal")
 SPLITS = ("authors", "seeded", "official")

@@ -45,11 +45,11 @@ from typing import Any, Literal
 from monai.transforms import BorderPad, Orientationd, ResizeWithPadOrCropd, SpatialCrop, Transform
 from monai.transforms.utils import generate_spatial_bounding_box
 
-from datamodules.base import MedicalImageDataModule
-from datamodules.intensity import check_intensity, scale_to_unit
-from datamodules.readers.image_files import LoadImageFile, image_format
-from datamodules.readers.nifti import RAS_LABELS, check_volume_file
-from errors import InputError
+from memwatch.datamodules.base import MedicalImageDataModule
+from memwatch.datamodules.intensity import check_intensity, scale_to_unit
+from memwatch.datamodules.readers.image_files import LoadImageFile, image_format
+from memwatch.datamodules.readers.nifti import RAS_LABELS, check_volume_file
+from memwatch.errors import InputError
 
 LAYOUT = (
     "root/<patient>.nii.gz (one volume per patient) or root/<patient>/<volume>.nii.gz (several per patient)"

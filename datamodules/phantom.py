@@ -16,8 +16,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from datamodules.base import MedicalImageDataModule
-from errors import InputError
+from memwatch.datamodules.base import MedicalImageDataModule
+from memwatch.errors import InputError
 
 
 def _rotation(rng: np.random.Generator, spatial_dims: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from errors import InputError
+from memwatch.errors import InputError
 
 ROTATION_DEGREES = 5.0  # the paper's augmentation and variation: ±5° per axis
 CONTRAST_GAMMA = (0.85, 1.15)

@@ -18,8 +18,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from monai.losses import PatchAdversarialLoss, PerceptualLoss
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 
-from errors import InputError
-from lightning_modules.base import MemwatchModule, nearest_multiple
+from memwatch.errors import InputError
+from memwatch.lightning_modules.base import MemwatchModule, nearest_multiple
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 
-from errors import InputError
+from memwatch.errors import InputError
 
 ModuleT = TypeVar("ModuleT", bound="MemwatchModule")
 

@@ -21,8 +21,8 @@ from lightning.pytorch import LightningDataModule
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from errors import InputError
-from lightning_modules.base import MemwatchModule, nearest_multiple
+from memwatch.errors import InputError
+from memwatch.lightning_modules.base import MemwatchModule, nearest_multiple
 
 
 def sample_generator(

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import torch
 
-from errors import InputError
-from lightning_modules.autoencoder import AutoencoderModule, mean_latents
-from lightning_modules.diffusion import DiffusionModule, sample_generator
+from memwatch.errors import InputError
+from memwatch.lightning_modules.autoencoder import AutoencoderModule, mean_latents
+from memwatch.lightning_modules.diffusion import DiffusionModule, sample_generator
 
 __all__ = ["LatentDiffusionModule", "sample_generator"]
 

@@ -21,10 +21,10 @@ import yaml
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_class
 
-from errors import InputError
-from lightning_modules.latent_diffusion import LatentDiffusionModule
-from lightning_modules.simclr import SimCLRModule
-from memorization.embedders import Embedder, PixelEmbedder
+from memwatch.errors import InputError
+from memwatch.lightning_modules.latent_diffusion import LatentDiffusionModule
+from memwatch.lightning_modules.simclr import SimCLRModule
+from memwatch.memorization.embedders import Embedder, PixelEmbedder
 
 EmbedderSpec = str | Mapping[str, Any]
 REQUIRED = ("embed", "spatial_dims", "in_channels", "embedding_dim")
@@ -65,7 +65,7 @@ def _instantiate(spec: Mapping[str, Any], option: str) -> Embedder:
     if missing:
         raise InputError(
             f"{option}: {spec['class_path']} is not an embedder (it has no {', '.join(missing)}): implement "
-            "memorization.embedders.Embedder (embed(images) -> [B, L], spatial_dims, in_channels, embedding_dim)"
+            "memwatch.memorization.embedders.Embedder (embed(images) -> [B, L], spatial_dims, in_channels, embedding_dim)"
         )
     for name, default in (("image_spatial_size", None), ("training_patients", None)):
         if not hasattr(embedder, name):
@@ -114,7 +114,7 @@ def load_generator(path: str, option: str) -> LightningModule:
     if not callable(getattr(cls, "sample", None)):
         raise InputError(
             f"--{option}={path} is a checkpoint of {cls.__name__}, not of a generator (it has no sample()): pass "
-            "the checkpoint of a model that implements memorization.embedders.Generator"
+            "the checkpoint of a model that implements memwatch.memorization.embedders.Generator"
         )
     try:
         return cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)

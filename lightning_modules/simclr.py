@@ -21,11 +21,11 @@ from monai.losses import ContrastiveLoss
 from monai.networks.nets import ResNet
 from torch import nn
 
-from datamodules.transforms import CONTRAST_GAMMA, variation_transform, vary
-from errors import InputError
-from lightning_modules.base import MemwatchModule
-from memorization.embedders import mirror_images, mirror_orbit
-from networks.conv_encoder import ConvEmbeddingEncoder
+from memwatch.datamodules.transforms import CONTRAST_GAMMA, variation_transform, vary
+from memwatch.errors import InputError
+from memwatch.lightning_modules.base import MemwatchModule
+from memwatch.memorization.embedders import mirror_images, mirror_orbit
+from memwatch.networks.conv_encoder import ConvEmbeddingEncoder
 
 # MONAI's ContrastiveLoss takes exp(cos / temperature) without a log-sum-exp: float32
 # overflows once 1 / temperature exceeds ~88, so smaller temperatures are refused.

@@ -6,7 +6,7 @@ the numbers and the history (`summary`, `history`), quality metrics (`quality`),
 release (`report`, `html_report`, `release`), and the generator and embedder protocols (`embedders`).
 """
 
-from memorization.detect import CopyReport, detect_copies
-from memorization.quality import frechet_distance, ms_ssim_diversity
+from memwatch.memorization.detect import CopyReport, detect_copies
+from memwatch.memorization.quality import frechet_distance, ms_ssim_diversity
 
 __all__ = ["CopyReport", "detect_copies", "frechet_distance", "ms_ssim_diversity"]

@@ -53,8 +53,8 @@ from scipy.optimize import minimize
 from scipy.special import betaln, gammaln
 from scipy.stats import betabinom, binom
 
-from errors import InputError
-from memorization.detect import (
+from memwatch.errors import InputError
+from memwatch.memorization.detect import (
     DEFAULT_MARGIN,
     DEFAULT_RULE,
     as_matrix,
@@ -65,7 +65,7 @@ from memorization.detect import (
     nearest_patient_correlations,
     standardise,
 )
-from memorization.stats import CI_LEVEL, binomial_interval
+from memwatch.memorization.stats import CI_LEVEL, binomial_interval
 
 MIN_SENSITIVITY = 0.9  # below this the self-check warns that the embedder misses copies
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from errors import InputError
+from memwatch.errors import InputError
 
 
 def as_real_tensor(x: torch.Tensor | np.ndarray, name: str, kind: str, shape: str) -> torch.Tensor:

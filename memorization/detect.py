@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from errors import InputError
-from memorization.checks import as_real_tensor, check_finite
+from memwatch.errors import InputError
+from memwatch.memorization.checks import as_real_tensor, check_finite
 
 RULES = ("paper", "distinct")
 DEFAULT_RULE = "distinct"

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from errors import FAILURE_KINDS, SharedFailure, classify_failure, one_line
+from memwatch.errors import FAILURE_KINDS, SharedFailure, classify_failure, one_line
 
 
 def distributed() -> bool:

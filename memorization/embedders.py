@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import InputError
+from memwatch.errors import InputError
 
 
 @runtime_checkable

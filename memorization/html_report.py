@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from memorization.chance import MIN_SENSITIVITY
-from memorization.detect import CopyReport
+from memwatch.memorization.chance import MIN_SENSITIVITY
+from memwatch.memorization.detect import CopyReport
 
 ImageLookup = Callable[[int], "np.ndarray | torch.Tensor"]
 NOT_MEASURED = "not measured"
@@ -304,7 +304,7 @@ def _auc(value: float, bounds: Sequence[float] | None) -> str:
 
 
 def _membership_section(summary: Mapping[str, Any]) -> str:
-    """The membership signal (`memorization.membership`) when the summary has one, or why it was skipped."""
+    """The membership signal (`memwatch.memorization.membership`) when the summary has one, or why it was skipped."""
     membership = summary.get("membership")
     if membership is None:
         return ""

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from scipy.stats import norm, rankdata
 
-from errors import InputError
-from memorization.chance import positive_rows as evenly_spaced
-from memorization.detect import linear_percentile
+from memwatch.errors import InputError
+from memwatch.memorization.chance import positive_rows as evenly_spaced
+from memwatch.memorization.detect import linear_percentile
 
 MIN_HELD_OUT = 10  # fewer held-out scores give no useful interval
 AUC_METHOD = "Mann-Whitney AUC, DeLong 95% interval (normal approximation)"

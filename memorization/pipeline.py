@@ -18,12 +18,17 @@ import torch
 from monai.transforms import Compose
 from torch.utils.data import Dataset, Subset
 
-from datamodules.transforms import variation_batches
-from memorization.chance import positive_rows
-from memorization.distributed import block_shard, gather_rows
-from memorization.embedders import Generator
-from memorization.membership import MembershipEvaluation, evaluate_membership, reference_rows, score_ids
-from memorization.stream import EmbeddedStream, Progress, blocks, dataset_blocks, embed_stream
+from memwatch.datamodules.transforms import variation_batches
+from memwatch.memorization.chance import positive_rows
+from memwatch.memorization.distributed import block_shard, gather_rows
+from memwatch.memorization.embedders import Generator
+from memwatch.memorization.membership import (
+    MembershipEvaluation,
+    evaluate_membership,
+    reference_rows,
+    score_ids,
+)
+from memwatch.memorization.stream import EmbeddedStream, Progress, blocks, dataset_blocks, embed_stream
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images [B, C, *spatial] in [0, 1] → [B, L]
 Score = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]  # images [B, C, *spatial], ids [B] → scores [B]

@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memorization.chance import ChanceLevel, DetectorCheck, chance_level, detector_check, held_out_exceedances
-from memorization.detect import CopyReport, detect_copies
+from memwatch.memorization.chance import (
+    ChanceLevel,
+    DetectorCheck,
+    chance_level,
+    detector_check,
+    held_out_exceedances,
+)
+from memwatch.memorization.detect import CopyReport, detect_copies
 
 
 @dataclass(frozen=True)

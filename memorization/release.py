@@ -14,14 +14,12 @@ import datetime
 import hashlib
 import json
 import subprocess
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from errors import InputError
+from memwatch.errors import InputError
 
 MANIFEST = "manifest.json"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -45,23 +43,23 @@ def sha256(path: Path) -> str:
 
 
 def memwatch_version() -> dict[str, str | None]:
-    """The package version (from the installed metadata or pyproject.toml) and the git commit, where known."""
-    try:
-        version = metadata.version("memwatch")
-    except metadata.PackageNotFoundError:
-        version = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"version": version, "git_commit": commit or None}
+    """The package version and, in a git clone of memwatch, its commit."""
+    import memwatch
+
+    commit = None
+    if (PROJECT_ROOT / ".git").exists():  # installed under site-packages: no commit to name
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=PROJECT_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"version": memwatch.__version__, "git_commit": commit or None}
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from errors import InputError  # noqa: E402
-from memorization.detect import CopyReport  # noqa: E402
-from memorization.html_report import ImageLookup, write_html_report  # noqa: E402
-from memorization.stats import memorized_patients  # noqa: E402
+from memwatch.errors import InputError  # noqa: E402
+from memwatch.memorization.detect import CopyReport  # noqa: E402
+from memwatch.memorization.html_report import ImageLookup, write_html_report  # noqa: E402
+from memwatch.memorization.stats import memorized_patients  # noqa: E402
 
 REPORT_FILES = ("summary.json", "pairs.csv", "train_nn.csv", "histogram.png", "copies.png", "report.html")
 

@@ -24,8 +24,8 @@ import torch
 from monai.data import DataLoader
 from torch.utils.data import Dataset, Subset
 
-from errors import TrainingFailure
-from memorization.quality import ms_ssim_diversity
+from memwatch.errors import TrainingFailure
+from memwatch.memorization.quality import ms_ssim_diversity
 
 
 class SamplesNotFinite(TrainingFailure):

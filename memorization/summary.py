@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from memorization.chance import ChanceLevel
-from memorization.detect import CopyReport
-from memorization.quality import frechet_distance
-from memorization.reference import Detection
-from memorization.report import copy_order
-from memorization.stats import CI_METHOD, binomial_interval, memorized_patients
+from memwatch.memorization.chance import ChanceLevel
+from memwatch.memorization.detect import CopyReport
+from memwatch.memorization.quality import frechet_distance
+from memwatch.memorization.reference import Detection
+from memwatch.memorization.report import copy_order
+from memwatch.memorization.stats import CI_METHOD, binomial_interval, memorized_patients
 
 # The per-embedder numbers in summary.json's `detectors`, beside the headline (the first embedder's).
 DETECTOR_KEYS = (

@@ -1,5 +1,5 @@
 """Plain `nn.Module`s that MONAI lacks: the embedder encoders."""
 
-from networks.conv_encoder import ConvEmbeddingEncoder
+from memwatch.networks.conv_encoder import ConvEmbeddingEncoder
 
 __all__ = ["ConvEmbeddingEncoder"]

@@ -14,7 +14,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.layers.factories import Pool
 from torch import nn
 
-from errors import InputError
+from memwatch.errors import InputError
 
 
 class ConvEmbeddingEncoder(nn.Module):

@@ -21,9 +21,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules import PhantomDataModule  # noqa: E402
-from lightning_modules import LatentDiffusionModule  # noqa: E402
-from memorization.history import read_history  # noqa: E402
+from memwatch.datamodules import PhantomDataModule  # noqa: E402
+from memwatch.lightning_modules import LatentDiffusionModule  # noqa: E402
+from memwatch.memorization.history import read_history  # noqa: E402
 from scripts.launch import fit, run_cli  # noqa: E402
 
 console = Console()
@@ -79,7 +79,7 @@ def print_history(run_dir: Path) -> None:
             f"{row['fd']:.3g}", f"{row['ms_ssim']:.3f}",
         )  # fmt: skip
     console.print("chance: the share of patients a model that copies no one would score here "
-                  "(memorization.chance). FD (Fréchet distance of synthetic vs validation embeddings) and MS-SSIM "
+                  "(memwatch.memorization.chance). FD (Fréchet distance of synthetic vs validation embeddings) and MS-SSIM "
                   "(between samples) are the quality metrics that, in the paper, do not reveal memorization.")
     console.print(table)
 

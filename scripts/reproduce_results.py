@@ -15,7 +15,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from memorization.stats import binomial_interval
+from memwatch.memorization.stats import binomial_interval
 from scripts.machine_load import MachineLoad
 from scripts.reproduce_runs import Check, Findings, Run, Scale
 

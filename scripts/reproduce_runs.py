@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from memorization.history import HISTORY_FILE, MEMBERSHIP_HISTORY_FILE, read_history
-from memorization.stats import binomial_interval
+from memwatch.memorization.history import HISTORY_FILE, MEMBERSHIP_HISTORY_FILE, read_history
+from memwatch.memorization.stats import binomial_interval
 from scripts.launch import ROOT, fit
 
 

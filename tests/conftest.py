@@ -11,10 +11,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from datamodules import PhantomDataModule
-from datamodules.phantom import render_phantom
-from lightning_modules import AutoencoderModule
-from memorization.history import read_history
+from memwatch.datamodules import PhantomDataModule
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.lightning_modules import AutoencoderModule
+from memwatch.memorization.history import read_history
 from scripts import launch
 from scripts.launch import CliRun
 
@@ -77,7 +77,7 @@ def reference_images(data, split: str = "train") -> dict:
 
 def input_error(action):
     """The one-line `InputError` raised by `action()`, also when MONAI's transform chain wrapped it."""
-    from errors import InputError
+    from memwatch.errors import InputError
 
     with pytest.raises(Exception) as raised:
         action()
@@ -148,7 +148,7 @@ def memorization_phantoms(**overrides) -> PhantomDataModule:
 @pytest.fixture(scope="session")
 def embedder_ckpt(tmp_path_factory) -> Path:
     """A small 2D embedder trained briefly on the training patients of `memorization_phantoms()`."""
-    from lightning_modules import SimCLRModule
+    from memwatch.lightning_modules import SimCLRModule
 
     L.seed_everything(0)
     model = SimCLRModule(
@@ -251,7 +251,7 @@ def scripted_config(
             },
         },
         "data": {
-            "class_path": "datamodules.PhantomDataModule",
+            "class_path": "memwatch.datamodules.PhantomDataModule",
             "init_args": {
                 "spatial_size": list(MEMORIZATION_SIZE),
                 "n_patients": 2 * N_TRAIN,
@@ -266,7 +266,7 @@ def scripted_config(
 
 
 def memorization_history(run_dir: Path) -> list[dict]:
-    """The rows of `memorization_history.csv` in a run's log folder, as `memorization.history` reads them."""
+    """The rows of `memorization_history.csv` in a run's log folder, as `memwatch.memorization.history` reads them."""
     return read_history(run_dir)
 
 

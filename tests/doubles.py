@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from datamodules.phantom import render_phantom
-from datamodules.transforms import vary
-from lightning_modules.base import MemwatchModule
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.datamodules.transforms import vary
+from memwatch.lightning_modules.base import MemwatchModule
 
 
 class ScriptedGenerator(MemwatchModule):

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from callbacks import MemorizationCallback
-from memorization.distributed import block_shard
-from memorization.stream import EmbeddedStream
+from memwatch.callbacks import MemorizationCallback
+from memwatch.memorization.distributed import block_shard
+from memwatch.memorization.stream import EmbeddedStream
 
 
 class RecordingMemorizationCallback(MemorizationCallback):

@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from cli import main
-from datamodules.phantom import render_phantom
-from datamodules.transforms import vary
-from lightning_modules import LatentDiffusionModule
-from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE
-from memorization.release import ReleasedFile, write_manifest
-from memorization.report import REPORT_FILES
+from memwatch.cli import main
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.datamodules.transforms import vary
+from memwatch.lightning_modules import LatentDiffusionModule
+from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE
+from memwatch.memorization.release import ReleasedFile, write_manifest
+from memwatch.memorization.report import REPORT_FILES
 from tests.conftest import (
     MEMORIZATION_SIZE,
     N_TRAIN,

@@ -11,11 +11,11 @@ import lightning as L
 import pytest
 import torch
 
-from audit.printing import membership_line
-from cli import main
-from datamodules import PhantomDataModule
-from lightning_modules import LatentDiffusionModule
-from memorization.membership import AUC_METHOD
+from memwatch.audit.printing import membership_line
+from memwatch.cli import main
+from memwatch.datamodules import PhantomDataModule
+from memwatch.lightning_modules import LatentDiffusionModule
+from memwatch.memorization.membership import AUC_METHOD
 from tests.conftest import quiet_trainer
 from tests.doubles import ScriptedGenerator
 from tests.test_html_report import parse, write_page
@@ -117,7 +117,7 @@ def test_too_few_held_out_images_are_skipped_with_the_count(scripted_ckpt, tmp_p
         def membership_scores(self, images, ids):
             return torch.zeros(len(images))
 
-    monkeypatch.setattr("audit.command.MIN_HELD_OUT", N_PATIENTS)  # more than the 20 held-out images
+    monkeypatch.setattr("memwatch.audit.command.MIN_HELD_OUT", N_PATIENTS)  # more than the 20 held-out images
     monkeypatch.setattr("tests.doubles.ScriptedGenerator", Scoring)
     summary = audit(scripted_ckpt, tmp_path / "out")
     assert summary["membership"] == {

@@ -7,9 +7,9 @@ import pytest
 import torch
 from monai.networks.blocks import SABlock
 
-from datamodules import PhantomDataModule
-from errors import InputError
-from lightning_modules import AutoencoderModule
+from memwatch.datamodules import PhantomDataModule
+from memwatch.errors import InputError
+from memwatch.lightning_modules import AutoencoderModule
 from tests.conftest import quiet_trainer, tiny_autoencoder
 
 SHAPE_CASES = [

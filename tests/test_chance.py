@@ -8,21 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from errors import InputError
-from memorization import detect_copies as detect_copies_by_default_rule
-from memorization.chance import (
+from memwatch.errors import InputError
+from memwatch.memorization import detect_copies as detect_copies_by_default_rule
+from memwatch.memorization.chance import (
     chance_level,
     check_patients,
     detector_check,
     prediction_interval,
     weak_detector_warning,
 )
-from memorization.chance import (
+from memwatch.memorization.chance import (
     held_out_exceedances as held_out_exceedances_by_default_rule,
 )
-from memorization.detect import linear_percentile, standardise
-from memorization.stats import binomial_interval, logged_scalars
-from memorization.summary import headline
+from memwatch.memorization.detect import linear_percentile, standardise
+from memwatch.memorization.stats import binomial_interval, logged_scalars
+from memwatch.memorization.summary import headline
 
 # The chance level's arithmetic under the paper's rule unless a test names another
 detect_copies = functools.partial(detect_copies_by_default_rule, rule="paper")

@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks import MemorizationCallback
-from callbacks.startup_checks import check_sampler_options
-from errors import InputError
-from lightning_modules import LatentDiffusionModule, PixelDiffusionModule
-from memorization.distributed import block_shard
-from memorization.stream import blocks
+from memwatch.callbacks import MemorizationCallback
+from memwatch.callbacks.startup_checks import check_sampler_options
+from memwatch.errors import InputError
+from memwatch.lightning_modules import LatentDiffusionModule, PixelDiffusionModule
+from memwatch.memorization.distributed import block_shard
+from memwatch.memorization.stream import blocks
 from tests.conftest import MEMORIZATION_SIZE, memorization_history, memorization_phantoms, quiet_trainer
 from tests.doubles import ScriptedGenerator
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import ChestXray14DataModule
-from datamodules.phantom import render_phantom
-from errors import InputError
+from memwatch.datamodules import ChestXray14DataModule
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.errors import InputError
 from tests.conftest import input_error
 
 # The real table's header: the last two column names hold commas and are not quoted, so a CSV

@@ -15,9 +15,9 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cli import MemwatchCLI, config_path, main, with_config_names
-from datamodules import MedicalImageDataModule
-from lightning_modules import MemwatchModule
+from memwatch.cli import MemwatchCLI, config_path, main, with_config_names
+from memwatch.datamodules import MedicalImageDataModule
+from memwatch.lightning_modules import MemwatchModule
 from tests.conftest import ROOT, config_sections, run_cli
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -133,11 +133,11 @@ def test_print_config(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert stop.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"].startswith("lightning_modules.")
-    assert printed["data"]["class_path"].startswith("datamodules.")
+    assert printed["model"]["class_path"].startswith("memwatch.lightning_modules.")
+    assert printed["data"]["class_path"].startswith("memwatch.datamodules.")
     assert printed["checkpoint"]["save_last"] is True
     if "_ldm" in config.stem or config.stem.endswith("_ddpm"):
-        assert printed["memorization"]["class_path"] == "callbacks.MemorizationCallback"
+        assert printed["memorization"]["class_path"] in ("memwatch.MemorizationCallback", "memwatch.callbacks.MemorizationCallback")
         assert printed["memorization"]["init_args"]["embedder_ckpt"].endswith("simclr/version_0/checkpoints/last.ckpt")
         stops_on = "membership_auc_low" if "membership" in config.stem else "excess_frac_mem"
         assert printed["early_stopping"]["init_args"]["monitor"] == f"memorization/{stops_on}"
@@ -356,7 +356,7 @@ def test_ldm_trains_as_two_cpu_processes(trained_runs, tmp_path):
 
 
 def test_an_input_error_raised_in_a_dataloader_worker_is_still_a_user_mistake():
-    from errors import InputError, user_mistake
+    from memwatch.errors import InputError, user_mistake
 
     worker_text = (
         "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
@@ -388,12 +388,12 @@ def test_a_config_name_is_found_in_configs_and_a_plain_run_prints_no_lightningcl
         cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "class_path: lightning_modules.SimCLRModule" in result.stdout
+    assert "class_path: memwatch.lightning_modules.SimCLRModule" in result.stdout
     assert "args parameter is intended" not in result.stderr
 
 
 FLAG = re.compile(r"(?<![\w-])--([a-z][\w.-]*[a-z0-9_])")
-CODE = [ROOT / "cli.py", ROOT / "errors.py", ROOT / "lightning_private.py"] + [
+CODE = [ROOT / "cli.py", *sorted((ROOT / "memwatch").glob("*.py"))] + [
     path for package in ("audit", "callbacks", "datamodules", "lightning_modules", "memorization", "networks")
     for path in sorted((ROOT / package).rglob("*.py"))
 ]  # fmt: skip
@@ -440,7 +440,7 @@ def vars_of(namespace) -> dict:
 
 
 def test_every_flag_the_project_names_exists():
-    from audit import audit_parser
+    from memwatch.audit import audit_parser
 
     named = named_flags()
     assert {"memorization.embedder_ckpt", "early_stopping.divergence_threshold", "verify-release", "embedder"} <= named.keys()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli import main
+from memwatch.cli import main
 from tests.conftest import ROOT
 
 ALL_OVERLAYS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "config" in yaml.safe_load(p.read_text()))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from errors import InputError
-from networks import ConvEmbeddingEncoder
+from memwatch.errors import InputError
+from memwatch.networks import ConvEmbeddingEncoder
 
 SHAPE_CASES = [
     # (arguments, input shape, output shape)

@@ -13,10 +13,10 @@ import torch
 from scipy.linalg import hadamard
 from scipy.spatial.distance import cdist
 
-from errors import InputError
-from memorization import detect_copies
-from memorization.chance import chance_level, held_out_exceedances
-from memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, NO_OTHER_PATIENT, RULES, check_rule
+from memwatch.errors import InputError
+from memwatch.memorization import detect_copies
+from memwatch.memorization.chance import chance_level, held_out_exceedances
+from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, NO_OTHER_PATIENT, RULES, check_rule
 
 H = hadamard(16).astype(np.float64)[1:]  # 15 balanced, mutually orthogonal rows
 TRAIN, VAL = H[:6], H[6:]  # every training row correlates 0 with every held-out row: τ = 0

@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from lightning_modules.simclr import SimCLRModule
+from memwatch.lightning_modules.simclr import SimCLRModule
 from tests.conftest import ROOT, quiet_trainer, run_cli
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from errors import InputError
-from memorization import CopyReport
-from memorization import detect_copies as detect_copies_by_default_rule
+from memwatch.errors import InputError
+from memwatch.memorization import CopyReport
+from memwatch.memorization import detect_copies as detect_copies_by_default_rule
 
 # This file checks the paper's Algorithm 1 against a reference implementation; the distinct rule is
 # tests/test_copy_rule.py's.
@@ -224,7 +224,7 @@ def test_ties_resolve_to_lowest_index(chunk_size):
 @pytest.mark.parametrize("shape", [(1, 1), (5, 127), (33, 128), (64, 129), (31, 257), (100, 1000)])
 def test_two_stage_argmax_matches_first_maximum(shape):
     """The tiled arg-max helpers agree with numpy's first-maximum rule on blocks full of ties."""
-    from memorization.detect import _row_max, _update_column_max
+    from memwatch.memorization.detect import _row_max, _update_column_max
 
     rng = np.random.default_rng(shape[0] * 7 + shape[1])
     block = rng.integers(0, 4, size=shape).astype(np.float32)

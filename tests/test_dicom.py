@@ -20,8 +20,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from datamodules import DicomDataModule, is_dicom_folder
-from datamodules.phantom import render_phantom
+from memwatch.datamodules import DicomDataModule, is_dicom_folder
+from memwatch.datamodules.phantom import render_phantom
 from tests.conftest import input_error, reference_images
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # rows run to the patient's Left, columns down to Posterior

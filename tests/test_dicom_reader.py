@@ -25,8 +25,8 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import RLELossless
 
-from datamodules import DicomDataModule
-from errors import InputError
+from memwatch.datamodules import DicomDataModule
+from memwatch.errors import InputError
 from tests.conftest import input_error
 from tests.test_dicom import write_dicom, write_series
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from errors import InputError
-from lightning_modules import PixelDiffusionModule
+from memwatch.errors import InputError
+from memwatch.lightning_modules import PixelDiffusionModule
 from tests.conftest import memorization_history
 from tests.test_cli import ROOT, fit, last_ckpt
 

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from memorization.distributed import block_shard, gather_rows, shard
+from memwatch.memorization.distributed import block_shard, gather_rows, shard
 from tests.conftest import ROOT
 
 SIZES = [(n, world_size) for n in range(0, 26) for world_size in range(1, 7)]
@@ -50,8 +50,8 @@ WORKER = textwrap.dedent(
     import torch
     import torch.distributed as dist
     sys.path.insert(0, {root!r})
-    from errors import InputError, SharedFailure
-    from memorization.distributed import fail_together, gather_rows, shard
+    from memwatch.errors import InputError, SharedFailure
+    from memwatch.memorization.distributed import fail_together, gather_rows, shard
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

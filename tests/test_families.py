@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules import FolderDataModule
-from datamodules.families import (
+from memwatch.datamodules import FolderDataModule
+from memwatch.datamodules.families import (
     FAMILIES,
     PLANES,
     family_spatial_dims,
@@ -19,8 +19,8 @@ from datamodules.families import (
     render,
     write_planted_copy_set,
 )
-from datamodules.readers.image_files import image_records
-from errors import InputError
+from memwatch.datamodules.readers.image_files import image_records
+from memwatch.errors import InputError
 from tests.conftest import reference_images
 
 SMALL = {2: (48, 40), 3: (32, 32, 16)}

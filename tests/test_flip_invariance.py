@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from lightning_modules.simclr import SimCLRModule
-from memorization.embedders import mirror_images, mirror_orbit
+from memwatch.lightning_modules.simclr import SimCLRModule
+from memwatch.memorization.embedders import mirror_images, mirror_orbit
 from tests.conftest import ROOT
 
 TINY = {
@@ -104,8 +104,8 @@ PEAK_MEMORY = """
 import json, os, sys
 import torch
 torch.set_num_threads(1)
-from lightning_modules.simclr import SimCLRModule
-from memorization.embedders import mirror_orbit
+from memwatch.lightning_modules.simclr import SimCLRModule
+from memwatch.memorization.embedders import mirror_orbit
 
 def megabytes(key):
     with open("/proc/self/status") as status:

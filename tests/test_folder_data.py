@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import FolderDataModule
-from errors import InputError
+from memwatch.datamodules import FolderDataModule
+from memwatch.errors import InputError
 from tests.conftest import input_error
 from tests.conftest import reference_images as images
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.phantom import render_phantom
-from memorization import detect_copies
-from memorization.chance import chance_level, detector_check, held_out_exceedances
-from memorization.html_report import overall_status
-from memorization.report import write_report
-from memorization.stats import binomial_interval
-from memorization.summary import headline
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.memorization import detect_copies
+from memwatch.memorization.chance import chance_level, detector_check, held_out_exceedances
+from memwatch.memorization.html_report import overall_status
+from memwatch.memorization.report import write_report
+from memwatch.memorization.stats import binomial_interval
+from memwatch.memorization.summary import headline
 
 N_PATIENTS = 20  # two training images each
 PLANTED_ROWS = [0, 4, 8, 12, 16, 20]  # one image of each of 6 patients is copied

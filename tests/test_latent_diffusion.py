@@ -6,10 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules import PhantomDataModule
-from errors import InputError
-from lightning_modules import LatentDiffusionModule
-from lightning_modules.latent_diffusion import sample_generator
+from memwatch.datamodules import PhantomDataModule
+from memwatch.errors import InputError
+from memwatch.lightning_modules import LatentDiffusionModule
+from memwatch.lightning_modules.latent_diffusion import sample_generator
 from tests.conftest import quiet_trainer
 
 TINY_UNET = dict(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from errors import InputError
-from memorization.membership import control_halves, membership_signal
+from memwatch.errors import InputError
+from memwatch.memorization.membership import control_halves, membership_signal
 
 
 def pairwise_auc(x: np.ndarray, y: np.ndarray) -> float:

@@ -14,14 +14,14 @@ import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks import MemorizationCallback
-from cli import main
-from datamodules import PhantomDataModule
-from errors import InputError
-from lightning_modules import LatentDiffusionModule, PixelDiffusionModule
-from memorization.history import MEMBERSHIP_HISTORY_FILE, read_history
-from memorization.membership import evaluate_membership
-from memorization.pipeline import score_dataset
+from memwatch.callbacks import MemorizationCallback
+from memwatch.cli import main
+from memwatch.datamodules import PhantomDataModule
+from memwatch.errors import InputError
+from memwatch.lightning_modules import LatentDiffusionModule, PixelDiffusionModule
+from memwatch.memorization.history import MEMBERSHIP_HISTORY_FILE, read_history
+from memwatch.memorization.membership import evaluate_membership
+from memwatch.memorization.pipeline import score_dataset
 from tests.conftest import (
     MEMORIZATION_SIZE,
     ROOT,

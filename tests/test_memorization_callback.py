@@ -18,13 +18,13 @@ from lightning.pytorch.cli import instantiate_class
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from callbacks import MemorizationCallback
-from callbacks.memorization import row_scalars
-from callbacks.startup_checks import stale_early_stopping
-from cli import main
-from datamodules import PhantomDataModule
-from errors import InputError
-from memorization.report import REPORT_FILES
+from memwatch.callbacks import MemorizationCallback
+from memwatch.callbacks.memorization import row_scalars
+from memwatch.callbacks.startup_checks import stale_early_stopping
+from memwatch.cli import main
+from memwatch.datamodules import PhantomDataModule
+from memwatch.errors import InputError
+from memwatch.memorization.report import REPORT_FILES
 from tests.conftest import (
     MEMORIZATION_SIZE,
     N_COPIED_TO_STOP,
@@ -462,7 +462,7 @@ def test_checks_sample_the_ema_weights_wherever_the_averaging_callback_is_listed
 
 
 def test_an_embedder_of_another_dimensionality_than_the_data_is_one_line(embedder_ckpt, tmp_path):
-    from lightning_modules import SimCLRModule
+    from memwatch.lightning_modules import SimCLRModule
 
     volumes = PhantomDataModule(spatial_size=(16, 16, 16), n_patients=6, batch_size=2)
     embedder_3d = SimCLRModule(spatial_dims=3, embedding_dim=8, resnet_block="basic", resnet_layers=(1, 1, 1, 1),

@@ -12,10 +12,10 @@ import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks import MemorizationCallback
-from datamodules import PhantomDataModule
-from lightning_modules import LatentDiffusionModule, SimCLRModule
-from memorization.history import MEMBERSHIP_HISTORY_FILE, read_history
+from memwatch.callbacks import MemorizationCallback
+from memwatch.datamodules import PhantomDataModule
+from memwatch.lightning_modules import LatentDiffusionModule, SimCLRModule
+from memwatch.memorization.history import MEMBERSHIP_HISTORY_FILE, read_history
 from tests.conftest import memorization_history, quiet_trainer, run_cli
 
 SIZE = (16, 16)  # the size of the session autoencoder
@@ -82,8 +82,8 @@ def test_one_two_and_three_processes_compute_every_image_identically(autoencoder
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": str(tmp_path), "name": "ldm"}},
         },
-        "model": {"class_path": "lightning_modules.LatentDiffusionModule", "init_args": model},
-        "data": {"class_path": "datamodules.PhantomDataModule", "init_args": data},
+        "model": {"class_path": "memwatch.lightning_modules.LatentDiffusionModule", "init_args": model},
+        "data": {"class_path": "memwatch.datamodules.PhantomDataModule", "init_args": data},
     }  # fmt: skip
     path = tmp_path / "ldm.yaml"
     path.write_text(yaml.safe_dump(config))

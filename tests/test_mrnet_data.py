@@ -11,9 +11,9 @@ import pytest
 import torch
 from scipy.ndimage import zoom
 
-from cli import main
-from datamodules import MRNetDataModule
-from datamodules.mrnet import authors_validation_cases
+from memwatch.cli import main
+from memwatch.datamodules import MRNetDataModule
+from memwatch.datamodules.mrnet import authors_validation_cases
 from tests.conftest import ROOT, input_error
 from tests.conftest import reference_images as images
 

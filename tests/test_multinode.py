@@ -152,4 +152,4 @@ def test_the_sbatch_scripts_cli_arguments_parse(tmp_path):
     trainer = printed["trainer"]
     assert (trainer["num_nodes"], str(trainer["devices"]), trainer["strategy"]) == (2, "4", "ddp")
     assert trainer["accelerator"] == "gpu"
-    assert printed["model"]["class_path"] == "lightning_modules.LatentDiffusionModule"
+    assert printed["model"]["class_path"] == "memwatch.lightning_modules.LatentDiffusionModule"

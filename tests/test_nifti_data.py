@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import NiftiDataModule
-from errors import InputError
+from memwatch.datamodules import NiftiDataModule
+from memwatch.errors import InputError
 from tests.conftest import input_error
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.simclr import SimCLRModule
+from memwatch.lightning_modules.simclr import SimCLRModule
 
 
 def module_loss(temperature: float):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from callbacks import MemorizationCallback
-from callbacks.reference_data import reference_data
-from errors import InputError
-from memorization.history import read_history
+from memwatch.callbacks import MemorizationCallback
+from memwatch.callbacks.reference_data import reference_data
+from memwatch.errors import InputError
+from memwatch.memorization.history import read_history
 from tests.conftest import ROOT
 
 USER_SCRIPT = textwrap.dedent('''
@@ -25,7 +25,7 @@ USER_SCRIPT = textwrap.dedent('''
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from callbacks import MemorizationCallback
+    from memwatch.callbacks import MemorizationCallback
 
     SIZE = 24
 

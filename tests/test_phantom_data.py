@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import PhantomDataModule
-from datamodules.phantom import render_phantom
-from errors import InputError
+from memwatch.datamodules import PhantomDataModule
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.errors import InputError
 
 
 @pytest.mark.parametrize("size", [(32, 32), (24, 20, 16)])

@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from cli import main
-from datamodules.phantom import render_phantom
-from errors import InputError
-from lightning_modules import SimCLRModule
-from memorization import detect_copies
-from memorization.embedders import Embedder, Generator, PixelEmbedder, TorchScriptEmbedder
-from memorization.history import HISTORY_FILE
+from memwatch.cli import main
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.errors import InputError
+from memwatch.lightning_modules import SimCLRModule
+from memwatch.memorization import detect_copies
+from memwatch.memorization.embedders import Embedder, Generator, PixelEmbedder, TorchScriptEmbedder
+from memwatch.memorization.history import HISTORY_FILE
 from scripts.launch import CliRun
 from tests.conftest import (
     MEMORIZATION_SIZE,
@@ -89,7 +89,7 @@ def generator_config(tmp_path: Path, embedder_ckpt: Path, callbacks: list | None
         },
         "memorization": {"embedder_ckpt": str(embedder_ckpt), "every_n_epochs": 1, "num_inference_steps": 1},
         "model": {"class_path": "my_generators.MemorizingGenerator", "init_args": {"spatial_size": list(MEMORIZATION_SIZE), **model_args}},
-        "data": {"class_path": "datamodules.PhantomDataModule",
+        "data": {"class_path": "memwatch.datamodules.PhantomDataModule",
                  "init_args": {"spatial_size": list(MEMORIZATION_SIZE), "n_patients": 64, "val_fraction": 0.5, "batch_size": 16}},
     }  # fmt: skip
     path = tmp_path / "user.yaml"
@@ -222,7 +222,7 @@ def test_the_callback_counts_with_pixel_embedder_from_yaml(tmp_path):
     written = yaml.safe_load(config.read_text())
     del written["memorization"]["embedder_ckpt"]
     written["memorization"]["embedder"] = {
-        "class_path": "memorization.embedders.PixelEmbedder", "init_args": {"size": [16, 16]},
+        "class_path": "memwatch.memorization.embedders.PixelEmbedder", "init_args": {"size": [16, 16]},
     }  # fmt: skip
     config.write_text(yaml.safe_dump(written))
     cli = main(["fit", "--config", str(config)])
@@ -236,18 +236,18 @@ def test_the_callback_counts_with_pixel_embedder_from_yaml(tmp_path):
         ("runs/phantom_simclr/version_3/checkpoints/last.ckpt", "phantom_simclr/version_3/last.ckpt"),
         ("/data/embedder.ckpt", "embedder.ckpt"),
         ("pixel:8", "pixel:8"),
-        ("{class_path: memorization.embedders.TorchScriptEmbedder, init_args: {path: /m/net.pt}}", "TorchScriptEmbedder(net.pt)"),
+        ("{class_path: memwatch.memorization.embedders.TorchScriptEmbedder, init_args: {path: /m/net.pt}}", "TorchScriptEmbedder(net.pt)"),
     ],
 )
 def test_reports_name_an_embedder_by_its_run_and_file(spec, name):
-    from lightning_modules.plugins import embedder_name
+    from memwatch.lightning_modules.plugins import embedder_name
 
     assert embedder_name(spec) == name
 
 
 @pytest.mark.parametrize("spec", ["pixel:8"])
 def test_embedder_specifications_are_understood(spec):
-    from lightning_modules.plugins import load_embedder
+    from memwatch.lightning_modules.plugins import load_embedder
 
     embedder = load_embedder(spec, "embedder", spatial_dims=3)
     assert isinstance(embedder, PixelEmbedder) and embedder.size == (8, 8, 8)

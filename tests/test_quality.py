@@ -8,10 +8,10 @@ import torch
 from monai.metrics import compute_ms_ssim
 from monai.metrics.fid import get_fid_score
 
-from datamodules.phantom import render_phantom
-from errors import InputError
-from memorization import frechet_distance, ms_ssim_diversity
-from memorization.quality import MS_SSIM_WEIGHTS, diversity_pairs, ms_ssim_settings
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.errors import InputError
+from memwatch.memorization import frechet_distance, ms_ssim_diversity
+from memwatch.memorization.quality import MS_SSIM_WEIGHTS, diversity_pairs, ms_ssim_settings
 
 
 def whitened(rng: np.random.Generator, n: int, length: int, rank: int) -> np.ndarray:

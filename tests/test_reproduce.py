@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from memorization.history import HISTORY_FILE, MEMBERSHIP_HISTORY_FILE, read_history, write_history
-from memorization.stats import binomial_interval
+from memwatch.memorization.history import HISTORY_FILE, MEMBERSHIP_HISTORY_FILE, read_history, write_history
+from memwatch.memorization.stats import binomial_interval
 from scripts.machine_load import MachineLoad
 from scripts.reproduce_figures import write_figures
 from scripts.reproduce_results import count, lead, verdict, write_results

@@ -6,10 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.phantom import PhantomDataModule
-from datamodules.transforms import vary
-from errors import InputError
-from lightning_modules.simclr import SimCLRModule, embedding_std, top1_retrieval
+from memwatch.datamodules.phantom import PhantomDataModule
+from memwatch.datamodules.transforms import vary
+from memwatch.errors import InputError
+from memwatch.lightning_modules.simclr import SimCLRModule, embedding_std, top1_retrieval
 from tests.conftest import quiet_trainer
 
 TINY_RESNET = {

@@ -13,7 +13,7 @@ import nibabel
 import numpy as np
 from PIL import Image
 
-from datamodules import (
+from memwatch.datamodules import (
     ChestXray14DataModule,
     FolderDataModule,
     MedicalImageDataModule,
@@ -21,7 +21,7 @@ from datamodules import (
     NiftiDataModule,
     PhantomDataModule,
 )
-from datamodules.phantom import render_phantom
+from memwatch.datamodules.phantom import render_phantom
 from tests.conftest import reference_images
 from tests.test_chestxray_data import write_chestxray14
 from tests.test_mrnet_data import write_mrnet

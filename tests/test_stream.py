@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.phantom import render_phantom
-from datamodules.transforms import vary
-from lightning_modules import SimCLRModule
-from memorization.detect import nearest_correlation
-from memorization.quality import ms_ssim_diversity
-from memorization.stream import SamplesNotFinite, blocks, embed_stream, rng_preserved
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.datamodules.transforms import vary
+from memwatch.lightning_modules import SimCLRModule
+from memwatch.memorization.detect import nearest_correlation
+from memwatch.memorization.quality import ms_ssim_diversity
+from memwatch.memorization.stream import SamplesNotFinite, blocks, embed_stream, rng_preserved
 from tests.conftest import ROOT
 
 SIZE = (32, 32)

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 
-from audit import run_audit
-from callbacks import MemorizationCallback
-from datamodules import FolderDataModule
-from memorization.history import PLACE_KEYS
+from memwatch.audit import run_audit
+from memwatch.callbacks import MemorizationCallback
+from memwatch.datamodules import FolderDataModule
+from memwatch.memorization.history import PLACE_KEYS
 from tests.conftest import MEMORIZATION_SIZE, quiet_trainer
 from tests.doubles import ScriptedGenerator
 from tests.test_audit import folders  # noqa: F401 - the planted-copies folders fixture

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.phantom import render_phantom
-from datamodules.transforms import variation_transform, vary
-from errors import InputError
+from memwatch.datamodules.phantom import render_phantom
+from memwatch.datamodules.transforms import variation_transform, vary
+from memwatch.errors import InputError
 
 
 def phantoms(n: int, spatial_size: tuple[int, ...] = (32, 32)) -> torch.Tensor:

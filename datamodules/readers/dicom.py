@@ -28,7 +28,7 @@ from monai.transforms import Transform
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
-from datamodules.readers.dicom_pixels import (
+from memwatch.datamodules.readers.dicom_pixels import (
     DECODER_FIX,
     ENCODINGS,
     check_pixels,
@@ -36,8 +36,8 @@ from datamodules.readers.dicom_pixels import (
     rescale,
     transfer_syntax,
 )
-from datamodules.readers.image_files import image_format
-from errors import InputError, one_line
+from memwatch.datamodules.readers.image_files import image_format
+from memwatch.errors import InputError, one_line
 
 PIXEL_DATA_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")

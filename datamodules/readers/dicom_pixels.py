@@ -40,7 +40,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from errors import InputError, one_line
+from memwatch.errors import InputError, one_line
 
 DECODER_FIX = (
     "install a decoder (pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pip install "

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from errors import InputError
+from memwatch.errors import InputError
 
 PROJECTION_MODALITIES = ("DX", "CR", "MG")  # radiographs: 2D by nature
 GAP_FACTOR = 1.5  # a step this many times the usual slice spacing means missing slices

@@ -21,7 +21,7 @@ from monai.data import NibabelReader, NumpyReader, PILReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
-from errors import InputError, one_line
+from memwatch.errors import InputError, one_line
 
 # With pydicom installed, every MONAI LoadImage builds its GPU DICOM reader, which warns (and logs)
 # on each construction where nvImageCodec is absent; DICOM is read by pydicom's own decoders then.

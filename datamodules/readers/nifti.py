@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel
 import numpy as np
 
-from errors import InputError, one_line
+from memwatch.errors import InputError, one_line
 
 # nibabel's world axes, given explicitly: MONAI warns that its default will change.
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
