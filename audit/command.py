@@ -23,6 +23,7 @@ from memwatch.audit.inputs import (
     load_embedders,
     reference_data,
     synthetic_folder,
+    trusted_modules,
 )
 from memwatch.audit.options import audit_parser, check_arguments
 from memwatch.datamodules.transforms import variation_transform
@@ -57,9 +58,11 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
     device = torch.device(
         args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
-    embedders, size = load_embedders(args.embedder, args.spatial_size)
+    embedders, size = load_embedders(args.embedder, args.spatial_size, trusted_modules(args))
     embedders = {name: embedder.to(device) for name, embedder in embedders.items()}
-    generator = load_generator(args.generator, "generator").to(device).eval() if args.generator else None
+    generator = (
+        load_generator(args.generator, "generator", trusted_modules(args)).to(device).eval() if args.generator else None
+    )
     datamodule = reference_data(args, size)
     train, val = datamodule.reference_dataset("train"), datamodule.reference_dataset("val")
     train_patients, val_patients = datamodule.train_patients, datamodule.val_patients

@@ -18,15 +18,22 @@ from memwatch.datamodules import DicomDataModule, FolderDataModule, MedicalImage
 from memwatch.datamodules.intensity import CheckUnitRange
 from memwatch.datamodules.readers.image_files import LoadImageFile, image_records
 from memwatch.errors import InputError
-from memwatch.lightning_modules.plugins import embedder_name, load_embedder
+from memwatch.lightning_modules.plugins import TrustedModules, embedder_name, load_embedder
 from memwatch.memorization.embedders import Embedder, probe_generator
 
 
+def trusted_modules(args: Namespace) -> TrustedModules:
+    """memwatch's modules and every `--trust-module`: the only ones whose classes the audit imports."""
+    return TrustedModules(tuple(args.trust_module))
+
+
 def load_embedders(
-    specs: Sequence[str], spatial_size: Sequence[int] | None
+    specs: Sequence[str], spatial_size: Sequence[int] | None, trusted: TrustedModules
 ) -> tuple[dict[str, Embedder], tuple[int, ...]]:
     """Every `--embedder`, by a name unique among them, and the image size they take."""
-    trained = {spec: load_embedder(spec, "embedder") for spec in specs if not spec.startswith("pixel")}
+    trained = {
+        spec: load_embedder(spec, "embedder", trusted=trusted) for spec in specs if not spec.startswith("pixel")
+    }
     sizes = {
         spec: tuple(e.image_spatial_size) for spec, e in trained.items() if e.image_spatial_size is not None
     }
@@ -87,7 +94,7 @@ def check_generator(
 
 def reference_data(args: Namespace, size: tuple[int, ...]) -> MedicalImageDataModule:
     if args.data:
-        datamodule = datamodule_from_config(Path(args.data), args.data_arg)
+        datamodule = datamodule_from_config(Path(args.data), args.data_arg, trusted_modules(args))
     elif is_dicom_folder(Path(args.train)):
         # Intensity as DicomDataModule reads it (a CT window in 3D, min-max in 2D); for the
         # embedder's own settings give its config: --data configs/dicom_ldm.yaml --data-arg root=...
@@ -112,7 +119,9 @@ def reference_data(args: Namespace, size: tuple[int, ...]) -> MedicalImageDataMo
     return datamodule
 
 
-def datamodule_from_config(path: Path, overrides: Sequence[str]) -> MedicalImageDataModule:
+def datamodule_from_config(
+    path: Path, overrides: Sequence[str], trusted: TrustedModules
+) -> MedicalImageDataModule:
     """The DataModule of a memwatch config's `data` section, with `KEY=VALUE` overrides of its init_args."""
     if not path.is_file():
         raise InputError(f"--data {path} does not exist: pass a config such as configs/phantom_ldm.yaml")
@@ -131,6 +140,7 @@ def datamodule_from_config(path: Path, overrides: Sequence[str]) -> MedicalImage
                 f"--data-arg {override!r} is not KEY=VALUE, e.g. --data-arg root=/data/MRNet-v1.0"
             )
         init_args[key] = yaml.safe_load(value)
+    trusted.check(str(data.get("class_path")), f"--data {path}")
     try:
         return instantiate_class((), {"class_path": data["class_path"], "init_args": init_args})
     except InputError:

@@ -6,6 +6,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from memwatch.datamodules.transforms import CONTRAST_GAMMA, NOISE_STD, ROTATION_DEGREES
 from memwatch.errors import InputError
+from memwatch.lightning_modules.plugins import embedder_text
 from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, RULES, check_rule
 from memwatch.memorization.membership import MIN_HELD_OUT
 
@@ -25,6 +26,12 @@ def audit_parser() -> ArgumentParser:
         help="the embedder that counts copies: a SimCLR checkpoint (trained on the training images), pixel "
         "(raw pixels, mirror invariant), or a {class_path: ..., init_args: {...}} YAML such as "
         "memwatch.memorization.embedders.TorchScriptEmbedder; repeat it to compare detectors (the first sets the headline)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trust_module", "--trust-module", action="append", default=[], metavar="MODULE",
+        help="a module (and its submodules) whose classes the audit may import when a --generator checkpoint, "
+        "an --embedder or the --data config names them: importing runs its code, so only memwatch's own are "
+        "imported otherwise (repeatable)",
     )  # fmt: skip
     parser.add_argument(
         "--spatial_size", "--spatial-size", type=int, nargs="+",
@@ -144,6 +151,7 @@ def check_arguments(args: Namespace) -> None:
             raise InputError(
                 f"--{option} is required: give --{option} {example} (or check a release with --verify-release DIR)"
             )
+    args.embedder = [embedder_text(spec) for spec in args.embedder]  # an audit.yaml may give mappings
     folders, data = args.train is not None or args.val is not None, args.data is not None
     if folders == data or (folders and (args.train is None or args.val is None)):
         raise InputError("give the real images as --train DIR --val DIR, or as --data CONFIG.yaml (not both)")

@@ -92,6 +92,8 @@ class MemorizationCallback(Callback):
         embedder: any `memorization.embedders.Embedder`: `pixel`, or a `{class_path, init_args}`
             mapping (`memorization.embedders.TorchScriptEmbedder`, ...); when given, it replaces
             `embedder_ckpt`.
+        trust_modules: modules (with their submodules) whose classes `embedder` may name besides memwatch's
+            own: importing a module runs its code, so any other class path is refused before it is imported.
         every_n_epochs: epochs between checks.
         check_at_start: also check at the end of the first epoch (a baseline near chance level,
             and a value for EarlyStopping from the start); off by default, since at the paper's
@@ -181,6 +183,7 @@ class MemorizationCallback(Callback):
         margin: float = DEFAULT_MARGIN,
         membership_every_n_epochs: int = 1,
         membership_n_ref: int | None = None,
+        trust_modules: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.rule, self.margin = check_rule(rule, margin, "--memorization.rule", "--memorization.margin")
@@ -190,7 +193,7 @@ class MemorizationCallback(Callback):
             detector_positives=detector_positives, membership_every_n_epochs=membership_every_n_epochs,
             membership_n_ref=membership_n_ref,
         )  # fmt: skip
-        self.embedder_ckpt, self.embedder = load_callback_embedder(embedder_ckpt, embedder)
+        self.embedder_ckpt, self.embedder = load_callback_embedder(embedder_ckpt, embedder, trust_modules or ())
         self.every_n_epochs = every_n_epochs
         self.check_at_start = check_at_start
         self.n_samples = n_samples
@@ -265,6 +268,7 @@ class MemorizationCallback(Callback):
                     self.embedder.in_channels,
                     self.data.spatial_size,
                     type(pl_module).__name__,
+                    self._sample_options(),
                 )
             probe = getattr(pl_module, "probe_sampler_graphs", None)
             if self.sampler_graphs and device.type == "cuda" and probe is not None:
@@ -437,7 +441,6 @@ class MemorizationCallback(Callback):
         n_samples = self.n_samples or len(self.reference.train)
         block_size = sample_block_size(n_samples, self.sample_batch_size)
         mine = block_shard(n_samples, block_size, trainer.global_rank, trainer.world_size)
-        options = {} if self.decode_batch_size is None else {"decode_batch_size": self.decode_batch_size}
         graphs = generator.sampler_graphs() if self.sampler_graphs else nullcontext()
         progress = self._progress(trainer, f"memorization {where}: samples")
         with (
@@ -448,7 +451,7 @@ class MemorizationCallback(Callback):
             return embed_stream(
                 sample_blocks(
                     generator, mine, block_size, seed=(self.seed, check), num_inference_steps=self.num_inference_steps,
-                    options=options,
+                    options=self._sample_options(),
                 ),
                 self.embedder.embed, first_index=mine.start, score_pairs=True,
                 # twice the pairs shown: the running ranking and detect_copies may round near-ties differently
@@ -457,6 +460,10 @@ class MemorizationCallback(Callback):
                 autocast=trainer.precision_plugin.forward_context, require_finite=f"training failed at {where}",
                 device=generator.device, progress=progress(len(mine)) if progress else None,
             )  # fmt: skip
+
+    def _sample_options(self) -> dict[str, Any]:
+        """The keywords of `sample` beyond the contract's that a check passes."""
+        return {} if self.decode_batch_size is None else {"decode_batch_size": self.decode_batch_size}
 
     def _check_without_randomness(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device = pl_module.device

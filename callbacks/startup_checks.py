@@ -21,10 +21,10 @@ from monai.transforms import Compose
 
 from memwatch.datamodules.transforms import variation_transform
 from memwatch.errors import InputError
-from memwatch.lightning_modules.plugins import embedder_name, load_embedder
+from memwatch.lightning_modules.plugins import TrustedModules, embedder_name, load_embedder
 from memwatch.lightning_private import reads_at_train_epoch_end
 from memwatch.memorization.chance import check_patients
-from memwatch.memorization.embedders import Embedder, membership_scorer
+from memwatch.memorization.embedders import SAMPLE_SIGNATURE, Embedder, membership_scorer
 from memwatch.memorization.membership import MIN_HELD_OUT
 
 MEMBERSHIP_PREFIX = "memorization/membership_"
@@ -76,9 +76,10 @@ def check_options(
 
 
 def load_callback_embedder(
-    embedder_ckpt: str | None, embedder: str | dict[str, Any] | None
+    embedder_ckpt: str | None, embedder: str | dict[str, Any] | None, trust_modules: Sequence[str] = ()
 ) -> tuple[str, Embedder]:
-    """The callback's embedder and its name: `embedder` when given, else the SimCLR checkpoint `embedder_ckpt`."""
+    """The callback's embedder and its name: `embedder` when given (a class path in memwatch or in
+    `trust_modules`), else the SimCLR checkpoint `embedder_ckpt`."""
     if embedder_ckpt is None and embedder is None:
         raise InputError(
             "MemorizationCallback needs its embedder: embedder_ckpt (a SimCLR checkpoint, "
@@ -86,7 +87,8 @@ def load_callback_embedder(
             "--memorization.embedder)"
         )
     if embedder is not None:
-        return embedder_name(embedder), load_embedder(embedder, "memorization.embedder")
+        trusted = TrustedModules(tuple(trust_modules), "--memorization.trust_modules [{module}]")
+        return embedder_name(embedder), load_embedder(embedder, "memorization.embedder", trusted=trusted)
     return str(embedder_ckpt), load_embedder(str(embedder_ckpt), EMBEDDER_OPTION.removeprefix("--"))
 
 
@@ -208,8 +210,8 @@ def check_generator(generator: LightningModule) -> None:
     if not callable(getattr(generator, "sample", None)):
         raise InputError(
             f"MemorizationCallback needs a model with sample(); {type(generator).__name__} has none: implement "
-            "sample(n, seed, num_inference_steps=..., sample_batch_size=..., start_index=...) as "
-            "memwatch.memorization.embedders.Generator describes, returning [n, C, *spatial] images in [0, 1]"
+            f"{SAMPLE_SIGNATURE} as memwatch.memorization.embedders.Generator describes, returning "
+            "[n, C, *spatial] images in [0, 1]"
         )
 
 

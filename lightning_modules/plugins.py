@@ -7,12 +7,17 @@ Embedders, from one specification:
 - a `{class_path, init_args}` mapping (or its YAML text) of any class with `embed`, such as
   `memorization.embedders.TorchScriptEmbedder` (`init_args: {path, spatial_size}`) or
   `PixelEmbedder` with other options.
+
+A class path read from data (a checkpoint's `hyper_parameters._class_path`, an embedder specification, the
+audit's `--data` config) is imported only when `TrustedModules` allows it: importing a module runs its code.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_class
 
 from memwatch.errors import InputError
+from memwatch.legacy_names import is_old_name
 from memwatch.lightning_modules.latent_diffusion import LatentDiffusionModule
 from memwatch.lightning_modules.simclr import SimCLRModule
 from memwatch.memorization.embedders import Embedder, PixelEmbedder
@@ -30,10 +36,38 @@ EmbedderSpec = str | Mapping[str, Any]
 REQUIRED = ("embed", "spatial_dims", "in_channels", "embedding_dim")
 
 
-def load_embedder(spec: EmbedderSpec, option: str, spatial_dims: int | None = None) -> Embedder:
+@dataclass(frozen=True)
+class TrustedModules:
+    """The modules whose classes may be imported when data names them: memwatch's own (`memwatch.*`, and the
+    old names `memwatch.legacy_names` aliases) and `names`, which the user trusts through `trust_with`
+    (`{module}` stands for the module to name)."""
+
+    names: Sequence[str] = ()
+    trust_with: str = "--trust-module {module}"
+
+    def check(self, class_path: str, where: str) -> None:
+        """Raise `InputError`, before anything is imported, unless `class_path` lies in a trusted module."""
+        own = class_path.startswith("memwatch.") or is_old_name(class_path)
+        if own or any(class_path == name or class_path.startswith(name + ".") for name in self.names):
+            return
+        package = class_path.partition(".")[0]
+        raise InputError(
+            f"{where} names the class {class_path}, which is not memwatch's, and importing it would run its code: "
+            f"if you trust {package}, pass {self.trust_with.format(module=package)}"
+        )
+
+
+def embedder_text(spec: EmbedderSpec) -> str:
+    """`spec` as the one-line text `--embedder` takes: a mapping (from an audit.yaml) as flow YAML."""
+    return spec if isinstance(spec, str) else yaml.safe_dump(dict(spec), default_flow_style=True, width=math.inf).strip()
+
+
+def load_embedder(
+    spec: EmbedderSpec, option: str, spatial_dims: int | None = None, trusted: TrustedModules = TrustedModules()
+) -> Embedder:
     """The embedder `spec` names, in eval mode; `option` (the flag without dashes) is named in errors.
 
-    `spatial_dims` (the data's) sets the dimensionality of `pixel`.
+    `spatial_dims` (the data's) sets the dimensionality of `pixel`; a class path outside `trusted` is refused.
     """
     if isinstance(spec, str) and spec.lstrip().startswith("{"):
         try:
@@ -41,7 +75,7 @@ def load_embedder(spec: EmbedderSpec, option: str, spatial_dims: int | None = No
         except yaml.YAMLError as error:
             raise InputError(f"{option}={spec!r} is not a YAML mapping ({error.problem}): write {{class_path: ..., init_args: {{...}}}}") from None
     if isinstance(spec, Mapping):
-        embedder = _instantiate(spec, option)
+        embedder = _instantiate(spec, option, trusted)
     elif spec == "pixel" or str(spec).startswith("pixel:"):
         side = int(spec.partition(":")[2] or 16)
         embedder = PixelEmbedder(size=(side,) * (spatial_dims or 2))
@@ -50,9 +84,10 @@ def load_embedder(spec: EmbedderSpec, option: str, spatial_dims: int | None = No
     return embedder.eval().requires_grad_(False) if hasattr(embedder, "eval") else embedder
 
 
-def _instantiate(spec: Mapping[str, Any], option: str) -> Embedder:
+def _instantiate(spec: Mapping[str, Any], option: str, trusted: TrustedModules) -> Embedder:
     if "class_path" not in spec:
         raise InputError(f"{option}={dict(spec)} has no class_path: write {{class_path: package.Class, init_args: {{...}}}}")
+    trusted.check(str(spec["class_path"]), f"--{option}")
     try:
         embedder = instantiate_class((), {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})})
     except InputError:
@@ -91,9 +126,9 @@ def embedder_name(spec: EmbedderSpec) -> str:
     return path.name
 
 
-def load_generator(path: str, option: str) -> LightningModule:
+def load_generator(path: str, option: str, trusted: TrustedModules = TrustedModules()) -> LightningModule:
     """A generator's checkpoint: memwatch's LDM, or any LightningModule with `sample` that `cli.py fit`
-    trained (LightningCLI records its class in `hyper_parameters._class_path`)."""
+    trained (LightningCLI records its class in `hyper_parameters._class_path`), of a module in `trusted`."""
     checkpoint = read_checkpoint(Path(path), option)
     written_by = (checkpoint.get("memwatch") or {}).get("module")
     if written_by == "LatentDiffusionModule":
@@ -104,6 +139,7 @@ def load_generator(path: str, option: str) -> LightningModule:
             f"--{option}={path} does not record the class that wrote it ({written_by or 'no hyper_parameters._class_path'}): "
             "pass a checkpoint of a generator trained with python cli.py fit"
         )
+    trusted.check(str(class_path), f"--{option}={path}")
     try:
         module, _, name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(module), name)

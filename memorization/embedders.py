@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memwatch.errors import InputError
+from memwatch.errors import InputError, one_line
+
+SAMPLE_SIGNATURE = "sample(n, seed: int | tuple[int, ...], num_inference_steps, sample_batch_size, start_index)"
 
 
 @runtime_checkable
@@ -73,11 +75,24 @@ def probe_generator(
     in_channels: int,
     spatial_size: Sequence[int] | None,
     name: str,
+    options: dict[str, Any] | None = None,
 ) -> None:
-    """Draw 2 samples with 1 inference step; `InputError` unless they are `[2, in_channels, *spatial_size]`
-    (any size when `None`) in `[0, 1]`. A cheap check of a user's generator before anything runs for real."""
-    with torch.no_grad():
-        images = generator.sample(2, seed=seed, num_inference_steps=1, sample_batch_size=2, start_index=0)
+    """Draw 2 samples with 1 inference step, called as a check calls `sample` (its `seed` and further keyword
+    `options`); `InputError` unless that works and they are `[2, in_channels, *spatial_size]` (any size when
+    `None`) in `[0, 1]`. A cheap check of a user's generator before anything runs for real."""
+    keywords = {"seed": seed, "num_inference_steps": 1, "sample_batch_size": 2, "start_index": 0, **(options or {})}
+    try:
+        with torch.no_grad():
+            images = generator.sample(2, **keywords)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a user's sample that cannot take the call fails in many ways
+        call = ", ".join(f"{key}={value!r}" for key, value in keywords.items())
+        raise InputError(
+            f"{name}.sample(2, {call}) failed ({type(error).__name__}: {one_line(error)}): a generator's sample "
+            f"must take {SAMPLE_SIGNATURE}, seed an int or a tuple of ints, as "
+            "memwatch.memorization.embedders.Generator describes"
+        ) from error
     if isinstance(images, torch.Tensor) and images.ndim >= 3:
         expected = [2, in_channels, *(spatial_size if spatial_size is not None else images.shape[2:])]
     else:

@@ -43,7 +43,7 @@ class LegacyNames(importlib.abc.MetaPathFinder):
         if top not in PACKAGES:
             return None
         found = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if found is not None and not any(str(found.origin or "").startswith(root) for root in self.roots):
+        if found is not None and not self.owns(found):
             return None  # someone else's module of that name
         if top not in self.warned:
             self.warned.add(top)
@@ -54,6 +54,19 @@ class LegacyNames(importlib.abc.MetaPathFinder):
                 stacklevel=2,
             )
         return importlib.util.spec_from_loader(fullname, _Alias("memwatch." + fullname))
+
+    def owns(self, found: importlib.machinery.ModuleSpec) -> bool:
+        return any(str(found.origin or "").startswith(root) for root in self.roots)
+
+
+def is_old_name(module: str) -> bool:
+    """Whether importing `module` gives memwatch's own module under its old name: found without running any code."""
+    top = module.partition(".")[0]
+    finder = next((f for f in sys.meta_path if isinstance(f, LegacyNames)), None)
+    if top not in PACKAGES or finder is None:
+        return False
+    found = importlib.machinery.PathFinder.find_spec(top)
+    return found is None or finder.owns(found)
 
 
 def install(*roots: Path) -> None:

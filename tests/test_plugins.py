@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,13 @@ from memwatch.datamodules.phantom import render_phantom
 from memwatch.errors import InputError
 from memwatch.lightning_modules import SimCLRModule
 from memwatch.memorization import detect_copies
-from memwatch.memorization.embedders import Embedder, Generator, PixelEmbedder, TorchScriptEmbedder
+from memwatch.memorization.embedders import (
+    SAMPLE_SIGNATURE,
+    Embedder,
+    Generator,
+    PixelEmbedder,
+    TorchScriptEmbedder,
+)
 from memwatch.memorization.history import HISTORY_FILE
 from scripts.launch import CliRun
 from tests.conftest import (
@@ -60,6 +67,12 @@ class MemorizingGenerator(LightningModule):
 
 class NotAGenerator(MemorizingGenerator):
     sample = None
+
+
+class IntSeedGenerator(MemorizingGenerator):  # written for sample(n, seed=0), blind to the callback's (seed, check)
+    def sample(self, n, seed=0, num_inference_steps=50, sample_batch_size=16, start_index=0):
+        torch.manual_seed(int(seed))
+        return super().sample(n, seed, num_inference_steps, sample_batch_size, start_index)
 '''
 
 
@@ -112,6 +125,7 @@ def test_a_generator_from_outside_the_project_trains_with_the_callback_and_its_c
     audit = run_with(
         user_package, "audit", "--embedder", str(embedder_ckpt), "--data", str(config),
         "--generator", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(out), "--detector-positives", "0",
+        "--trust-module", "my_generators",
     )  # fmt: skip
     assert audit.returncode == 0, audit.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -135,6 +149,103 @@ def test_a_model_without_sample_is_refused_before_training(user_package, embedde
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     assert errors[0].startswith("error: MemorizationCallback needs a model with sample(); NotAGenerator has none")
+
+
+def test_a_generator_that_takes_only_an_int_seed_is_refused_at_start_up_naming_the_signature(
+    user_package, embedder_ckpt, tmp_path
+):
+    config = generator_config(tmp_path, embedder_ckpt)
+    result = run_with(user_package, "fit", "--config", str(config), "--model.class_path", "my_generators.IntSeedGenerator")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("error: IntSeedGenerator.sample(2, seed=(0, 0), num_inference_steps=1, ") and "TypeError" in errors[0]
+    assert SAMPLE_SIGNATURE in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "user" / "version_0" / "checkpoints").exists()  # refused before any training step
+
+
+# A module that exists on sys.path but that nothing imports: importing it leaves a marker file.
+MARKED_MODULE = """
+from pathlib import Path
+
+Path(__file__).with_name("imported.marker").write_text("imported")
+
+
+class Generator:
+    pass
+"""
+
+
+def test_a_checkpoint_naming_an_untrusted_module_is_refused_by_the_audit_without_importing_it(
+    folders, tmp_path, monkeypatch, capsys  # noqa: F811
+):
+    (tmp_path / "marked_generators.py").write_text(MARKED_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # weights_only-safe: plain values only, and a class path in hyper_parameters as LightningCLI records it
+    torch.save({"hyper_parameters": {"_class_path": "marked_generators.Generator"}, "state_dict": {}}, tmp_path / "g.ckpt")
+    args = audit_args(Path("unused"), folders, tmp_path / "out", "--generator", str(tmp_path / "g.ckpt"))
+    args[args.index("--embedder") + 1] = "pixel"
+    args.remove("--synthetic")
+    args.remove(str(folders / "synthetic"))
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--spatial-size", *map(str, MEMORIZATION_SIZE)])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"error: --generator={tmp_path / 'g.ckpt'} names the class marked_generators.Generator")
+    assert errors[0].endswith("pass --trust-module marked_generators")
+    assert "marked_generators" not in sys.modules and not (tmp_path / "imported.marker").exists()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["--embedder", "audit.yaml embedder", "--data config", "memorization.embedder"])
+def test_a_specification_naming_popen_is_refused_before_it_runs(where, folders, tmp_path, capsys):  # noqa: F811
+    ran = tmp_path / "ran"
+    popen = {"class_path": "subprocess.Popen", "init_args": {"args": ["touch", str(ran)]}}
+    if where == "memorization.embedder":
+        from memwatch.callbacks import MemorizationCallback
+
+        with pytest.raises(InputError, match=r"^--memorization.embedder names the class subprocess.Popen, .* pass "
+                           r"--memorization.trust_modules \[subprocess\]$"):  # fmt: skip
+            MemorizationCallback(embedder=popen)
+        assert not ran.exists()
+        return
+    args = audit_args(Path("unused"), folders, tmp_path / "out", "--spatial-size", *map(str, MEMORIZATION_SIZE))
+    args[args.index("--embedder") + 1] = "pixel"
+    if where == "--embedder":
+        args += ["--embedder", yaml.safe_dump(popen, default_flow_style=True)]
+    elif where == "audit.yaml embedder":
+        (tmp_path / "audit.yaml").write_text(yaml.safe_dump({"embedder": ["pixel", popen]}))
+        args[args.index("--embedder") : args.index("--embedder") + 2] = ["--config", str(tmp_path / "audit.yaml")]
+    else:
+        (tmp_path / "data.yaml").write_text(yaml.safe_dump({"data": popen}))
+        args[args.index("--train") : args.index("--val") + 2] = ["--data", str(tmp_path / "data.yaml")]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(errors) == 1, errors
+    assert "names the class subprocess.Popen" in errors[0] and errors[0].endswith("pass --trust-module subprocess")
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize(
+    ("class_path", "trusted"),
+    [
+        ("memwatch.memorization.embedders.PixelEmbedder", True),
+        ("memorization.embedders.PixelEmbedder", True),  # the old name, aliased for one release
+        ("my_package.models.Embedder", True),  # a submodule of --trust-module my_package
+        ("my_package_two.Embedder", False),
+        ("memwatchx.Embedder", False),
+        ("os.system", False),
+    ],
+)
+def test_only_memwatch_s_own_and_trusted_modules_may_be_imported(class_path, trusted):
+    from memwatch.lightning_modules.plugins import TrustedModules
+
+    rule = TrustedModules(("my_package",))
+    if trusted:
+        rule.check(class_path, "--embedder")
+    else:
+        with pytest.raises(InputError, match=f"--embedder names the class {class_path}, .*--trust-module"):
+            rule.check(class_path, "--embedder")
 
 
 def test_both_protocols_describe_memwatch_s_own_models(embedder_ckpt):
