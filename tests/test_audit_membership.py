@@ -26,6 +26,7 @@ DATA_ARGS = (
     "--data", "configs/phantom_ldm.yaml", "--data-arg", f"spatial_size=[{SIZE[0]}, {SIZE[1]}]",
     "--data-arg", f"n_patients={N_PATIENTS}", "--data-arg", f"val_fraction={VAL_FRACTION}",
 )  # fmt: skip
+TRUST_DOUBLES = ("--trust-module", "tests.doubles")  # scripted_ckpt's class: the audit imports it when trusted
 
 
 def phantoms() -> PhantomDataModule:
@@ -104,7 +105,7 @@ def test_a_generator_without_membership_scores_is_skipped_and_the_audit_succeeds
     scripted_ckpt, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setenv("COLUMNS", "400")  # the terminal table's width: its rows unwrapped
-    summary = audit(scripted_ckpt, tmp_path / "out")
+    summary = audit(scripted_ckpt, tmp_path / "out", *TRUST_DOUBLES)
     reason = json.loads((tmp_path / "out" / "summary.json").read_text())["membership"]["skipped"]
     assert reason.startswith("ScriptedGenerator has no membership_scores") and "\n" not in reason
     assert summary["n_syn"] == 4 and "n_mem" in summary  # the copies were still counted
@@ -119,14 +120,14 @@ def test_too_few_held_out_images_are_skipped_with_the_count(scripted_ckpt, tmp_p
 
     monkeypatch.setattr("memwatch.audit.command.MIN_HELD_OUT", N_PATIENTS)  # more than the 20 held-out images
     monkeypatch.setattr("tests.doubles.ScriptedGenerator", Scoring)
-    summary = audit(scripted_ckpt, tmp_path / "out")
+    summary = audit(scripted_ckpt, tmp_path / "out", *TRUST_DOUBLES)
     assert summary["membership"] == {
         "skipped": f"The data holds 20 held-out images, fewer than the {N_PATIENTS} a membership interval needs."
     }
 
 
 def test_the_audit_of_a_folder_of_synthetic_images_has_no_membership_section(scripted_ckpt, tmp_path):
-    audit(scripted_ckpt, tmp_path / "sampled")  # its samples, as a folder
+    audit(scripted_ckpt, tmp_path / "sampled", *TRUST_DOUBLES)  # its samples, as a folder
     summary = main([
         "audit", "--embedder", "pixel", "--spatial-size", *map(str, SIZE), *DATA_ARGS, "--detector-positives", "0",
         "--synthetic", str(tmp_path / "sampled" / "samples"), "--intensity", "none", "--out", str(tmp_path / "out"),
