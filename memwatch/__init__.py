@@ -14,12 +14,14 @@ from pathlib import Path
 
 from memwatch import legacy_names
 
-_CLONE = Path(__file__).resolve().parent.parent
+_HERE = Path(__file__).resolve().parent
+_CLONE = _HERE.parent
 if (_CLONE / "memorization" / "__init__.py").is_file() and (_CLONE / "pyproject.toml").is_file():
     # A clone (or `pip install -e .`): memwatch.memorization is the folder memorization/ beside memwatch/.
     __path__.append(str(_CLONE))  # noqa: F821  (a package's __path__)
-
-legacy_names.install(Path(__file__).resolve().parent, _CLONE)
+    legacy_names.install(_HERE, *(_CLONE / name for name in legacy_names.PACKAGES))
+else:  # installed: the folders are inside memwatch/, and site-packages beside it belongs to others
+    legacy_names.install(_HERE)
 
 __version__ = "0.1.0"
 

@@ -12,6 +12,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -56,7 +57,8 @@ class LegacyNames(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_loader(fullname, _Alias("memwatch." + fullname))
 
     def owns(self, found: importlib.machinery.ModuleSpec) -> bool:
-        return any(str(found.origin or "").startswith(root) for root in self.roots)
+        origin = str(found.origin or "")
+        return any(origin.startswith(root + os.sep) for root in self.roots)
 
 
 def is_old_name(module: str) -> bool:
