@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from monai.data import Dataset
 
+from memwatch.audit.checkpoint import generator_checkpoint
 from memwatch.audit.inputs import (
     audit_inputs,
     check_generator,
@@ -63,6 +64,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
     generator = (
         load_generator(args.generator, "generator", trusted_modules(args)).to(device).eval() if args.generator else None
     )
+    generator_file = generator_checkpoint(args.generator) if args.generator else None  # which model, by step and hash
     datamodule = reference_data(args, size)
     train, val = datamodule.reference_dataset("train"), datamodule.reference_dataset("val")
     train_patients, val_patients = datamodule.train_patients, datamodule.val_patients
@@ -154,6 +156,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
             **summary_numbers(primary, train_patients, len(val), fd, ms_ssim),
             "detectors": detectors_summary(detections, syn_ids, train_patients),
             **({"membership": membership} if membership is not None else {}),
+            **({"generator": generator_file} if generator_file else {}),
             "inputs": audit_inputs(args),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
@@ -177,7 +180,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
                  for path, j in released],
                 taus={name: d.report.tau for name, d in detections.items()}, percentile=primary.report.percentile,
                 n_withheld=len(synthetic) - len(released),
-                checkpoints={"generator": args.generator, **{
+                checkpoints={"generator": generator_file, **{
                     f"embedder {name}": checkpoint_file(spec) for name, spec in zip(embedders, args.embedder, strict=True)
                 }},
                 summary=json.loads((staging / "summary.json").read_text()),

@@ -11,6 +11,7 @@ def print_audit(summary: dict) -> None:
     from rich.table import Table
 
     from memwatch.memorization.chance import weak_detector_warning
+    from memwatch.memorization.release import describe_checkpoint
 
     def share(count: int, total: int, key: str) -> str:
         low, high = summary[f"{key}_ci"]
@@ -68,6 +69,8 @@ def print_audit(summary: dict) -> None:
             f"released to {release['dir']}", f"{release['n_released']} (withheld {release['n_withheld']})"
         )
     Console().print(table)
+    if summary.get("generator"):  # below the table: the path and hash are wider than its value column
+        print(f"model audited: {describe_checkpoint(summary['generator'])}")
     weak = detector and weak_detector_warning(detector["sensitivity"], detector["n_positive"], "--embedder")
     if weak:
         print(f"warning: {weak}", file=sys.stderr)
@@ -88,18 +91,32 @@ def membership_line(membership: dict) -> str:
 
 
 def print_verification(result: dict) -> bool:
-    """Say whether a released folder still matches its manifest; True when it does."""
+    """Say whether a released folder, and the checkpoints its manifest names, still match it; True when they do."""
+    checkpoints = {state: [c for c in result.get("checkpoints", []) if c["state"] == state]
+                   for state in ("unchanged", "changed", "missing")}  # fmt: skip
+    for checkpoint in checkpoints["missing"]:
+        print(
+            f"notice: the {checkpoint['role']} checkpoint {checkpoint['path']} is no longer there: "
+            "not compared with the sha256 manifest.json records for it",
+            file=sys.stderr,
+        )
     if result["verified"]:
+        unchanged = ", ".join(c["role"] for c in checkpoints["unchanged"])
         print(
             f"verified: the {result['n_files']} file{'s' if result['n_files'] != 1 else ''} of {result['dir']} match its manifest (audit of {result['created']})"
+            + (f"; unchanged checkpoints: {unchanged}" if unchanged else "")
         )
         return True
     for change in ("changed", "added", "missing"):
         for name in result[change]:
             print(f"{change}: {name}", file=sys.stderr)
-    counts = ", ".join(f"{len(result[change])} {change}" for change in ("changed", "added", "missing"))
-    print(
-        f"error: {result['dir']} differs from its manifest ({counts}): do not share it as audited",
-        file=sys.stderr,
-    )
+    reasons = [
+        f"the {c['role']} checkpoint {c['path']} has changed since the audit (its sha256 is not the one in "
+        "manifest.json: audit the model it holds now before sharing its samples)"
+        for c in checkpoints["changed"]
+    ]
+    if any(result[change] for change in ("changed", "added", "missing")):
+        counts = ", ".join(f"{len(result[change])} {change}" for change in ("changed", "added", "missing"))
+        reasons.insert(0, f"{result['dir']} differs from its manifest ({counts})")
+    print(f"error: {'; '.join(reasons)}: do not share {result['dir']} as audited", file=sys.stderr)
     return False

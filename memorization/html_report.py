@@ -22,6 +22,7 @@ from PIL import Image
 
 from memwatch.memorization.chance import MIN_SENSITIVITY
 from memwatch.memorization.detect import CopyReport
+from memwatch.memorization.release import describe_checkpoint
 
 ImageLookup = Callable[[int], "np.ndarray | torch.Tensor"]
 NOT_MEASURED = "not measured"
@@ -144,6 +145,10 @@ def _header(summary: Mapping[str, Any], with_images: bool) -> str:
         when.append(f"epoch {int(summary['epoch'])}, step {int(summary.get('step') or 0)}")
     if when:
         lines.append(f"<p>{'; '.join(when)}</p>")
+    if summary.get("generator"):
+        lines.append(
+            f'<p id="generator">Model audited: {html.escape(describe_checkpoint(summary["generator"]))}</p>'
+        )
     level, sentence = overall_status(summary)
     lines.append(f'<div class="status {level}" id="status">{html.escape(sentence)}</div>')
     if with_images:
@@ -518,6 +523,7 @@ def _memorized_table(report: CopyReport, train_ids, syn_ids, patients) -> str:
 
 def _provenance(summary: Mapping[str, Any]) -> str:
     rows = [(f"input: {key}", value) for key, value in (summary.get("inputs") or {}).items()]
+    rows += [(f"generator: {key}", value) for key, value in (summary.get("generator") or {}).items() if value is not None]
     labels = {
         "created": "created",
         "check": "training check",

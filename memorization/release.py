@@ -1,11 +1,12 @@
 """A verifiable release: `manifest.json` records what the audit checked, `verify_release` checks a folder against it.
 
 The manifest lists every released file with its sha256, its nearest-training correlation and
-its margin below τ, together with τ, the percentile, the sha256 of the embedder (and generator)
-checkpoint, memwatch's version, the date and the audit's summary. It names no training patient:
+its margin below τ, together with τ, the percentile, the path and sha256 of the embedder (and generator)
+checkpoint (the generator's with its global step and epoch), memwatch's version, the date and the audit's summary. It names no training patient:
 a release leaves the hospital, so the summary's lists of memorized patients and images stay in
 the audit's own report. Anyone holding the folder can re-hash it later and learn whether a file
-was added, removed or changed since the audit.
+was added, removed or changed since the audit, and, where a checkpoint still lies at its recorded
+path, whether it is still the model that was audited.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +64,22 @@ def memwatch_version() -> dict[str, str | None]:
     return {"version": memwatch.__version__, "git_commit": commit or None}
 
 
+def checkpoint_record(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as the summary and the manifest name it: its absolute path (links kept) and sha256."""
+    absolute = Path(os.path.abspath(path))
+    return {"path": str(absolute), "sha256": sha256(absolute)}
+
+
+def describe_checkpoint(record: Mapping[str, Any]) -> str:
+    """`checkpoint_record` (with the generator's `global_step` and `epoch`) in one line, for the terminal and
+    report.html."""
+    progress = ", ".join(
+        f"{label} {record[key]}" for key, label in (("global_step", "global step"), ("epoch", "epoch"))
+        if record.get(key) is not None
+    )  # fmt: skip
+    return f"{record['path']} ({progress + ', ' if progress else ''}sha256 {record['sha256']})"
+
+
 @dataclass(frozen=True)
 class ReleasedFile:
     path: str  # relative to the release folder, with "/"
@@ -75,11 +93,12 @@ def write_manifest(
     taus: Mapping[str, float],
     percentile: float,
     n_withheld: int,
-    checkpoints: Mapping[str, str | None],
+    checkpoints: Mapping[str, str | Mapping[str, Any] | None],
     summary: Mapping[str, Any],
 ) -> Path:
     """Write `folder/manifest.json` for the released `files` (already in `folder`); `taus` holds each
-    embedder's τ (the first is the headline's), `checkpoints` maps a role to its checkpoint path.
+    embedder's τ (the first is the headline's), `checkpoints` maps a role to its checkpoint path or to its
+    `checkpoint_record` (hashed already, perhaps with more fields such as the generator's global step).
 
     A file's `nearest_train_correlation` and `margin_below_tau` are the first embedder's; with
     several embedders `by_embedder` gives every one's.
@@ -95,9 +114,12 @@ def write_manifest(
         "n_released": len(files),
         "n_withheld": n_withheld,
         "checkpoints": {
-            role: {"file": Path(path).name, "sha256": sha256(Path(path))}
-            for role, path in checkpoints.items()
-            if path is not None
+            role: {"file": Path(record["path"]).name, **record}
+            for role, record in (
+                (role, checkpoint if isinstance(checkpoint, Mapping) else checkpoint_record(checkpoint))
+                for role, checkpoint in checkpoints.items()
+                if checkpoint is not None
+            )
         },
         "files": [_entry(folder, released, taus, primary) for released in files],
         "summary": {key: value for key, value in summary.items() if key not in PRIVATE_SUMMARY_KEYS},
@@ -122,7 +144,8 @@ def _entry(folder: Path, released: ReleasedFile, taus: Mapping[str, float], prim
 
 
 def verify_release(folder: Path) -> dict[str, Any]:
-    """Re-hash `folder` against its manifest: the files `added`, `missing` and `changed` since the audit."""
+    """Re-hash `folder` against its manifest: the files `added`, `missing` and `changed` since the audit, and
+    each recorded checkpoint (`checkpoints`: role, path, and `state` unchanged, changed or missing)."""
     manifest_path = folder / MANIFEST
     if not folder.is_dir():
         raise InputError(f"--verify-release {folder} is not a folder: pass the --release-dir of an audit")
@@ -147,13 +170,28 @@ def verify_release(folder: Path) -> dict[str, Any]:
         name for name in sorted(recorded.keys() & present.keys()) if sha256(present[name]) != recorded[name]
     ]
     added, missing = sorted(present.keys() - recorded.keys()), sorted(recorded.keys() - present.keys())
+    checkpoints = checkpoint_states(manifest.get("checkpoints") or {})
     return {
-        "verified": not (added or missing or changed),
+        "verified": not (added or missing or changed or any(c["state"] == "changed" for c in checkpoints)),
         "dir": str(folder),
         "n_files": len(recorded),
         "added": added,
         "missing": missing,
         "changed": changed,
+        "checkpoints": checkpoints,
         "created": manifest.get("created"),
         "tau": manifest.get("tau"),
     }
+
+
+def checkpoint_states(recorded: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Each recorded checkpoint with its path (older manifests record none: not checked) and whether the
+    file there is still the one audited: `unchanged`, `changed`, or `missing` (moved or deleted, so unknown)."""
+    states = []
+    for role, record in recorded.items():
+        if not isinstance(record, Mapping) or not record.get("path"):
+            continue
+        path = Path(record["path"])
+        state = "missing" if not path.is_file() else "unchanged" if sha256(path) == record.get("sha256") else "changed"
+        states.append({"role": role, "path": str(path), "state": state})
+    return states

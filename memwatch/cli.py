@@ -15,6 +15,7 @@ one line on stderr and exit status 2, before anything is written.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -68,6 +69,22 @@ class MemwatchCLI(LightningCLI):
         )
 
         add_subcommand(parser, "audit", audit_parser())
+
+    def before_instantiate_classes(self) -> None:
+        # ModelCheckpoint recognises the last.ckpt of a run it resumes only when the checkpoint folder is
+        # spelled as the checkpoint recorded it (it compares path strings); otherwise its version counter
+        # writes last-v1.ckpt beside a stale last.ckpt. So the run's folder gets one spelling: absolute,
+        # links resolved, whether the command line wrote it relative or absolute.
+        def resolved(path):
+            local = isinstance(path, str) and "://" not in path  # not a URL such as s3://
+            return os.path.realpath(os.path.expanduser(path)) if local else path
+
+        trainer = self.config.get(str(self.subcommand), self.config).trainer
+        for logger in trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and init_args.get("save_dir") is not None:
+                init_args.save_dir = resolved(init_args.save_dir)
+        trainer.default_root_dir = resolved(trainer.get("default_root_dir"))
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # A section left out is instantiated as None.
