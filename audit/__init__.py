@@ -24,7 +24,8 @@ membership signal is in `summary.json` and `report.html`, or why it was skipped.
 temporary name and moved into place at the end.
 
 Parts: `options.py` (the parser and its checks), `inputs.py` (embedders, generator, real and synthetic
-images), `command.py` (`run_audit`), `printing.py` (the verdict on the terminal).
+images), `checkpoint.py` (which generator checkpoint is audited), `command.py` (`run_audit`), `printing.py`
+(the verdict on the terminal).
 """
 
 from memwatch.audit.command import run_audit
