@@ -7,7 +7,6 @@ import json
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,9 @@ from memwatch.audit.inputs import (
     audit_inputs,
     check_generator,
     checkpoint_file,
+    configured_datamodule,
     dataset_ids,
+    input_paths,
     load_embedders,
     reference_data,
     synthetic_folder,
@@ -32,6 +33,7 @@ from memwatch.lightning_modules.plugins import load_generator
 from memwatch.memorization.chance import check_patients
 from memwatch.memorization.embedders import membership_scorer
 from memwatch.memorization.membership import MIN_HELD_OUT
+from memwatch.memorization.output_folders import check_output_folders, staged_outputs
 from memwatch.memorization.pipeline import (
     embed_dataset,
     embed_variations,
@@ -41,7 +43,7 @@ from memwatch.memorization.pipeline import (
 )
 from memwatch.memorization.reference import ReferenceSet
 from memwatch.memorization.release import MANIFEST, ReleasedFile, verify_release, write_manifest
-from memwatch.memorization.report import check_output_folder, staged_output, write_report
+from memwatch.memorization.report import write_report
 from memwatch.memorization.stream import Progress, deterministic_kernels, embed_stream, rng_preserved
 from memwatch.memorization.summary import detectors_summary, quality_numbers, summary_numbers
 
@@ -53,9 +55,9 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
         return verify_release(Path(args.verify_release))
     check_arguments(args)
     out = Path(args.out)
-    check_output_folder(out, "--out", args.overwrite)
-    if args.release_dir:
-        check_output_folder(Path(args.release_dir), "--release-dir", args.overwrite)
+    outputs = {"--out": out, "--release-dir": args.release_dir}
+    configured = configured_datamodule(args)
+    check_output_folders(outputs, input_paths(args, configured), args.overwrite)
     device = torch.device(
         args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -65,7 +67,7 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
         load_generator(args.generator, "generator", trusted_modules(args)).to(device).eval() if args.generator else None
     )
     generator_file = generator_checkpoint(args.generator) if args.generator else None  # which model, by step and hash
-    datamodule = reference_data(args, size)
+    datamodule = reference_data(args, size, configured)
     train, val = datamodule.reference_dataset("train"), datamodule.reference_dataset("val")
     train_patients, val_patients = datamodule.train_patients, datamodule.val_patients
     for embedder in embedders.values():
@@ -97,14 +99,10 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
             score_pairs=score_pairs, progress=progress(args, f"embedding the {name} images"),
         )  # fmt: skip
 
-    release = (
-        staged_output(args.release_dir, "--release-dir", args.overwrite)
-        if args.release_dir
-        else nullcontext()
-    )
     # Both folders move into place only after everything in both is written.
     membership = None  # summary.json's membership section: only a generator has scores of its own
-    with staged_output(out, "--out", args.overwrite) as staging, release as release_staging:
+    with staged_outputs({k: v for k, v in outputs.items() if v}, args.overwrite) as stagings:
+        staging, release_staging = stagings["--out"], stagings.get("--release-dir")
         if generator is not None:
             n_samples = args.n_samples or len(train)
             block = sample_block_size(n_samples, args.batch_size)

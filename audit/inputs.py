@@ -20,6 +20,7 @@ from memwatch.datamodules.readers.image_files import LoadImageFile, image_record
 from memwatch.errors import InputError
 from memwatch.lightning_modules.plugins import TrustedModules, embedder_name, load_embedder
 from memwatch.memorization.embedders import Embedder, probe_generator
+from memwatch.memorization.output_folders import data_paths
 
 
 def trusted_modules(args: Namespace) -> TrustedModules:
@@ -92,9 +93,34 @@ def check_generator(
         )
 
 
-def reference_data(args: Namespace, size: tuple[int, ...]) -> MedicalImageDataModule:
-    if args.data:
-        datamodule = datamodule_from_config(Path(args.data), args.data_arg, trusted_modules(args))
+def configured_datamodule(args: Namespace) -> MedicalImageDataModule | None:
+    """The `--data` config's DataModule (not set up yet), or `None` for `--train`/`--val` folders."""
+    return datamodule_from_config(Path(args.data), args.data_arg, trusted_modules(args)) if args.data else None
+
+
+def input_paths(args: Namespace, configured: MedicalImageDataModule | None) -> list[tuple[str, str | None]]:
+    """Every file and folder the audit reads, with the option that names it: what no output may overlap."""
+    return [
+        ("--train", args.train), ("--val", args.val), ("--synthetic", args.synthetic), ("--generator", args.generator),
+        ("--data", args.data), *data_paths(configured, "the --data config's {}").items(),
+        *(("--embedder", embedder_file(spec)) for spec in args.embedder),
+    ]  # fmt: skip
+
+
+def embedder_file(spec: str) -> str | None:
+    """`checkpoint_file(spec)`, or `None` for a spec that is no YAML mapping (`load_embedders` names that error)."""
+    try:
+        return checkpoint_file(spec)
+    except (yaml.YAMLError, AttributeError):
+        return None
+
+
+def reference_data(
+    args: Namespace, size: tuple[int, ...], configured: MedicalImageDataModule | None
+) -> MedicalImageDataModule:
+    """The real images: `configured` (from `--data`), else the `--train` and `--val` folders; set up."""
+    if configured is not None:
+        datamodule = configured
     elif is_dicom_folder(Path(args.train)):
         # Intensity as DicomDataModule reads it (a CT window in 3D, min-max in 2D); for the
         # embedder's own settings give its config: --data configs/dicom_ldm.yaml --data-arg root=...

@@ -37,7 +37,6 @@ from memwatch.callbacks.startup_checks import (
     check_membership_data,
     check_options,
     check_sampler_options,
-    check_writable,
     checked_variation,
     load_callback_embedder,
     memorization_stoppers,
@@ -53,6 +52,7 @@ from memwatch.memorization.distributed import block_shard, fail_together, gather
 from memwatch.memorization.embedders import membership_scorer, probe_generator
 from memwatch.memorization.history import MEMBERSHIP_HISTORY_FILE, PLACE_KEYS, TIMING_PREFIX, write_history
 from memwatch.memorization.membership import AUC_METHOD, MembershipEvaluation
+from memwatch.memorization.output_folders import check_output_folders, data_paths, staged_output
 from memwatch.memorization.pipeline import (
     embed_dataset,
     embed_variations,
@@ -62,7 +62,7 @@ from memwatch.memorization.pipeline import (
     score_membership,
 )
 from memwatch.memorization.reference import ReferenceSet
-from memwatch.memorization.report import copy_order, staged_output, write_report
+from memwatch.memorization.report import copy_order, write_report
 from memwatch.memorization.stats import logged_scalars
 from memwatch.memorization.stream import (
     EmbeddedStream,
@@ -255,7 +255,9 @@ class MemorizationCallback(Callback):
         self.check_trainer(trainer)
         with fail_together(trainer.strategy.root_device, "checking output_dir"):
             if self.output_dir is not None:
-                check_writable(self.output_dir)
+                checkpoint = [("embedder_ckpt", self.embedder_ckpt)] if Path(self.embedder_ckpt).is_file() else []
+                inputs = [*data_paths(trainer.datamodule).items(), *checkpoint]
+                check_output_folders({"output_dir": self.output_dir}, inputs, replaces=False)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device = pl_module.device

@@ -1,16 +1,14 @@
 """The MemorizationCallback's checks before training: each refuses, in one line, a run that would fail later.
 
 Data the embedder cannot take, an EarlyStopping that would read an old check, sampler options the
-generator lacks, an output folder a rank cannot write, a check that runs out of GPU memory.
+generator lacks, a check that runs out of GPU memory.
 """
 
 from __future__ import annotations
 
 import inspect
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -233,19 +231,6 @@ def check_sampler_options(
         rank_zero_info(
             "memorization.sampler_graphs: CUDA graphs need a GPU; on this CPU sampling runs as without"
         )
-
-
-def check_writable(folder: Path) -> None:
-    """Raise `InputError` unless this process can create files in `folder` (created if missing)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".memwatch-write-test-"):
-            pass
-    except OSError as error:
-        raise InputError(
-            f"output_dir={folder} is not writable ({error.strerror or type(error).__name__}): choose a folder "
-            "that every rank can write, or leave output_dir unset"
-        ) from None
 
 
 def accepts_keyword(method: Callable, name: str) -> bool:

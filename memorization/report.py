@@ -2,19 +2,15 @@
 
 `write_report` turns a `CopyReport` into `summary.json`, `pairs.csv`, `train_nn.csv`,
 `histogram.png`, (when given pixels) `copies.png`, and `report.html` (all of it on one page).
-`staged_output` writes a folder under a temporary name and moves it into place only when
-everything in it is written, so a crash never leaves a half-written folder that looks
-complete, and an existing folder is replaced only when the user allows it.
+They are written into a staging folder (`memorization.output_folders.staged_outputs`) that moves
+into place only when everything in it is written.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +22,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from memwatch.errors import InputError  # noqa: E402
 from memwatch.memorization.detect import CopyReport  # noqa: E402
 from memwatch.memorization.html_report import ImageLookup, write_html_report  # noqa: E402
 from memwatch.memorization.stats import memorized_patients  # noqa: E402
 
 REPORT_FILES = ("summary.json", "pairs.csv", "train_nn.csv", "histogram.png", "copies.png", "report.html")
-
-
-def check_output_folder(folder: Path, option: str, overwrite: bool) -> None:
-    """Raise `InputError` now (before any work) if `folder` holds files and may not be replaced."""
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{option}={folder} is a file, not a folder: choose another {option}")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise InputError(
-            f"{option}={folder} already holds files: choose another {option} or pass --overwrite to replace it"
-        )
-
-
-@contextmanager
-def staged_output(folder: str | Path, option: str = "--out", overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `folder` to write into; on success it becomes `folder`.
-
-    On an exception the temporary folder is removed and `folder` is left as it was.
-    """
-    folder = Path(folder)
-    check_output_folder(folder, option, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if folder.exists():
-        replaced = folder.parent / f".{folder.name}.replaced-{os.getpid()}"
-        folder.rename(replaced)
-        staging.rename(folder)
-        shutil.rmtree(replaced, ignore_errors=True)
-    else:
-        staging.rename(folder)
 
 
 def write_report(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import shutil
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+import memwatch.audit.command as command
 from memwatch.cli import main
 from memwatch.datamodules.phantom import render_phantom
 from memwatch.datamodules.transforms import vary
@@ -23,6 +27,7 @@ from memwatch.memorization.report import REPORT_FILES
 from tests.conftest import (
     MEMORIZATION_SIZE,
     N_TRAIN,
+    ROOT,
     chance_ceiling,
     memorization_phantoms,
     quiet_trainer,
@@ -290,6 +295,172 @@ def test_the_real_command_exits_2_without_a_traceback(embedder_ckpt, folders, tm
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().startswith("error: ")
+
+
+# --- output folders ------------------------------------------------------------------
+
+
+def pixel_audit_args(folders: Path, out: Path, *extra: str) -> list[str]:
+    """`audit_args` with the pixel embedder: no checkpoint to train, seconds to run."""
+    return audit_args("pixel", folders, out, "--spatial-size", "32", "32", "--detector-positives", "4", *extra)
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder` (hidden ones included) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
+    return error.removeprefix("error: ")
+
+
+OVERLAPS = {  # --out (in TMP), more options, the error
+    "--release-dir inside --out": ("R", ["--release-dir", "TMP/R/shareable"], "--out=TMP/R holds --release-dir=TMP/R/shareable"),
+    "--release-dir is --out": ("R", ["--release-dir", "TMP/R"], "--out=TMP/R is the same folder as --release-dir=TMP/R"),
+    "--out is --train, with --overwrite": ("train", ["--overwrite"], "--out=TMP/train is the same folder as --train=TMP/train"),
+    "--out inside --train": ("train/report", [], "--out=TMP/train/report lies inside --train=TMP/train"),
+    "--out holds the embedder, with --overwrite": (
+        "models", ["--overwrite"], "--out=TMP/models holds --embedder=TMP/models/embedder.ckpt",
+    ),
+    "--out is a file": ("models/embedder.ckpt", [], "--out=TMP/models/embedder.ckpt is a file, not a folder"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", OVERLAPS)
+def test_output_folders_over_an_input_or_each_other_are_one_line_and_nothing_is_written(case, embedder_ckpt, folders, tmp_path, capsys):
+    """Each used to run the whole audit and then replace a folder: the report, the training images, the checkpoint."""
+    shutil.copytree(folders / "train", tmp_path / "train")
+    (tmp_path / "models").mkdir()
+    shutil.copy(embedder_ckpt, tmp_path / "models" / "embedder.ckpt")
+    out, options, message = OVERLAPS[case]
+    options = [option.replace("TMP", str(tmp_path)) for option in options]
+    args = audit_args(tmp_path / "models" / "embedder.ckpt", folders, tmp_path / out, "--detector-positives", "4", *options)
+    args[args.index("--train") + 1] = str(tmp_path / "train")
+    before = files_under(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert one_error_line(capsys).startswith(message.replace("TMP", str(tmp_path)))
+    assert files_under(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["models", "train"]
+
+
+def test_out_as_the_current_folder_is_refused_before_any_input_is_read(folders, tmp_path):
+    """`--out .` ran the whole audit, then failed to replace the folder it ran in and left a hidden folder of
+    patient images behind."""
+    shutil.copytree(folders / "train", tmp_path / "train")
+    args = audit_args(tmp_path / "missing.ckpt", folders, Path("."))
+    args[args.index("--train") + 1] = "train"
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    # the missing embedder is not reached: the output folder is checked first
+    assert result.stderr.strip().splitlines() == [
+        "error: --out=. is the folder this runs in, which writing --out would replace: give --out a new folder of "
+        "its own, e.g. --out=report"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+
+
+def can_create_in(folder: Path) -> bool:
+    """Whether this process can create a folder in `folder` (root can, whatever its mode says)."""
+    try:
+        (folder / "probe").mkdir()
+    except PermissionError:
+        return False
+    (folder / "probe").rmdir()
+    return True
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(folders, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    cases = {
+        "--out under a file": (pixel_audit_args(folders, tmp_path / "a_file" / "report"),
+                               f"--out={tmp_path}/a_file/report is not writable ({tmp_path}/a_file is a file, not a folder)"),
+        "--release-dir under a file": (
+            pixel_audit_args(folders, tmp_path / "out", "--release-dir", str(tmp_path / "a_file" / "shareable")),
+            f"--release-dir={tmp_path}/a_file/shareable is not writable ({tmp_path}/a_file is a file, not a folder)",
+        ),
+        "--out under a read-only folder": (
+            # a missing embedder ends the run at once where the folder turns out writable (root)
+            audit_args(tmp_path / "missing.ckpt", folders, locked / "new" / "report"),
+            f"--out={locked}/new/report is not writable (Permission denied in {locked})",
+        ),
+    }  # fmt: skip
+    try:
+        for name, (args, message) in cases.items():
+            with pytest.raises(SystemExit) as stop:
+                main(args)
+            error = one_error_line(capsys)
+            if name == "--out under a read-only folder" and can_create_in(locked):
+                continue  # root writes whatever the mode: nothing here to refuse
+            assert stop.value.code == 2 and error.startswith(message), (name, error)
+    finally:
+        locked.chmod(0o700)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "locked"] and list(locked.iterdir()) == []
+
+
+def old_outputs(tmp_path: Path) -> dict[str, dict[str, bytes]]:
+    """A report and a release from an earlier audit, to be replaced with --overwrite."""
+    for name, file in (("report", "summary.json"), ("shareable", "manifest.json")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text('{"old": true}')
+    return {name: files_under(tmp_path / name) for name in ("report", "shareable")}
+
+
+def test_a_full_disk_while_writing_keeps_the_old_report_and_leaves_nothing_hidden(folders, tmp_path, capsys, monkeypatch):
+    old = old_outputs(tmp_path)
+    real_write_report = command.write_report
+
+    def disk_full_half_way(folder, *args, **kwargs):
+        real_write_report(folder, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "copies.png"))
+
+    monkeypatch.setattr(command, "write_report", disk_full_half_way)
+    args = pixel_audit_args(folders, tmp_path / "report", "--release-dir", str(tmp_path / "shareable"), "--overwrite")
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    error = one_error_line(capsys)
+    assert error.startswith(f"writing --out={tmp_path}/report and --release-dir={tmp_path}/shareable failed (No space left on device"), error
+    assert {name: files_under(tmp_path / name) for name in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "shareable"]
+
+
+INTERRUPTED_AUDIT = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import memwatch.audit.command as command
+real_write_report = command.write_report
+
+def interrupted(folder, *args, **kwargs):  # the signal comes once the report's files, patient images included, are written
+    written = real_write_report(folder, *args, **kwargs)
+    os.kill(os.getpid(), signal.{signal})
+    for _ in range(100):
+        time.sleep(0.1)
+    return written
+
+command.write_report = interrupted
+from memwatch.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_writing_keeps_the_old_report_and_leaves_nothing_hidden(signal_name, folders, tmp_path):
+    """SIGTERM (a cluster's time limit) used to kill the audit on the spot, leaving a hidden folder of its
+    report and patient images beside --out."""
+    old = old_outputs(tmp_path)
+    entry = tmp_path.parent / f"{tmp_path.name}_interrupted_audit.py"
+    entry.write_text(INTERRUPTED_AUDIT.format(root=str(ROOT), signal=signal_name))
+    args = pixel_audit_args(folders, tmp_path / "report", "--release-dir", str(tmp_path / "shareable"), "--overwrite")
+    result = run_cli(*args[1:], entry=[str(entry), "audit"])
+    expected_status = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": -signal.SIGINT}[signal_name]
+    assert result.returncode == expected_status, result.stderr[-3000:]
+    assert {name: files_under(tmp_path / name) for name in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "shareable"]
 
 
 def test_verify_release_reports_every_file_added_removed_or_changed(tmp_path):
