@@ -30,7 +30,7 @@ from memwatch.audit.inputs import (
 from memwatch.audit.options import audit_parser, check_arguments
 from memwatch.datamodules.transforms import variation_transform
 from memwatch.lightning_modules.plugins import load_generator
-from memwatch.memorization.chance import check_patients
+from memwatch.memorization.chance import check_patients, extrapolation_notice
 from memwatch.memorization.embedders import membership_scorer
 from memwatch.memorization.membership import MIN_HELD_OUT
 from memwatch.memorization.output_folders import check_output_folders, staged_outputs
@@ -82,6 +82,11 @@ def run_audit(argv: Sequence[str]) -> dict[str, Any]:
     if generator is not None:
         check_generator(generator, args, size, embedders, train_patients)
     synthetic = None if generator else synthetic_folder(Path(args.synthetic), size, args.intensity)
+    n_syn = (args.n_samples or len(train)) if generator else len(synthetic)
+    fewer = f"--n-samples {len(val)}" if generator else "fewer images in --synthetic"
+    notice = extrapolation_notice(n_syn, len(val), fewer)
+    if notice:
+        print(f"audit: {notice}", file=sys.stderr, flush=True)
     # Every embedder sees each image in the same pass: one read of every folder, one sampling run.
     lengths = [embedder.embedding_dim for embedder in embedders.values()]
 

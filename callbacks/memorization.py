@@ -46,7 +46,7 @@ from memwatch.callbacks.startup_checks import (
 from memwatch.callbacks.tensorboard import add_layout, log_copy_pairs, log_histograms
 from memwatch.lightning_modules.base import MemwatchModule
 from memwatch.lightning_private import averaged_model
-from memwatch.memorization.chance import weak_detector_warning
+from memwatch.memorization.chance import extrapolation_notice, weak_detector_warning
 from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, check_rule, nearest_correlation
 from memwatch.memorization.distributed import block_shard, fail_together, gather_kept
 from memwatch.memorization.embedders import membership_scorer, probe_generator
@@ -258,6 +258,11 @@ class MemorizationCallback(Callback):
                 checkpoint = [("embedder_ckpt", self.embedder_ckpt)] if Path(self.embedder_ckpt).is_file() else []
                 inputs = [*data_paths(trainer.datamodule).items(), *checkpoint]
                 check_output_folders({"output_dir": self.output_dir}, inputs, replaces=False)
+        n_syn = self.n_samples or len(self.data.train_patients)
+        n_val = len(self.data.val_patients)
+        notice = extrapolation_notice(n_syn, n_val, f"--memorization.n_samples {n_val}")
+        if stage == "fit" and notice:
+            rank_zero_info(f"memorization: {notice}")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device = pl_module.device
@@ -492,8 +497,9 @@ class MemorizationCallback(Callback):
         }  # fmt: skip
         row |= check_cost(started.lap(), training_seconds, device)
         self.history.append(row)
+        baseline = (trainer.current_epoch + 1) % self.every_n_epochs != 0  # check_at_start's, off the cadence
         for warning in cost_warnings(
-            row, device, self.max_overhead, self.decode_batch_size or self.sample_batch_size
+            row, device, self.max_overhead, self.decode_batch_size or self.sample_batch_size, baseline
         ):
             rank_zero_warn(warning)
         self._log(row_scalars(row), trainer, pl_module)

@@ -293,6 +293,18 @@ def at_least_one_of(counts: torch.Tensor, n_val: int, n_syn: int) -> tuple[float
     ), f"beta-binomial extrapolation (N_syn {n_syn} > N_val {n_val})"
 
 
+def extrapolation_notice(n_syn: int, n_val: int, fewer: str) -> str | None:
+    """One line when `n_syn` samples outnumber the `n_val` held-out images, whose chance level is then
+    extrapolated (`at_least_one_of`), else `None`; `fewer` says how to compare fewer samples."""
+    if n_syn <= n_val:
+        return None
+    return (
+        f"{n_syn} samples outnumber the {n_val} held-out images, so the chance level is extrapolated "
+        f"(beta-binomial) and its interval understates how much it varies; for a chance level to rely on, "
+        f"hold out at least {n_syn} images or compare at most {n_val} samples ({fewer})"
+    )
+
+
 def _fit_beta_binomial(counts: np.ndarray, n: int) -> tuple[float, float]:
     """Maximum-likelihood Beta(a, b) of per-unit exceedance probabilities from binomial `counts` out of `n`."""
     values, multiplicity = np.unique(counts.astype(int), return_counts=True)

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from memwatch.callbacks import MemorizationCallback
+from memwatch.callbacks.console import ProgressLines, SummaryWithoutUncountedFlops, silence_lightning_tips
 from memwatch.datamodules import MedicalImageDataModule
 from memwatch.errors import classify_failure
 from memwatch.lightning_private import add_subcommand
@@ -39,6 +40,9 @@ CONFIG_DIR = next(
     Path("configs"),
 )
 
+# torch's CPU threads per process where OMP_NUM_THREADS is unset; None keeps torch's default, one per core. The one
+# place to change that default: bench/busy_cpu.py measures the choices on a busy CPU (BENCHMARKS.md).
+DEFAULT_CPU_THREADS: int | None = None
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -49,7 +53,7 @@ TRAINER_DEFAULTS = {
 
 class MemwatchCLI(LightningCLI):
     """LightningCLI with a `last.ckpt`-saving checkpoint, `memorization:` and `early_stopping:`
-    sections of their own, a rich progress bar and start-up checks."""
+    sections of their own, a progress bar (rich on a terminal, plain lines in a log file) and start-up checks."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -60,6 +64,10 @@ class MemwatchCLI(LightningCLI):
             MemorizationCallback, "memorization", subclass_mode=True, required=False
         )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping", subclass_mode=True, required=False)
+        parser.add_argument(
+            "--progress_seconds", type=float, default=60.0,
+            help="where stdout is not a terminal (a SLURM log, | tee): seconds between plain progress lines",
+        )  # fmt: skip
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         # LightningCLI's private hook for its subcommands (see lightning_private.add_subcommand).
@@ -97,8 +105,15 @@ class MemwatchCLI(LightningCLI):
         callbacks = list(trainer_config.get("callbacks") or [])
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, RichProgressBar()]
-        return super().instantiate_trainer(**kwargs)
+            # A rich bar redraws its line in place: a log file would show nothing until the end.
+            bar = RichProgressBar() if sys.stdout.isatty() else ProgressLines(self._get(self.config_init, "progress_seconds"))
+            kwargs["callbacks"] = [*callbacks, bar]
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, ModelSummary) for c in callbacks):  # Lightning's own, not one the user chose
+            trainer.callbacks[:] = [
+                SummaryWithoutUncountedFlops() if isinstance(c, ModelSummary) else c for c in trainer.callbacks
+            ]
+        return trainer
 
     def _load_checkpoints_safely(self) -> None:
         # memwatch checkpoints hold tensors and plain values only: load --ckpt_path without
@@ -150,6 +165,11 @@ def main(args: list[str] | None = None) -> MemwatchCLI | dict:
         # launcher restarts the script with sys.argv, so the children see the resolved names too.
         sys.argv[1:] = argv
     torch.set_float32_matmul_precision("high")
+    if DEFAULT_CPU_THREADS is not None and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(DEFAULT_CPU_THREADS)
+    silence_lightning_tips()
+    # Lightning logs every log_every_n_steps steps across epochs all the same; the phantom configs' epochs are 1-2 steps.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
     # Harmless and expected here: the LDM's frozen autoencoder is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")

@@ -39,3 +39,23 @@ def add_subcommand(parser: LightningArgumentParser, name: str, subparser: Lightn
     jsonargparse keeps the subcommands action as `_subcommands_action`; neither has a public way in.
     """
     parser._subcommands_action.add_subcommand(name, subparser, help=subparser.description)
+
+
+def summary_table(
+    columns: list[tuple[str, list[str]]],
+    total_parameters: int,
+    trainable_parameters: int,
+    model_size: float,
+    total_training_modes: dict[str, int],
+    total_flops: int,
+) -> str:
+    """Lightning's plain-text model summary of `columns` (its last line the total FLOPs).
+
+    `ModelSummary.summarize` formats and logs it in one step; `_format_summary_table` is the only way to
+    the text without logging it, which `callbacks.console.SummaryWithoutUncountedFlops` needs to drop a line.
+    """
+    from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+    return _format_summary_table(
+        total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *columns
+    )
