@@ -10,11 +10,13 @@ venv: $(STAMP)
 
 # torch is installed first and alone so that the pinned CPU/CUDA build is chosen before
 # any other package could pull an unpinned one.
-$(STAMP): requirements.txt requirements-dev.txt
+# The clone itself is installed editable last (its dependencies are the pins above): .venv/bin/memwatch.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 test: venv
