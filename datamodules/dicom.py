@@ -57,6 +57,7 @@ from memwatch.datamodules.base import MedicalImageDataModule
 from memwatch.datamodules.intensity import check_intensity, clip_to_unit, scale_to_unit
 from memwatch.datamodules.readers.dicom import LoadDicom, frame_count, is_dicom_file, read_header
 from memwatch.datamodules.readers.dicom_series import patient_of, series_geometry, why_2d
+from memwatch.datamodules.readers.folders import visible_files
 from memwatch.datamodules.readers.nifti import RAS_LABELS
 from memwatch.errors import InputError
 
@@ -121,18 +122,15 @@ class DicomDataModule(MedicalImageDataModule):
     def _dicom_files(self, folder: Path, option: str) -> list[Path]:
         named = {Path(self.split_file).resolve()} if self.split_file is not None else set()
         found = []
-        for parent, dirs, files in os.walk(folder, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(f for f in files if not f.startswith(".")):
-                path = Path(parent) / name
-                if path.resolve() in named:
-                    continue
-                if not is_dicom_file(path):
-                    raise InputError(
-                        f"{path} is not a DICOM file: move it out of {option} (DicomDataModule reads DICOM only; "
-                        "NIfTI: NiftiDataModule, PNG: FolderDataModule)"
-                    )
-                found.append(path)
+        for path in visible_files(folder, option):
+            if path.resolve() in named:
+                continue
+            if not is_dicom_file(path):
+                raise InputError(
+                    f"{path} is not a DICOM file: move it out of {option} (DicomDataModule reads DICOM only; "
+                    "NIfTI: NiftiDataModule, PNG: FolderDataModule)"
+                )
+            found.append(path)
         return found
 
     def _series_record(

@@ -37,7 +37,6 @@ Headers are read by `datamodules.readers.nifti`, pixels by `datamodules.readers.
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +46,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 
 from memwatch.datamodules.base import MedicalImageDataModule
 from memwatch.datamodules.intensity import check_intensity, scale_to_unit
+from memwatch.datamodules.readers.folders import visible_files
 from memwatch.datamodules.readers.image_files import LoadImageFile, image_format
 from memwatch.datamodules.readers.nifti import RAS_LABELS, check_volume_file
 from memwatch.errors import InputError
@@ -190,30 +190,27 @@ class NiftiDataModule(MedicalImageDataModule):
             )
         named = {Path(f).resolve() for f in (self.split_file, self.centers_file) if f is not None}
         volumes, seen = [], {}
-        for folder, dirs, files in os.walk(self.root, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(f for f in files if not f.startswith(".")):
-                path = Path(folder) / name
-                if path.resolve() in named:
-                    continue
-                found = image_format(path)
-                if found is None or found[0] != "nifti":
-                    raise InputError(
-                        f"{path} is not a NIfTI volume (.nii, .nii.gz): convert it (DICOM series: e.g. dcm2niix) "
-                        "or move it out of root"
-                    )
-                relative = path.parent.relative_to(self.root) / found[1]
-                volume_id = relative.as_posix()
-                if volume_id in seen:
-                    raise InputError(
-                        f"{path} and {seen[volume_id]} have the same id {volume_id!r}: rename one of them"
-                    )
-                seen[volume_id] = path
-                shape = check_volume_file(path)
-                volumes.append(
-                    {"id": volume_id, "patient": relative.parts[0], "image": str(path), "image_path": str(path),
-                     "format": "nifti", "shape": shape}
-                )  # fmt: skip
+        for path in visible_files(self.root, "root"):
+            if path.resolve() in named:
+                continue
+            found = image_format(path)
+            if found is None or found[0] != "nifti":
+                raise InputError(
+                    f"{path} is not a NIfTI volume (.nii, .nii.gz): convert it (DICOM series: e.g. dcm2niix) "
+                    "or move it out of root"
+                )
+            relative = path.parent.relative_to(self.root) / found[1]
+            volume_id = relative.as_posix()
+            if volume_id in seen:
+                raise InputError(
+                    f"{path} and {seen[volume_id]} have the same id {volume_id!r}: rename one of them"
+                )
+            seen[volume_id] = path
+            shape = check_volume_file(path)
+            volumes.append(
+                {"id": volume_id, "patient": relative.parts[0], "image": str(path), "image_path": str(path),
+                 "format": "nifti", "shape": shape}
+            )  # fmt: skip
         if not volumes:
             raise InputError(
                 f"root={self.root} holds no NIfTI volumes: add .nii or .nii.gz files as {LAYOUT}"

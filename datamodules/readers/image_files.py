@@ -9,7 +9,6 @@ Both name the file and its fix in one `InputError` line. `FolderDataModule`, `Ni
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from monai.data import NibabelReader, NumpyReader, PILReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from PIL import Image
 
+from memwatch.datamodules.readers.folders import visible_files
 from memwatch.errors import InputError, one_line
 
 # With pydicom installed, every MONAI LoadImage builds its GPU DICOM reader, which warns (and logs)
@@ -92,41 +92,38 @@ def image_records(folder: Path, option: str, spatial_dims: int) -> list[dict[str
     patient (its name); an image's id is its path in `folder` without extension. Headers are
     read (not pixels); an unsupported or unreadable file, an image of other than `spatial_dims`
     axes, two files with one id, or no image at all raise `InputError` naming `option`, the
-    command-line argument that gave `folder`. Hidden files and folders are ignored.
+    command-line argument that gave `folder`. Hidden files and folders are ignored (see `visible_files`).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{option}={folder} is not a folder: set {option} to your image folder")
     records, seen = [], {}
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            path = Path(root) / name
-            found = image_format(path)
-            if found is None:
-                raise InputError(
-                    f"{path} is not a supported image ({SUPPORTED}): convert it or move it out of {option}"
-                )
-            kind, stem = found
-            relative = path.parent.relative_to(folder) / stem
-            image_id = relative.as_posix()
-            if image_id in seen:
-                raise InputError(
-                    f"{path} and {seen[image_id]} have the same id {image_id!r}: rename one of them"
-                )
-            seen[image_id] = path
-            shape = check_image_file(path, kind, spatial_dims)
-            patient = relative.parts[0]  # the subfolder, or the file itself in a flat folder
-            records.append(
-                {
-                    "id": image_id,
-                    "patient": patient,
-                    "image": str(path),
-                    "image_path": str(path),
-                    "format": kind,
-                    "shape": shape,
-                }
+    for path in visible_files(folder, option):
+        found = image_format(path)
+        if found is None:
+            raise InputError(
+                f"{path} is not a supported image ({SUPPORTED}): convert it or move it out of {option}"
             )
+        kind, stem = found
+        relative = path.parent.relative_to(folder) / stem
+        image_id = relative.as_posix()
+        if image_id in seen:
+            raise InputError(
+                f"{path} and {seen[image_id]} have the same id {image_id!r}: rename one of them"
+            )
+        seen[image_id] = path
+        shape = check_image_file(path, kind, spatial_dims)
+        patient = relative.parts[0]  # the subfolder, or the file itself in a flat folder
+        records.append(
+            {
+                "id": image_id,
+                "patient": patient,
+                "image": str(path),
+                "image_path": str(path),
+                "format": kind,
+                "shape": shape,
+            }
+        )
     if not records:
         raise InputError(
             f"{option}={folder} holds no images: add {SUPPORTED} files (subfolders are searched)"
