@@ -9,13 +9,14 @@ from memwatch.errors import InputError
 from memwatch.lightning_modules.plugins import embedder_text
 from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, RULES, check_rule
 from memwatch.memorization.membership import MIN_HELD_OUT
+from memwatch.option_errors import OneLineArgumentParser
 
 
 def audit_parser() -> ArgumentParser:
     """The audit's options, jsonargparse like the rest of the CLI: `--config audit.yaml` sets any of them
     (keys as the long names: `n_samples`, `data_arg`, ...) and `--print_config` shows them. Each option
-    also answers to its name with dashes (`--n-samples`), as before."""
-    parser = ArgumentParser(
+    also answers to its name with dashes (`--n-samples`), as before. A mistake is one `error:` line."""
+    parser = OneLineArgumentParser(
         prog="python cli.py audit",
         description="Count the copies of training patients in a synthetic dataset before sharing it.",
         default_meta=False,

@@ -7,6 +7,8 @@ a wrong file with a clear message instead of failing deep inside a state-dict lo
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +23,31 @@ ModuleT = TypeVar("ModuleT", bound="MemwatchModule")
 def nearest_multiple(size: int, factor: int) -> int:
     """The multiple of `factor` nearest to `size` (halves round up), at least `factor`: for error hints."""
     return max(factor, (size + factor // 2) // factor * factor)
+
+
+def read_checkpoint_file(path: Path, named: str, fix: str, trusted: bool = False) -> dict[str, Any]:
+    """The checkpoint dict at `path`, read as tensors and plain values only: unpickling any other object can run
+    code. Else an `InputError` that begins with `named` (how the user gave the file: `--ckpt_path=PATH`), says
+    whether the file is cut short or corrupt, or holds such an object, and ends with `fix`. Only a file the
+    user vouched for (`trusted`: `--weights_only false`) is unpickled whole."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if unsafe is None:  # not a pickle at all: garbage, or another kind of file
+            raise InputError(f"{named} is not a readable checkpoint: its bytes are no torch.save file: {fix}") from None
+        raise InputError(
+            f"{named} holds a pickled {unsafe[1]}, and memwatch reads checkpoints as tensors and plain values only "
+            f"(unpickling an object can run any code): {fix}"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - torch raises OSError, RuntimeError, EOFError... for a damaged file
+        raise InputError(
+            f"{named} is not a readable checkpoint: it is cut short or corrupt ({type(error).__name__}), e.g. a copy "
+            f"or a save that did not finish: {fix}"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{named} holds a {type(checkpoint).__name__}, not a Lightning checkpoint: {fix}")
+    return checkpoint
 
 
 class MemwatchModule(LightningModule):
@@ -97,11 +124,8 @@ class MemwatchModule(LightningModule):
                 f"{argument}={path} does not exist: train it first ({cls.train_command}) or pass the path of "
                 f"its checkpoints/last.ckpt with --{argument} PATH"
             )
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any failure to read means a bad file
-            raise InputError(f"{argument}={path} is not a readable checkpoint ({type(error).__name__}): pass a .ckpt written by {cls.train_command}") from None
-        written_by = checkpoint.get("memwatch", {}).get("module") if isinstance(checkpoint, dict) else None
+        checkpoint = read_checkpoint_file(path, f"{argument}={path}", f"pass a .ckpt written by {cls.train_command}")
+        written_by = checkpoint.get("memwatch", {}).get("module")
         if written_by != cls.__name__:
             raise InputError(
                 f"{argument}={path} is a checkpoint of {written_by or 'an unknown module'}, not of {cls.__name__}: "

@@ -8,16 +8,19 @@
     python cli.py audit --config audit.yaml          (any audit option as a YAML key; --print_config shows them)
     python cli.py audit --verify-release SHAREABLE   (the released folder still matches its manifest.json)
 
-A user's mistake (a missing checkpoint, mismatched sizes, a bad file) ends the run with
-one line on stderr and exit status 2, before anything is written.
+A user's mistake (a missing checkpoint, mismatched sizes, a bad file, an unknown option) ends the
+run with one line on stderr and exit status 2, and leaves no run folder behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import warnings
+from collections.abc import Mapping
+from difflib import get_close_matches
 from pathlib import Path
 
 import torch
@@ -30,8 +33,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from memwatch.callbacks import MemorizationCallback
 from memwatch.callbacks.console import ProgressLines, SummaryWithoutUncountedFlops, silence_lightning_tips
 from memwatch.datamodules import MedicalImageDataModule
-from memwatch.errors import classify_failure
+from memwatch.errors import InputError, classify_failure
+from memwatch.lightning_modules.base import read_checkpoint_file
 from memwatch.lightning_private import add_subcommand
+from memwatch.option_errors import OneLineLightningParser
 
 # configs/ beside memwatch/ in a clone; memwatch/configs/ in an installed package.
 CONFIG_DIR = next(
@@ -43,6 +48,8 @@ CONFIG_DIR = next(
 # torch's CPU threads per process where OMP_NUM_THREADS is unset; None keeps torch's default, one per core. The one
 # place to change that default: bench/busy_cpu.py measures the choices on a busy CPU (BENCHMARKS.md).
 DEFAULT_CPU_THREADS: int | None = None
+# --ckpt_path values that name no file: Lightning finds the checkpoint itself.
+CKPT_PATH_NAMES = ("last", "best", "hpc")
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -115,12 +122,88 @@ class MemwatchCLI(LightningCLI):
             ]
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI's own reads --ckpt_path (a damaged file ends in a traceback) and takes the model's
+        # class and arguments from it, so another module's checkpoint would silently train another model.
+        # This one reads it once, refuses those on one line, then takes the arguments as LightningCLI does.
+        self._start_step, self._ckpt_weights = 0, None
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        ckpt_path = None if ckpt_path is None else str(ckpt_path)
+        if ckpt_path is None or ckpt_path in CKPT_PATH_NAMES or "://" in ckpt_path or ckpt_path.startswith("registry"):
+            return
+        path = Path(ckpt_path)
+        if not path.is_file():
+            inside = next((p for p in (path / "last.ckpt", path / "checkpoints/last.ckpt") if p.is_file()), None)
+            if inside is not None:
+                raise InputError(f"--ckpt_path={path} is a folder: pass the checkpoint in it, --ckpt_path {inside}")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise InputError(f"--ckpt_path={path} {what}: pass the checkpoints/last.ckpt of the run to resume")
+        checkpoint = read_checkpoint_file(
+            path, f"--ckpt_path={path}", "pass a checkpoint that python cli.py fit wrote",
+            trusted=config.get("weights_only") is False,
+        )  # fmt: skip
+        missing = [key for key in ("state_dict", "pytorch-lightning_version") if key not in checkpoint]
+        if missing:
+            raise InputError(
+                f"--ckpt_path={path} holds no {missing[0]}, so Lightning cannot resume from it: pass a checkpoint "
+                "that python cli.py fit wrote (or Trainer.save_checkpoint)"
+            )
+        recorded = checkpoint.get("hyper_parameters")
+        hparams = dict(recorded) if isinstance(recorded, Mapping) else {}  # a trusted file may hold a Namespace
+        hparams.pop("_instantiator", None)
+        self._check_model_class(path, checkpoint, hparams.get("_class_path"), config)
+        step = checkpoint.get("global_step")
+        self._start_step = step if isinstance(step, int) else 0
+        if not (checkpoint.get("memwatch") or hparams.get("_class_path")):
+            self._ckpt_weights = set(checkpoint["state_dict"])  # no class recorded: the weights tell
+        if not hparams:
+            return
+        model = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams} if "_class_path" in hparams else hparams
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def _check_model_class(self, path: Path, checkpoint: dict, class_path: str | None, config) -> None:
+        """Refuse a --ckpt_path whose recorded model class is not the configured one."""
+        recorded = (checkpoint.get("memwatch") or {}).get("module") or (class_path or "").rpartition(".")[2]
+        model = config.get("model")
+        configured = getattr(model, "class_path", None) if self.subclass_mode_model else self._model_class.__name__
+        if not recorded or not configured or recorded == configured.rpartition(".")[2]:
+            return
+        configured = configured.rpartition(".")[2]
+        saved_config = path.parent.parent / "config.yaml"  # beside checkpoints/ in its run folder
+        fix = f"to resume it, run the config that trained it (--config {saved_config})" if saved_config.is_file() else (
+            f"pass a checkpoint of {configured}"
+        )  # fmt: skip
+        starts_from = [key for key in vars(getattr(model, "init_args", None) or {}) if key.endswith("_ckpt")]
+        if starts_from:
+            fix += f"; a checkpoint that {configured} builds on goes to --model.init_args.{starts_from[0]}"
+        raise InputError(f"--ckpt_path={path} is a checkpoint of {recorded}, but this config trains {configured}: {fix}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Lightning writes the run's log folder (config.yaml, hparams.yaml) as the trainer sets up, before the
+        # callbacks' and the model's own checks: a start that fails them on the user's input removes it again.
+        folders = NewRunFolders(self.trainer)
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as error:
+            if classify_failure(error)[1] == "input" and self.trainer.global_step <= self._start_step:
+                folders.remove()
+            raise
+
     def _load_checkpoints_safely(self) -> None:
         # memwatch checkpoints hold tensors and plain values only: load --ckpt_path without
         # unpickling arbitrary objects unless the user asks (--weights_only false).
         config = self.config_init[self.subcommand]
         if config.get("weights_only") is None:
             config["weights_only"] = True
+        expected = set(self.model.state_dict()) if self._ckpt_weights else None
+        if expected and not self._ckpt_weights & expected:
+            name = type(self.model).__name__
+            raise InputError(
+                f"--ckpt_path={config['ckpt_path']} holds the weights of another model: none of its {len(self._ckpt_weights)} "
+                f"tensors (e.g. {min(self._ckpt_weights)}) is one of {name}'s (e.g. {min(expected)}): pass a checkpoint of {name}"
+            )
 
     def before_fit(self) -> None:
         self._load_checkpoints_safely()
@@ -137,6 +220,38 @@ class MemwatchCLI(LightningCLI):
     before_validate = before_test = before_predict = _load_checkpoints_safely
 
 
+class NewRunFolders:
+    """The log folders of `trainer`'s loggers that do not exist yet: `remove()` deletes those that exist by
+    then, and the empty folders above them made with them. Only on global rank 0, which writes them."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.loggers = []
+        for logger in trainer.loggers if trainer.is_global_zero else []:
+            root = getattr(logger, "root_dir", None)  # save_dir/name (TensorBoard, CSV); log_dir is a version in it
+            if root is not None:
+                root = Path(root)
+                before = set(root.iterdir()) if root.is_dir() else None
+                self.loggers.append((logger, root, before, next(p for p in (root, *root.parents) if p.exists())))
+
+    def remove(self) -> None:
+        for logger, root, before, existed in self.loggers:
+            log_dir = Path(logger.log_dir)
+            if not log_dir.is_relative_to(root):
+                continue
+            if before is None:
+                made = root
+            else:
+                made = root / log_dir.relative_to(root).parts[0] if log_dir != root else None
+                if made is None or made in before:
+                    continue
+            shutil.rmtree(made, ignore_errors=True)
+            for folder in made.parents:
+                if folder == existed or not folder.is_relative_to(existed):
+                    break
+                with contextlib.suppress(OSError):  # not empty: something else is in it now
+                    folder.rmdir()
+
+
 def config_path(value: str) -> str:
     """`NAME.yaml` as given when it is a file, else `configs/NAME.yaml` when that one is."""
     if Path(value).is_file() or not value.endswith((".yaml", ".yml")):
@@ -146,20 +261,36 @@ def config_path(value: str) -> str:
 
 
 def with_config_names(argv: list[str]) -> list[str]:
-    """`argv` with every `--config NAME.yaml` (or `--config=NAME.yaml`) resolved by `config_path`."""
+    """`argv` with every `--config NAME.yaml` (or `--config=NAME.yaml`) resolved by `config_path`; an
+    `InputError` for a YAML found in neither place."""
     resolved = []
     for k, argument in enumerate(argv):
         if k > 0 and argv[k - 1] == "--config":
-            argument = config_path(argument)
+            argument = existing_config(argument)
         elif argument.startswith("--config="):
-            argument = "--config=" + config_path(argument.removeprefix("--config="))
+            argument = "--config=" + existing_config(argument.removeprefix("--config="))
         resolved.append(argument)
     return resolved
 
 
+def existing_config(value: str) -> str:
+    """`config_path(value)`, or an `InputError` naming both places looked in and the nearest shipped config."""
+    found = config_path(value)
+    if Path(found).is_file() or not found.endswith((".yaml", ".yml")):
+        return found
+    shipped = sorted(p.name for p in CONFIG_DIR.glob("*.y*ml"))
+    nearest = get_close_matches(Path(value).name, shipped, n=1, cutoff=0.8)
+    hint = f"did you mean {nearest[0]}?" if nearest else f"the configs there: {', '.join(shipped)}"
+    raise InputError(f"--config {value} does not exist, neither here ({Path.cwd()}) nor as {CONFIG_DIR / value}: {hint}")
+
+
 def main(args: list[str] | None = None) -> MemwatchCLI | dict:
     """Run the CLI on `args` (default `sys.argv[1:]`): the LightningCLI, or the audit's summary for `audit`."""
-    argv = with_config_names(sys.argv[1:] if args is None else list(args))
+    try:
+        argv = with_config_names(sys.argv[1:] if args is None else list(args))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args is None:
         # LightningCLI reads sys.argv itself when given no args (and warns when given both); DDP's
         # launcher restarts the script with sys.argv, so the children see the resolved names too.
@@ -189,6 +320,7 @@ def main(args: list[str] | None = None) -> MemwatchCLI | dict:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_class=OneLineLightningParser,
             trainer_defaults=TRAINER_DEFAULTS,
             args=None if args is None else argv,
         )
