@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import instantiate_class
 
 from memwatch.errors import InputError
 from memwatch.legacy_names import is_old_name
+from memwatch.lightning_modules.base import read_checkpoint_file
 from memwatch.lightning_modules.latent_diffusion import LatentDiffusionModule
 from memwatch.lightning_modules.simclr import SimCLRModule
 from memwatch.memorization.embedders import Embedder, PixelEmbedder
@@ -161,10 +161,4 @@ def load_generator(path: str, option: str, trusted: TrustedModules = TrustedModu
 def read_checkpoint(path: Path, option: str) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"--{option}={path} does not exist: pass the generator's checkpoints/last.ckpt")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure to read means a bad file
-        raise InputError(f"--{option}={path} is not a readable checkpoint ({type(error).__name__}): pass a .ckpt") from None
-    if not isinstance(checkpoint, dict):
-        raise InputError(f"--{option}={path} is not a Lightning checkpoint: pass a .ckpt written by python cli.py fit")
-    return checkpoint
+    return read_checkpoint_file(path, f"--{option}={path}", "pass a .ckpt written by python cli.py fit")
