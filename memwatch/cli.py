@@ -35,6 +35,7 @@ from memwatch.callbacks.console import ProgressLines, SummaryWithoutUncountedFlo
 from memwatch.datamodules import MedicalImageDataModule
 from memwatch.errors import InputError, classify_failure
 from memwatch.lightning_modules.base import read_checkpoint_file
+from memwatch.lightning_modules.plugins import TrustedModules
 from memwatch.lightning_private import add_subcommand
 from memwatch.option_errors import OneLineLightningParser
 
@@ -164,9 +165,19 @@ class MemwatchCLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def _check_model_class(self, path: Path, checkpoint: dict, class_path: str | None, config) -> None:
-        """Refuse a --ckpt_path whose recorded model class is not the configured one."""
+        """Refuse a --ckpt_path whose recorded model class is not the configured one, or lies in a module that
+        neither memwatch nor the config names (LightningCLI would import it to rebuild the model)."""
         recorded = (checkpoint.get("memwatch") or {}).get("module") or (class_path or "").rpartition(".")[2]
         model = config.get("model")
+        if class_path:
+            named_by_config = str(getattr(model, "class_path", "") or "").partition(".")[0]
+            try:
+                TrustedModules(names=(named_by_config,) if named_by_config else ()).check(class_path, "")
+            except InputError:
+                raise InputError(
+                    f"--ckpt_path={path} records the class {class_path}, from a module that neither memwatch nor this "
+                    "config names, and importing it would run its code: pass a checkpoint that this config's model wrote"
+                ) from None
         configured = getattr(model, "class_path", None) if self.subclass_mode_model else self._model_class.__name__
         if not recorded or not configured or recorded == configured.rpartition(".")[2]:
             return

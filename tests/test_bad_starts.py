@@ -40,7 +40,11 @@ def bad_checkpoints(autoencoder_ckpt: Path, folder: Path) -> dict[str, Path]:
     nameless = folder / "nameless.ckpt"  # the autoencoder's weights with no record of their class
     checkpoint = torch.load(autoencoder_ckpt, map_location="cpu", weights_only=True)
     torch.save({key: value for key, value in checkpoint.items() if key not in ("hyper_parameters", "memwatch")}, nameless)
-    return {"truncated": truncated, "malicious": malicious, "nameless": nameless}
+    planted = folder / "planted.ckpt"  # the autoencoder's class name, in a module that runs code when imported
+    (folder / "planted_module.py").write_text(f"open({str(folder / 'imported')!r}, 'w').close()\n")
+    hyper_parameters = {**checkpoint["hyper_parameters"], "_class_path": "planted_module.AutoencoderModule"}
+    torch.save({**checkpoint, "hyper_parameters": hyper_parameters}, planted)
+    return {"truncated": truncated, "malicious": malicious, "nameless": nameless, "planted": planted}
 
 
 def nan_image_folder(root: Path) -> Path:
@@ -81,6 +85,7 @@ def bad_starts(autoencoder_ckpt, folder_dataset, tmp_path_factory) -> dict[str, 
         "truncated ckpt_path": ["fit", "--config", str(CONFIGS / "phantom_ae.yaml"), "--ckpt_path", str(checkpoints["truncated"])],
         "malicious ckpt_path": ["fit", "--config", str(CONFIGS / "phantom_ae.yaml"), "--ckpt_path", str(checkpoints["malicious"])],
         "another module's ckpt_path": ["fit", "--config", str(CONFIGS / "phantom_ldm.yaml"), "--ckpt_path", str(autoencoder_ckpt)],
+        "ckpt_path naming an untrusted module": ["fit", "--config", str(CONFIGS / "phantom_ae.yaml"), "--ckpt_path", str(checkpoints["planted"])],
         "another model's weights": ["fit", "--config", str(CONFIGS / "phantom_simclr.yaml"), "--ckpt_path", str(checkpoints["nameless"])],
         "missing ckpt_path": ["fit", "--config", str(CONFIGS / "phantom_ae.yaml"), "--ckpt_path", str(files / "gone.ckpt")],
         "unknown option": ["fit", "--config", str(CONFIGS / "phantom_ldm.yaml"), "--memorization.every_n_epoch", "3"],
@@ -103,7 +108,7 @@ def bad_starts(autoencoder_ckpt, folder_dataset, tmp_path_factory) -> dict[str, 
             (cwd / "runs/folder_ae/version_0").mkdir(parents=True)
             (cwd / "runs/folder_ae/version_0/keep.txt").write_text("an earlier run")
         command = [sys.executable, str(ROOT / "cli.py"), *args, *(QUICK if args[0] == "fit" else [])]
-        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(files)}  # planted_module importable
         processes[name] = (subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), cwd)  # fmt: skip
     try:
         done = {}
@@ -143,6 +148,14 @@ def test_another_modules_ckpt_path_is_refused_instead_of_training_that_module(ba
     line = one_error_line(bad_starts, "another module's ckpt_path")
     assert "is a checkpoint of AutoencoderModule, but this config trains LatentDiffusionModule" in line
     assert line.endswith("a checkpoint that LatentDiffusionModule builds on goes to --model.init_args.autoencoder_ckpt")
+
+
+def test_a_ckpt_path_recording_a_class_from_an_untrusted_module_is_refused_without_importing_it(bad_starts):
+    line = one_error_line(bad_starts, "ckpt_path naming an untrusted module")
+    assert "planted.ckpt records the class planted_module.AutoencoderModule" in line
+    result, _ = bad_starts["ckpt_path naming an untrusted module"]
+    files = Path(next(arg for arg in result.args if arg.endswith("planted.ckpt"))).parent
+    assert (files / "planted_module.py").is_file() and not (files / "imported").exists()
 
 
 def test_weights_of_another_model_without_a_recorded_class_are_refused(bad_starts):
