@@ -1,6 +1,6 @@
-"""memwatch's command line in a clone: `python cli.py ARGS` is `memwatch ARGS` (memwatch/cli.py)."""
+"""memwatch's command line in a clone: `python cli.py ARGS` is `memwatch ARGS` (memwatch/__main__.py, memwatch/cli.py)."""
 
-from memwatch.cli import main
+from memwatch.__main__ import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -10,7 +10,8 @@ steps. While a configuration under load runs, `--load-processes` other processes
 Python busy loop, started before its first stage and killed by PID after its last), the stand-in for
 another user's job. The configurations:
 
-- `quiet`: torch's defaults, no load (the reference);
+- `quiet`: torch's defaults, no load (the reference); `quiet_threads_1`, `quiet_passive`: what the two
+  remedies below cost when the machine is not busy;
 - `default`: torch's defaults (one thread per core, OpenMP threads spin while they wait), under load;
 - `threads_1`: OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1, under load;
 - `passive`: OMP_WAIT_POLICY=PASSIVE (waiting OpenMP threads sleep at once), under load.
@@ -42,6 +43,8 @@ from scripts.launch import fit  # noqa: E402
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
 CONFIGURATIONS: dict[str, tuple[bool, dict[str, str]]] = {  # name → (under load, environment)
     "quiet": (False, {}),
+    "quiet_threads_1": (False, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+    "quiet_passive": (False, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "default": (True, {}),
     "threads_1": (True, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
     "passive": (True, {"OMP_WAIT_POLICY": "PASSIVE"}),

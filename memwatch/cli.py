@@ -46,9 +46,6 @@ CONFIG_DIR = next(
     Path("configs"),
 )
 
-# torch's CPU threads per process where OMP_NUM_THREADS is unset; None keeps torch's default, one per core. The one
-# place to change that default: bench/busy_cpu.py measures the choices on a busy CPU (BENCHMARKS.md).
-DEFAULT_CPU_THREADS: int | None = None
 # --ckpt_path values that name no file: Lightning finds the checkpoint itself.
 CKPT_PATH_NAMES = ("last", "best", "hpc")
 TRAINER_DEFAULTS = {
@@ -307,8 +304,6 @@ def main(args: list[str] | None = None) -> MemwatchCLI | dict:
         # launcher restarts the script with sys.argv, so the children see the resolved names too.
         sys.argv[1:] = argv
     torch.set_float32_matmul_precision("high")
-    if DEFAULT_CPU_THREADS is not None and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(DEFAULT_CPU_THREADS)
     silence_lightning_tips()
     # Lightning logs every log_every_n_steps steps across epochs all the same; the phantom configs' epochs are 1-2 steps.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")

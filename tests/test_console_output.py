@@ -4,7 +4,10 @@ images."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,14 @@ def test_no_notice_while_the_held_out_images_suffice_and_no_negative_progress_in
     assert "65 samples outnumber the 64" in extrapolation_notice(65, 64, "--n-samples 64")
     with pytest.raises(InputError, match="--progress_seconds=-1 must be at least 0"):
         ProgressLines(-1)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_line_lets_waiting_openmp_threads_sleep_unless_the_environment_says_otherwise(given, expected):
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if given is not None:
+        environment["OMP_WAIT_POLICY"] = given
+    code = "import memwatch.__main__, os, sys; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == expected

@@ -1,0 +1,21 @@
+"""The command line: `memwatch ARGS`, `python -m memwatch ARGS` and, in a clone, `python cli.py ARGS`.
+
+OpenMP's waiting threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`) unless the environment says
+otherwise: on a CPU another job shares, spinning threads fight it for the cores. bench/busy_cpu.py measured the
+demo's stages with one competing process at 0.63 of the default's time (and 1.17 of it on a quiet machine);
+BENCHMARKS.md. OpenMP reads the variable once, when torch loads, so it is set before memwatch.cli imports torch.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def run() -> None:
+    from memwatch.cli import main
+
+    main()
+
+
+if __name__ == "__main__":
+    run()
