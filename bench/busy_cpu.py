@@ -40,13 +40,17 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import describe_machine  # noqa: E402
 from scripts.launch import fit  # noqa: E402
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# GNU OpenMP's own default wait (spin 300 000 times, then sleep), which memwatch's command line would otherwise
+# replace by PASSIVE (memwatch/__main__.py): torch's defaults as shipped.
+OPENMP_DEFAULT = {"GOMP_SPINCOUNT": "300000"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CONFIGURATIONS: dict[str, tuple[bool, dict[str, str]]] = {  # name → (under load, environment)
-    "quiet": (False, {}),
-    "quiet_threads_1": (False, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+    "quiet": (False, OPENMP_DEFAULT),
+    "quiet_threads_1": (False, OPENMP_DEFAULT | ONE_THREAD),
     "quiet_passive": (False, {"OMP_WAIT_POLICY": "PASSIVE"}),
-    "default": (True, {}),
-    "threads_1": (True, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+    "default": (True, OPENMP_DEFAULT),
+    "threads_1": (True, OPENMP_DEFAULT | ONE_THREAD),
     "passive": (True, {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
 SPIN = "while True:\n    pass\n"

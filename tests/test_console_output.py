@@ -85,12 +85,16 @@ def test_no_notice_while_the_held_out_images_suffice_and_no_negative_progress_in
         ProgressLines(-1)
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"), ({"GOMP_SPINCOUNT": "300000"}, "unset")],
+)
 def test_the_command_line_lets_waiting_openmp_threads_sleep_unless_the_environment_says_otherwise(given, expected):
-    environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
-    if given is not None:
-        environment["OMP_WAIT_POLICY"] = given
-    code = "import memwatch.__main__, os, sys; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    environment = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | given
+    code = (
+        "import memwatch.__main__, os, sys; assert 'torch' not in sys.modules; "
+        "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == expected
