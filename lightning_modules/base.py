@@ -29,9 +29,12 @@ def read_checkpoint_file(path: Path, named: str, fix: str, trusted: bool = False
     """The checkpoint dict at `path`, read as tensors and plain values only: unpickling any other object can run
     code. Else an `InputError` that begins with `named` (how the user gave the file: `--ckpt_path=PATH`), says
     whether the file is cut short or corrupt, or holds such an object, and ends with `fix`. Only a file the
-    user vouched for (`trusted`: `--weights_only false`) is unpickled whole."""
+    user vouched for (`trusted`: `--weights_only false`) is unpickled whole.
+
+    Memory-mapped: the callers look at the records and names first and Lightning often reads the file again
+    (a resume, `load_from_checkpoint`), so tensors are read from disk only where they are used."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted, mmap=True)
     except pickle.UnpicklingError as error:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(error))
         if unsafe is None:  # not a pickle at all: garbage, or another kind of file
