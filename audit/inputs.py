@@ -121,7 +121,7 @@ def reference_data(
     """The real images: `configured` (from `--data`), else the `--train` and `--val` folders; set up."""
     if configured is not None:
         datamodule = configured
-    elif is_dicom_folder(Path(args.train)):
+    elif is_dicom_folder(Path(args.train), "--train"):
         # Intensity as DicomDataModule reads it (a CT window in 3D, min-max in 2D); for the
         # embedder's own settings give its config: --data configs/dicom_ldm.yaml --data-arg root=...
         datamodule = DicomDataModule(

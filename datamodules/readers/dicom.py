@@ -15,7 +15,6 @@ header, truncated pixel data and compressed pixel data that does not decode.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from memwatch.datamodules.readers.dicom_pixels import (
     rescale,
     transfer_syntax,
 )
+from memwatch.datamodules.readers.folders import visible_files
 from memwatch.datamodules.readers.image_files import image_format
 from memwatch.errors import InputError, one_line
 
@@ -65,16 +65,13 @@ def is_dicom_file(path: str | Path) -> bool:
         return False
 
 
-def is_dicom_folder(path: str | Path) -> bool:
-    """Whether the first non-hidden file found under `path` (sorted, subfolders searched) is DICOM."""
+def is_dicom_folder(path: str | Path, option: str = "the folder") -> bool:
+    """Whether the first non-hidden file found under `path` (sorted, subfolders searched) is DICOM; `option`
+    names the folder in the error of a symbolic-link loop (`visible_files`)."""
     if not Path(path).is_dir():
         return False
-    for folder, dirs, files in os.walk(path, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        visible = sorted(f for f in files if not f.startswith("."))
-        if visible:
-            return is_dicom_file(Path(folder) / visible[0])
-    return False
+    first = next(visible_files(Path(path), option), None)
+    return first is not None and is_dicom_file(first)
 
 
 def frame_count(header: Dataset) -> int:
