@@ -19,7 +19,7 @@ from monai.losses import PatchAdversarialLoss, PerceptualLoss
 from monai.networks.nets import VQVAE, AutoencoderKL, PatchDiscriminator
 
 from memwatch.errors import InputError
-from memwatch.lightning_modules.base import MemwatchModule, nearest_multiple
+from memwatch.lightning_modules.base import MemwatchModule, check_spatial_dims, nearest_multiple
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -99,8 +99,7 @@ class AutoencoderModule(MemwatchModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        if spatial_dims not in (2, 3):
-            raise InputError(f"spatial_dims={spatial_dims} must be 2 or 3")
+        check_spatial_dims(spatial_dims)
         self.kind = kind
         self.spatial_dims = spatial_dims
         channels = tuple(channels)

@@ -25,6 +25,12 @@ def nearest_multiple(size: int, factor: int) -> int:
     return max(factor, (size + factor // 2) // factor * factor)
 
 
+def check_spatial_dims(spatial_dims: int) -> None:
+    """Raise `InputError` unless `spatial_dims` is 2 or 3, the image dimensions every memwatch module supports."""
+    if spatial_dims not in (2, 3):
+        raise InputError(f"spatial_dims={spatial_dims} must be 2 or 3: set --model.init_args.spatial_dims")
+
+
 def read_checkpoint_file(path: Path, named: str, fix: str, trusted: bool = False) -> dict[str, Any]:
     """The checkpoint dict at `path`, read as tensors and plain values only: unpickling any other object can run
     code. Else an `InputError` that begins with `named` (how the user gave the file: `--ckpt_path=PATH`), says

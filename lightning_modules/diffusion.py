@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from memwatch.errors import InputError
-from memwatch.lightning_modules.base import MemwatchModule, nearest_multiple
+from memwatch.lightning_modules.base import MemwatchModule, check_spatial_dims, nearest_multiple
 
 
 def sample_generator(
@@ -48,10 +48,52 @@ class DiffusionModule(MemwatchModule):
     Subclasses build `self.unet` (`build_unet`), set `self.spatial_dims`, `self.image_channels`,
     `self.model_channels` and `self.downsample` (model-space size = image size // it), and
     define `to_model_space(images)`, `to_images(x)` (into `[0, 1]`) and `clip_sample`.
+
+    The UNet, noise-schedule and sampling arguments are described here once, for every subclass
+    (LightningCLI's help reads base classes' docstrings too). Those whose default is the same for
+    every model are declared here; a subclass declares `channels`, `schedule`, `beta_start`,
+    `beta_end`, `prediction_type` and `lr` with its own defaults and passes the rest on as keywords.
+
+    Args:
+        channels: UNet channels per level; the UNet downsamples `len(channels) - 1` times.
+        attention_levels: self-attention per UNet level; default none.
+        num_res_blocks: residual blocks per UNet level.
+        num_head_channels: channels per attention head.
+        use_flash_attention: compute the UNet's attention with torch's `scaled_dot_product_attention`
+            (flash / memory-efficient kernels on CUDA) instead of MONAI's explicit attention
+            matrix; same result to float tolerance. `None` (default) means "where CUDA is
+            available", resolved when the module is built, so a checkpoint trained on a GPU
+            reloads on a CPU.
+        norm_num_groups: GroupNorm groups; must divide every entry of `channels`.
+        num_train_timesteps: DDPM steps (1000 as in the paper; its VQ-GAN variant used 300).
+        schedule: MONAI noise schedule name, e.g. `linear_beta` or `scaled_linear_beta`.
+        beta_start: the schedule's first beta.
+        beta_end: the schedule's last beta.
+        prediction_type: what the UNet predicts, `epsilon` (the noise) or `v_prediction`.
+        lr: Adam learning rate.
+        sample_batch_size: images per forward pass in `sample`.
+        num_inference_steps: default sampling steps.
     """
 
     clip_sample = False  # latents have unit std, not a [-1, 1] range: clipping x0 would distort them
     downsample = 1
+
+    def __init__(
+        self,
+        *,
+        attention_levels: Sequence[bool] | None = None,
+        num_res_blocks: int = 1,
+        num_head_channels: int = 32,
+        use_flash_attention: bool | None = None,
+        norm_num_groups: int = 32,
+        num_train_timesteps: int = 1000,
+        sample_batch_size: int = 16,
+        num_inference_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        # Saves these and the calling subclass's own arguments (Lightning reads every constructor frame);
+        # the UNet, the scheduler and `sample` read them from `self.hparams`.
+        self.save_hyperparameters()
 
     def build_unet(self, in_channels: int) -> DiffusionModelUNet:
         hp = self.hparams
@@ -401,15 +443,13 @@ class PixelDiffusionModule(DiffusionModule):
     image clipped there while sampling) and sampled back into `[0, 1]`. Without an autoencoder
     every UNet pass runs at full resolution: use it on small images (the phantoms, patches).
 
+    The UNet, schedule and sampling arguments are `DiffusionModule`'s, with pixel-space defaults:
+    Ho et al.'s linear betas, and v-prediction at lr 1e-3 (on the phantoms, epsilon prediction at
+    2.5e-4 still drew grey, noisy images after 1500 steps; BENCHMARKS.md).
+
     Args:
         spatial_dims: 2 or 3; must match the data.
         in_channels: image channels.
-        channels, attention_levels, num_res_blocks, num_head_channels, use_flash_attention,
-        norm_num_groups, num_train_timesteps, schedule, beta_start, beta_end, prediction_type,
-        lr, sample_batch_size, num_inference_steps: as `LatentDiffusionModule`'s, with
-        pixel-space defaults: Ho et al.'s linear betas, and v-prediction at lr 1e-3 (on the
-        phantoms, epsilon prediction at 2.5e-4 still drew grey, noisy images after 1500 steps;
-        BENCHMARKS.md).
     """
 
     train_command = "python cli.py fit --config configs/<dataset>_ddpm.yaml"
@@ -420,26 +460,15 @@ class PixelDiffusionModule(DiffusionModule):
         spatial_dims: int = 2,
         in_channels: int = 1,
         channels: Sequence[int] = (32, 64, 64),
-        attention_levels: Sequence[bool] | None = None,
-        num_res_blocks: int = 1,
-        num_head_channels: int = 32,
-        use_flash_attention: bool | None = None,
-        norm_num_groups: int = 32,
-        num_train_timesteps: int = 1000,
         schedule: str = "linear_beta",
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction",
         lr: float = 1e-3,
-        sample_batch_size: int = 16,
-        num_inference_steps: int = 50,
+        **unet_and_sampling: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        if spatial_dims not in (2, 3):
-            raise InputError(
-                f"spatial_dims={spatial_dims} must be 2 or 3: set --model.init_args.spatial_dims"
-            )
+        super().__init__(**unet_and_sampling)
+        check_spatial_dims(spatial_dims)
         self.spatial_dims = spatial_dims
         self.image_channels = self.model_channels = in_channels
         self.unet = self.build_unet(in_channels)

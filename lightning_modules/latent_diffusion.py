@@ -25,25 +25,12 @@ __all__ = ["LatentDiffusionModule", "sample_generator"]
 class LatentDiffusionModule(DiffusionModule):
     """Latent diffusion model over a frozen, checkpointed autoencoder.
 
+    The UNet, schedule and sampling arguments are `DiffusionModule`'s, with the defaults of
+    MONAI's LDM tutorials (scaled linear betas, epsilon prediction).
+
     Args:
         autoencoder_ckpt: checkpoint of a trained `AutoencoderModule`; its weights are
             copied into this module (and its checkpoints), then frozen.
-        channels: UNet channels per level; the UNet downsamples `len(channels) - 1` times.
-        attention_levels: self-attention per UNet level; default none.
-        num_res_blocks: residual blocks per UNet level.
-        num_head_channels: channels per attention head.
-        use_flash_attention: compute the UNet's attention with torch's `scaled_dot_product_attention`
-            (flash / memory-efficient kernels on CUDA) instead of MONAI's explicit attention
-            matrix; same result to float tolerance. `None` (default) means "where CUDA is
-            available", resolved when the module is built, so a checkpoint trained on a GPU
-            reloads on a CPU.
-        norm_num_groups: GroupNorm groups; must divide every entry of `channels`.
-        num_train_timesteps: DDPM steps (1000 as in the paper; its VQ-GAN variant used 300).
-        schedule, beta_start, beta_end: noise schedule (MONAI's LDM tutorials' defaults).
-        prediction_type: `epsilon` or `v_prediction`.
-        lr: Adam learning rate.
-        sample_batch_size: images per forward pass in `sample`.
-        num_inference_steps: default sampling steps.
         autoencoder_config: the autoencoder's hyperparameters; filled in from
             `autoencoder_ckpt`, saved in this module's checkpoints so they reload without it.
     """
@@ -54,23 +41,15 @@ class LatentDiffusionModule(DiffusionModule):
         self,
         autoencoder_ckpt: str | None = None,
         channels: Sequence[int] = (64, 128),
-        attention_levels: Sequence[bool] | None = None,
-        num_res_blocks: int = 1,
-        num_head_channels: int = 32,
-        use_flash_attention: bool | None = None,
-        norm_num_groups: int = 32,
-        num_train_timesteps: int = 1000,
         schedule: str = "scaled_linear_beta",
         beta_start: float = 0.0015,
         beta_end: float = 0.0195,
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
         lr: float = 1e-4,
-        sample_batch_size: int = 16,
-        num_inference_steps: int = 50,
         autoencoder_config: dict[str, Any] | None = None,
+        **unet_and_sampling: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**unet_and_sampling)
         if autoencoder_config is not None:
             autoencoder = AutoencoderModule.from_hparams(autoencoder_config)
         elif autoencoder_ckpt:

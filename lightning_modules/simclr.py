@@ -23,7 +23,7 @@ from torch import nn
 
 from memwatch.datamodules.transforms import CONTRAST_GAMMA, variation_transform, vary
 from memwatch.errors import InputError
-from memwatch.lightning_modules.base import MemwatchModule
+from memwatch.lightning_modules.base import MemwatchModule, check_spatial_dims
 from memwatch.memorization.embedders import mirror_images, mirror_orbit
 from memwatch.networks.conv_encoder import ConvEmbeddingEncoder
 
@@ -193,10 +193,7 @@ class SimCLRModule(MemwatchModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if spatial_dims not in (2, 3):
-            raise InputError(
-                f"spatial_dims={spatial_dims} must be 2 or 3: set --model.init_args.spatial_dims"
-            )
+        check_spatial_dims(spatial_dims)
         for name, value in (
             ("in_channels", in_channels),
             ("embedding_dim", embedding_dim),
