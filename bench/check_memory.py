@@ -44,10 +44,10 @@ def one_check(n_samples: int, size: int, sample_batch_size: int, mode: str, embe
     import torch
 
     from memwatch.datamodules.phantom import render_phantom
-    from memwatch.datamodules.transforms import vary
     from memwatch.lightning_modules import SimCLRModule
     from memwatch.memorization.detect import nearest_correlation
     from memwatch.memorization.stream import blocks, embed_stream
+    from memwatch.memorization.variation import vary
 
     torch.manual_seed(0)
     embedder = SimCLRModule(**EMBEDDERS[embedder_size]).eval()

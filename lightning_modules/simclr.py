@@ -21,10 +21,10 @@ from monai.losses import ContrastiveLoss
 from monai.networks.nets import ResNet
 from torch import nn
 
-from memwatch.datamodules.transforms import CONTRAST_GAMMA, variation_transform, vary
 from memwatch.errors import InputError
 from memwatch.lightning_modules.base import MemwatchModule, check_spatial_dims
 from memwatch.memorization.embedders import mirror_images, mirror_orbit
+from memwatch.memorization.variation import CONTRAST_GAMMA, variation_transform, vary
 from memwatch.networks.conv_encoder import ConvEmbeddingEncoder
 
 # MONAI's ContrastiveLoss takes exp(cos / temperature) without a log-sum-exp: float32

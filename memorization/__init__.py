@@ -3,7 +3,8 @@
 The reference set and detection (`reference`), the streams of a check (`pipeline`, `stream`,
 `distributed`), copy detection and rules (`detect`), intervals and chance level (`stats`, `chance`),
 the numbers and the history (`summary`, `history`), quality metrics (`quality`), reports and the
-release (`report`, `html_report`, `release`), and the generator and embedder protocols (`embedders`).
+release (`report`, `html_report`, `release`), the generator and embedder protocols (`embedders`), and the
+paper's variation of an image (`variation`: the self-check's positives, the embedder's positive pairs).
 """
 
 from memwatch.memorization.detect import CopyReport, detect_copies

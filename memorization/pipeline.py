@@ -18,7 +18,6 @@ import torch
 from monai.transforms import Compose
 from torch.utils.data import Dataset, Subset
 
-from memwatch.datamodules.transforms import variation_batches
 from memwatch.memorization.chance import positive_rows
 from memwatch.memorization.distributed import block_shard, gather_rows
 from memwatch.memorization.embedders import Generator
@@ -29,6 +28,7 @@ from memwatch.memorization.membership import (
     score_ids,
 )
 from memwatch.memorization.stream import EmbeddedStream, Progress, blocks, dataset_blocks, embed_stream
+from memwatch.memorization.variation import variation_batches
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images [B, C, *spatial] in [0, 1] → [B, L]
 Score = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]  # images [B, C, *spatial], ids [B] → scores [B]

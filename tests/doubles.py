@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from memwatch.datamodules.phantom import render_phantom
-from memwatch.datamodules.transforms import vary
 from memwatch.lightning_modules.base import MemwatchModule
+from memwatch.memorization.variation import vary
 
 
 class ScriptedGenerator(MemwatchModule):

@@ -19,11 +19,11 @@ import yaml
 import memwatch.audit.command as command
 from memwatch.cli import main
 from memwatch.datamodules.phantom import render_phantom
-from memwatch.datamodules.transforms import vary
 from memwatch.lightning_modules import LatentDiffusionModule
 from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE
 from memwatch.memorization.release import ReleasedFile, write_manifest
 from memwatch.memorization.report import REPORT_FILES
+from memwatch.memorization.variation import vary
 from tests.conftest import (
     MEMORIZATION_SIZE,
     N_TRAIN,

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from memwatch.datamodules.phantom import PhantomDataModule
-from memwatch.datamodules.transforms import vary
 from memwatch.errors import InputError
 from memwatch.lightning_modules.simclr import SimCLRModule, embedding_std, top1_retrieval
+from memwatch.memorization.variation import vary
 from tests.conftest import quiet_trainer
 
 TINY_RESNET = {

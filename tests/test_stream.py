@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from memwatch.datamodules.phantom import render_phantom
-from memwatch.datamodules.transforms import vary
 from memwatch.lightning_modules import SimCLRModule
 from memwatch.memorization.detect import nearest_correlation
 from memwatch.memorization.quality import ms_ssim_diversity
 from memwatch.memorization.stream import SamplesNotFinite, blocks, embed_stream, rng_preserved
+from memwatch.memorization.variation import vary
 from tests.conftest import ROOT
 
 SIZE = (32, 32)

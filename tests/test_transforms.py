@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from memwatch.datamodules.phantom import render_phantom
-from memwatch.datamodules.transforms import variation_transform, vary
 from memwatch.errors import InputError
+from memwatch.memorization.variation import variation_transform, vary
 
 
 def phantoms(n: int, spatial_size: tuple[int, ...] = (32, 32)) -> torch.Tensor:
