@@ -6,7 +6,7 @@
     python bench/detector_quality.py --cases vessels --n-train 32 --n-val 24 --n-copies 12 --n-novel 16 \
         --size 32 --steps 50                                          # a tiny run (the test suite's)
 
-A case is a family of `datamodules/families.py` (2D: vessels, radiograph, tissue; 3D: knee, brain)
+A case is a family of `bench/families.py` (2D: vessels, radiograph, tissue; 3D: knee, brain)
 with a number of images per patient (follow-up scans) and a kind of novel image ("new" patients, or
 "blend": the mean of two training patients, near both and a copy of neither). `tissue` and `brain`
 are held back: never tuned on. For each case the benchmark writes a planted-copy set (`train/`,
@@ -51,8 +51,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.families import family_spatial_dims, write_planted_copy_set  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
-from memwatch.datamodules.families import family_spatial_dims, write_planted_copy_set  # noqa: E402
 from memwatch.memorization.chance import prediction_interval  # noqa: E402
 from memwatch.memorization.stats import binomial_interval  # noqa: E402
 from scripts.launch import CliRun, run_cli  # noqa: E402

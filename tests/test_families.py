@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memwatch.datamodules import FolderDataModule
-from memwatch.datamodules.families import (
+from bench.families import (
     FAMILIES,
     PLANES,
     family_spatial_dims,
@@ -19,6 +18,7 @@ from memwatch.datamodules.families import (
     render,
     write_planted_copy_set,
 )
+from memwatch.datamodules import FolderDataModule
 from memwatch.datamodules.readers.image_files import image_records
 from memwatch.errors import InputError
 from tests.conftest import reference_images
