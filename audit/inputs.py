@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.cli import instantiate_class
 from monai.data import Dataset
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd, SelectItemsd
 
@@ -166,15 +165,9 @@ def datamodule_from_config(
                 f"--data-arg {override!r} is not KEY=VALUE, e.g. --data-arg root=/data/MRNet-v1.0"
             )
         init_args[key] = yaml.safe_load(value)
-    trusted.check(str(data.get("class_path")), f"--data {path}")
-    try:
-        return instantiate_class((), {"class_path": data["class_path"], "init_args": init_args})
-    except InputError:
-        raise
-    except (TypeError, ImportError, AttributeError, KeyError) as error:
-        raise InputError(
-            f"--data {path}: cannot build its DataModule ({error}): check the data section and --data-arg"
-        ) from None
+    return trusted.instantiate(
+        str(data.get("class_path")), init_args, f"--data {path}", "check the data section and --data-arg"
+    )
 
 
 def synthetic_folder(folder: Path, size: tuple[int, ...], intensity: str) -> Dataset:

@@ -56,6 +56,19 @@ class TrustedModules:
             f"if you trust {package}, pass {self.trust_with.format(module=package)}"
         )
 
+    def instantiate(self, class_path: str, init_args: Mapping[str, Any], where: str, fix: str) -> Any:
+        """`class_path` built from `init_args`, imported only once `check` allows it; a class that cannot be
+        imported or built is one `InputError` line: `{where}: cannot build {class_path} (...): {fix}`."""
+        self.check(class_path, where)
+        try:
+            return instantiate_class((), {"class_path": class_path, "init_args": dict(init_args)})
+        except InputError:
+            raise
+        except (ImportError, AttributeError, TypeError, ValueError, KeyError) as error:
+            raise InputError(
+                f"{where}: cannot build {class_path} ({type(error).__name__}: {error}): {fix}"
+            ) from None
+
 
 def embedder_text(spec: EmbedderSpec) -> str:
     """`spec` as the one-line text `--embedder` takes: a mapping (from an audit.yaml) as flow YAML."""
@@ -87,15 +100,9 @@ def load_embedder(
 def _instantiate(spec: Mapping[str, Any], option: str, trusted: TrustedModules) -> Embedder:
     if "class_path" not in spec:
         raise InputError(f"{option}={dict(spec)} has no class_path: write {{class_path: package.Class, init_args: {{...}}}}")
-    trusted.check(str(spec["class_path"]), f"--{option}")
-    try:
-        embedder = instantiate_class((), {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})})
-    except InputError:
-        raise
-    except (ImportError, AttributeError, TypeError, ValueError) as error:
-        raise InputError(
-            f"{option}: cannot build {spec['class_path']} ({type(error).__name__}: {error}): check class_path and init_args"
-        ) from None
+    embedder = trusted.instantiate(
+        str(spec["class_path"]), spec.get("init_args") or {}, f"--{option}", "check class_path and init_args"
+    )
     missing = [name for name in REQUIRED if not hasattr(embedder, name)]
     if missing:
         raise InputError(

@@ -12,10 +12,12 @@ import pytest
 import torch
 import yaml
 
+from memwatch.audit.inputs import datamodule_from_config
 from memwatch.cli import main
 from memwatch.datamodules.phantom import render_phantom
 from memwatch.errors import InputError
 from memwatch.lightning_modules import SimCLRModule
+from memwatch.lightning_modules.plugins import TrustedModules, load_embedder
 from memwatch.memorization import detect_copies
 from memwatch.memorization.embedders import (
     SAMPLE_SIGNATURE,
@@ -364,3 +366,26 @@ def test_embedder_specifications_are_understood(spec):
     assert isinstance(embedder, PixelEmbedder) and embedder.size == (8, 8, 8)
     assert embedder.embed(torch.rand(2, 1, 12, 12, 12)).shape == (2, 512)
     assert np.isfinite(embedder.embed(torch.zeros(1, 1, 8, 8, 8)).numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("load", "message"),
+    [
+        (
+            lambda: load_embedder({"class_path": "memwatch.memorization.embedders.PixelEmbedder", "init_args": {"no_such": 1}}, "embedder"),
+            r"^--embedder: cannot build memwatch\.memorization\.embedders\.PixelEmbedder \(TypeError: .*no_such.*\): check class_path and init_args$",
+        ),
+        (
+            lambda: load_embedder({"class_path": "memwatch.no_such_module.Embedder"}, "embedder"),
+            r"^--embedder: cannot build memwatch\.no_such_module\.Embedder \(ModuleNotFoundError: .*\): check class_path",
+        ),
+        (
+            lambda: datamodule_from_config(ROOT / "configs" / "phantom_ldm.yaml", ["no_such=1"], TrustedModules()),
+            r"^--data .*phantom_ldm\.yaml: cannot build memwatch\.datamodules\.PhantomDataModule \(TypeError: .*no_such.*\): check the data section and --data-arg$",
+        ),
+    ],
+    ids=["bad-init-arg", "no-such-module", "audit-data-config"],
+)
+def test_a_class_that_cannot_be_built_is_one_line_naming_the_option_and_the_fix(load, message):
+    with pytest.raises(InputError, match=message):
+        load()
