@@ -47,9 +47,9 @@ from memwatch.memorization.stream import blocks, deterministic_kernels  # noqa: 
 
 def old_denoise(model: LatentDiffusionModule, indices: range, steps: int) -> torch.Tensor:
     """The sampling loop before this change: timesteps on the device, each read back with int(t) at every step."""
-    scheduler = model._make_scheduler("ddim")
+    scheduler = model.make_scheduler("ddim")
     scheduler.set_timesteps(num_inference_steps=steps, device=model.device)
-    shape = (model.model_channels, *(s // model.downsample for s in model.image_spatial_size))
+    shape = model.model_space_shape()
     x = torch.stack([torch.randn(shape, generator=sample_generator(0, i)) for i in indices]).to(model.device)
     for t in scheduler.timesteps:
         timesteps = torch.full((x.shape[0],), int(t), device=model.device, dtype=torch.long)
@@ -79,7 +79,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.unet.parameters(), lr=1e-4)
 
     def train_step() -> None:
-        loss = model._diffusion_loss(model.to_model_space(images))
+        loss = model.diffusion_loss(model.to_model_space(images))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -110,7 +110,7 @@ def main() -> None:
     def unet_only(block_size: int = block) -> None:
         with torch.no_grad():
             for start in range(0, n, block_size):
-                model._denoise_indices(range(start, start + block_size), 0, steps, "ddim", model_shape(model))
+                model.denoise_indices(range(start, start + block_size), 0, steps, "ddim", model.model_space_shape())
 
     def old_unet_only() -> None:
         with torch.no_grad():
@@ -173,10 +173,6 @@ def main() -> None:
         "machine": describe_machine(),
     }
     print(json.dumps(result, indent=2))
-
-
-def model_shape(model: LatentDiffusionModule) -> tuple[int, ...]:
-    return (model.model_channels, *(s // model.downsample for s in model.image_spatial_size))
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def worker(spec: dict) -> None:
     result["image_shape"] = shape
     result["image_mib"] = 4 * int(np.prod(shape)) / 2**20  # one float32 image as the batch holds it
     if spec["cache"] == "memory":  # what the cache holds: a tensor keeps its whole storage alive
-        images = [item["image"] for item in data._train_base._cache if item is not None]
+        images = [item["image"] for item in data.memory_cache("train")]
         storages = {image.untyped_storage().data_ptr(): image.untyped_storage().nbytes() for image in images}
         result["train_cache_tensor_mib"] = sum(image.nbytes for image in images) / 2**20
         result["train_cache_storage_mib"] = sum(storages.values()) / 2**20

@@ -348,10 +348,6 @@ def sampling_ldm(dataset: str, run: Run) -> LatentDiffusionModule:
     return ldm.to(run.device).eval()
 
 
-def latent_shape(ldm: LatentDiffusionModule) -> tuple[int, ...]:
-    return (ldm.model_channels, *(s // ldm.downsample for s in ldm.image_spatial_size))
-
-
 def time_sampling(
     ldm: LatentDiffusionModule,
     dataset: str,
@@ -368,17 +364,17 @@ def time_sampling(
     steps = run.inference_steps(read_config(dataset, "ldm")["memorization"]["num_inference_steps"])
     setting = {"sample_batch_size": block_size, "decode_batch_size": decode_size, "sampler_graphs": graphs}
     times, finite, where = [], True, "UNet loop"
-    # `sample` is `_decode(_denoise_indices(...))` per block: its two halves, timed apart.
+    # `sample` is `decode_samples(denoise_indices(...))` per block: its two halves, timed apart.
     with torch.no_grad(), deterministic_kernels(), ldm.sampler_graphs() if graphs else nullcontext():
         try:
             for k in range(run.blocks_per_setting):
                 clock, where = Stopwatch(run.device), "UNet loop"
                 with run.autocast(dataset)():
-                    latents = ldm._denoise_indices(
-                        range(k * block_size, (k + 1) * block_size), 0, steps, "ddim", latent_shape(ldm)
+                    latents = ldm.denoise_indices(
+                        range(k * block_size, (k + 1) * block_size), 0, steps, "ddim", ldm.model_space_shape()
                     )
                     unet_seconds, where = clock.lap(), "decoder"
-                    images = ldm._decode(latents, decode_size)
+                    images = ldm.decode_samples(latents, decode_size)
                     decode_seconds = clock.lap()
                 finite &= bool(torch.isfinite(images).all())
                 times.append((unet_seconds, decode_seconds))
@@ -450,7 +446,7 @@ def sampling_sweep(dataset: str, run: Run) -> dict:
     keys = ("sample_batch_size", "decode_batch_size", "sampler_graphs", "seconds_per_sample", "peak_gib")
     return {
         "spatial_size": list(ldm.image_spatial_size),
-        "latent_shape": list(latent_shape(ldm)),
+        "latent_shape": list(ldm.model_space_shape()),
         "precision": run.precision_of(dataset),
         "settings": settings,
         "graphs": graphs,

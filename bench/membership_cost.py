@@ -49,13 +49,12 @@ def main() -> None:
     device = torch.device(args.device)
     built = random_ldm(args.config, device, args.spatial_size)
     model, data, batch_size = built.model, built.data, built.batch_size
-    model._scale_known = True
     memorization = built.ldm_config["memorization"]
     images = next(iter(data.train_dataloader()))["image"].to(device)
     optimizer = torch.optim.Adam(model.unet.parameters(), lr=1e-4)
 
     def train_step() -> None:
-        loss = model._diffusion_loss(model.to_model_space(images))
+        loss = model.diffusion_loss(model.to_model_space(images))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -75,7 +74,7 @@ def main() -> None:
                     [val[i]["image"] for i in range(start, min(start + batch_size, n_val))]
                 )
                 generator = torch.Generator().manual_seed(start)
-                model._diffusion_loss(model.to_model_space(held_out.to(device)), generator=generator)
+                model.diffusion_loss(model.to_model_space(held_out.to(device)), generator=generator)
         model.train()
 
     evaluation = {}

@@ -155,7 +155,7 @@ def plain_ldm(batches: list[dict]) -> list[tuple[float, float]]:
         with torch.no_grad():
             z = autoencoder.encode_stage_2_inputs(images).float()
             if scale is None:
-                scale = 1.0 / z.std()  # LatentDiffusionModule._set_scale_factor, once
+                scale = 1.0 / z.std()  # the latent scale factor, measured once as LatentDiffusionModule does
             z = z * scale
         noise = torch.randn(z.shape)
         timesteps = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],))

@@ -266,6 +266,15 @@ class MedicalImageDataModule(LightningDataModule):
         """Loader over `reference_dataset(split)`, without shuffling."""
         return self._loader(self.reference_dataset(split), shuffle=False)
 
+    def memory_cache(self, split: Literal["train", "val"]) -> list[dict[str, Any]]:
+        """The preprocessed items `cache="memory"` holds for `split`, themselves (not copies): what the cache keeps
+        alive, for measuring it (bench/data_loading.py). Empty under another `cache`."""
+        dataset = self.reference_dataset(split)
+        # MONAI's CacheDataset keeps them in `_cache` (None: not filled yet) with no public accessor; indexing the
+        # dataset may hand out copies or run transforms.
+        cached = (dataset._cache or []) if isinstance(dataset, CacheDataset) else []
+        return [item for item in cached if item is not None]
+
     @property
     def train_ids(self) -> list[str]:
         self.setup("fit")

@@ -119,7 +119,9 @@ class DiffusionModule(MemwatchModule):
             else hp.use_flash_attention,
         )
 
-    def _make_scheduler(self, kind: Literal["ddpm", "ddim"]) -> DDPMScheduler | DDIMScheduler:
+    def make_scheduler(self, kind: Literal["ddpm", "ddim"]) -> DDPMScheduler | DDIMScheduler:
+        """A new DDPM or DDIM scheduler with this model's noise schedule and prediction type: training keeps a
+        DDPM one as `self.scheduler`; each `sample` call makes its own, to set its own inference timesteps."""
         hp = self.hparams
         cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
         return cls(
@@ -162,7 +164,10 @@ class DiffusionModule(MemwatchModule):
 
     # --- training ----------------------------------------------------------------------
 
-    def _diffusion_loss(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def diffusion_loss(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The DDPM loss on model-space images `z` (from `to_model_space`): the mean squared error of the UNet's
+        noise (or v) prediction at a random timestep per image, noise and timesteps drawn from `generator`
+        (default: torch's global one). `training_step` and `validation_step` log it."""
         noise = torch.randn(
             z.shape, generator=generator, device=generator.device if generator else z.device
         ).to(z)
@@ -183,7 +188,7 @@ class DiffusionModule(MemwatchModule):
         return F.mse_loss(prediction.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._diffusion_loss(self.to_model_space(batch["image"]))
+        loss = self.diffusion_loss(self.to_model_space(batch["image"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["id"]))
         return loss
 
@@ -191,7 +196,7 @@ class DiffusionModule(MemwatchModule):
         if not self.can_validate():
             return
         generator = torch.Generator().manual_seed(batch_idx)  # same noise every epoch: comparable curves
-        loss = self._diffusion_loss(self.to_model_space(batch["image"]), generator=generator)
+        loss = self.diffusion_loss(self.to_model_space(batch["image"]), generator=generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["id"]))
 
     def can_validate(self) -> bool:
@@ -299,13 +304,13 @@ class DiffusionModule(MemwatchModule):
                 raise InputError(f"{name}={value} must be at least 1")
         if scheduler not in ("ddim", "ddpm"):
             raise InputError(f"scheduler={scheduler!r} must be 'ddim' or 'ddpm'")
-        shape = (self.model_channels, *(s // self.downsample for s in self.image_spatial_size))
+        shape = self.model_space_shape()
         was_training = self.training
         self.eval()
         try:
             chunks = [
-                self._decode(
-                    self._denoise_indices(
+                self.decode_samples(
+                    self.denoise_indices(
                         range(first, min(first + batch_size, start_index + n)), seed, steps, scheduler, shape
                     ),
                     decode,
@@ -316,11 +321,16 @@ class DiffusionModule(MemwatchModule):
             self.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, self.image_channels, *self.image_spatial_size)
 
-    def _denoise_indices(
+    def model_space_shape(self) -> tuple[int, ...]:
+        """`(channels, *spatial)` of one sample in model space (latents for the LDM, images for the pixel DDPM)."""
+        return (self.model_channels, *(s // self.downsample for s in self.image_spatial_size))
+
+    def denoise_indices(
         self, indices: range, seed: int | Sequence[int], steps: int, kind: str, shape: tuple[int, ...]
     ) -> torch.Tensor:
-        """The model-space samples `[k, *shape]` of `indices` after `steps` denoising steps."""
-        scheduler = self._make_scheduler(kind)
+        """The model-space samples `[k, *shape]` of `indices` after `steps` denoising steps with a `kind` ("ddim"
+        or "ddpm") scheduler: the first half of `sample`, without its checks and mode switch, for timing apart."""
+        scheduler = self.make_scheduler(kind)
         scheduler.set_timesteps(num_inference_steps=steps)  # on the CPU: Python ints, no read-back per step
         timesteps = scheduler.timesteps.tolist()
         x = torch.stack(
@@ -341,7 +351,9 @@ class DiffusionModule(MemwatchModule):
                     )
         return x
 
-    def _decode(self, x: torch.Tensor, decode_batch_size: int) -> torch.Tensor:
+    def decode_samples(self, x: torch.Tensor, decode_batch_size: int) -> torch.Tensor:
+        """Model-space samples `x` → float32 images in `[0, 1]`, `decode_batch_size` at a time: the second half
+        of `sample` (`to_images`, clamped), for timing apart."""
         return torch.cat(
             [
                 self.to_images(x[k : k + decode_batch_size]).float().clamp(0.0, 1.0)
@@ -382,7 +394,7 @@ class DiffusionModule(MemwatchModule):
         `InputError` (naming `memorization.sampler_graphs`) when it cannot be captured. A no-op on a CPU."""
         if self.device.type != "cuda":
             return
-        shape = (batch_size, self.model_channels, *(s // self.downsample for s in self.image_spatial_size))
+        shape = (batch_size, *self.model_space_shape())
         was_training = self.training
         self.eval()
         try:
@@ -472,7 +484,7 @@ class PixelDiffusionModule(DiffusionModule):
         self.spatial_dims = spatial_dims
         self.image_channels = self.model_channels = in_channels
         self.unet = self.build_unet(in_channels)
-        self.scheduler = self._make_scheduler("ddpm")
+        self.scheduler = self.make_scheduler("ddpm")
 
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         return images.float() * 2.0 - 1.0

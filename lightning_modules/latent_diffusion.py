@@ -70,7 +70,7 @@ class LatentDiffusionModule(DiffusionModule):
         self.image_channels = autoencoder.hparams.in_channels
         self.autoencoder = autoencoder.autoencoder.requires_grad_(False).eval()
         self.unet = self.build_unet(self.model_channels)
-        self.scheduler = self._make_scheduler("ddpm")
+        self.scheduler = self.make_scheduler("ddpm")
         # 0 means "not yet computed"; set from the first training batch, then saved in checkpoints.
         self.register_buffer("scale_factor", torch.tensor(0.0))
         self._scale_known = False

@@ -311,9 +311,11 @@ class SimCLRModule(MemwatchModule):
 
     def represent(self, images: torch.Tensor) -> torch.Tensor:
         """The representation `[B, embedding_dim]` that `embed` returns (see `flip_invariant`, `standardize_input`)."""
-        return self._representation()(images)
+        return self.representation()(images)
 
-    def _representation(self, training: bool = False) -> Representation:
+    def representation(self, training: bool = False) -> Representation:
+        """What `embed` computes, as one module over this module's networks: the module `export_torchscript`
+        traces. `training=True` gives what training embeds instead (no orbit with `orbit_in_training` false)."""
         flip_invariant = bool(self.hparams.get("flip_invariant"))
         if training:
             flip_invariant = flip_invariant and bool(self.hparams.get("orbit_in_training", True))
@@ -329,7 +331,7 @@ class SimCLRModule(MemwatchModule):
         self.eval()
         try:
             with torch.no_grad():
-                traced = torch.jit.trace(self._representation(), example)
+                traced = torch.jit.trace(self.representation(), example)
         finally:
             for module, training in modes:
                 module.train(training)
@@ -338,8 +340,9 @@ class SimCLRModule(MemwatchModule):
 
     # --- training ----------------------------------------------------------------------
 
-    def _varied(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        """The positive views: `vary(images)`, plus a brightness offset per image when `brightness_shift` > 0."""
+    def positive_views(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        """The positive views training pairs `images` with: `vary(images)` under `seed`, plus a brightness offset
+        per image when `brightness_shift` > 0."""
         variations = vary(images, seed=seed, transform=self.variation)
         shift = self.hparams.get("brightness_shift", 0.0)
         if shift:
@@ -351,7 +354,8 @@ class SimCLRModule(MemwatchModule):
 
     def _embed_pairs(self, images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Representations of the images and of their variations, `[K, L]` each, in one forward pass."""
-        embeddings = self._representation(training=True)(torch.cat([images, self._varied(images, seed)])).float()
+        views = torch.cat([images, self.positive_views(images, seed)])
+        embeddings = self.representation(training=True)(views).float()
         return embeddings[: len(images)], embeddings[len(images) :]
 
     def _gathered(self, originals: torch.Tensor, variations: torch.Tensor, ids: list[str] | None):

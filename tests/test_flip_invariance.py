@@ -77,7 +77,7 @@ def test_a_traced_flip_invariant_embedder_embeds_like_the_module(spatial_dims: i
     size = (16, 16, 8)[:spatial_dims]
     with torch.no_grad():
         # What export_torchscript traces, without its check (~10 s for the 8 unrolled conv encoders).
-        traced = torch.jit.trace(module._representation(), torch.rand(2, 1, *size), check_trace=False)
+        traced = torch.jit.trace(module.representation(), torch.rand(2, 1, *size), check_trace=False)
         images = torch.rand(3, 1, *size)  # not the trace's batch size
         torch.testing.assert_close(traced(images), concatenated(module, images), atol=1e-6, rtol=0)
 

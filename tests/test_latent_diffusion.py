@@ -147,7 +147,7 @@ def test_samples_under_bf16_autocast(trained_ldm, scheduler, monkeypatch):
     model, _ = trained_ldm
     seen = {"unet": set(), "step": set()}
     hook = model.unet.register_forward_hook(lambda module, args, output: seen["unet"].add(output.dtype))
-    scheduler_class = type(model._make_scheduler(scheduler))
+    scheduler_class = type(model.make_scheduler(scheduler))
     step = scheduler_class.step
 
     def recording_step(self, model_output, timestep, sample, *args, **kwargs):

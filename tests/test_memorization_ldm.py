@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from memwatch.callbacks import MemorizationCallback
 from memwatch.datamodules import PhantomDataModule
 from memwatch.lightning_modules import LatentDiffusionModule, SimCLRModule
+from memwatch.lightning_private import averaged_model
 from memwatch.memorization.history import MEMBERSHIP_HISTORY_FILE, read_history
 from tests.conftest import memorization_history, quiet_trainer, run_cli
 
@@ -48,7 +49,7 @@ def fit_ldm(autoencoder_ckpt: Path, tmp_path: Path, callback: MemorizationCallba
         logger=TensorBoardLogger(tmp_path, name="run"),
     )  # fmt: skip
     trainer.fit(model, PhantomDataModule(**PHANTOMS, n_train=20))  # the embedder's split: none of its patients held out
-    return [model.state_dict(), ema._average_model.module.state_dict()]
+    return [model.state_dict(), averaged_model(ema).module.state_dict()]
 
 
 def test_training_ends_with_the_same_weights_with_and_without_the_callback(autoencoder_ckpt, embedder_16, tmp_path):

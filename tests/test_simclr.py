@@ -280,8 +280,8 @@ def test_projection_head_trains_the_loss_while_embed_returns_the_representation(
 
 def test_brightness_shift_offsets_each_variation_by_at_most_the_shift() -> None:
     images = torch.full((16, 1, 8, 8), 0.5)
-    plain = SimCLRModule(spatial_dims=2, **TINY_RESNET)._varied(images, seed=3)
-    shifted = SimCLRModule(spatial_dims=2, **TINY_RESNET, brightness_shift=0.2)._varied(images, seed=3)
+    plain = SimCLRModule(spatial_dims=2, **TINY_RESNET).positive_views(images, seed=3)
+    shifted = SimCLRModule(spatial_dims=2, **TINY_RESNET, brightness_shift=0.2).positive_views(images, seed=3)
     offsets = (shifted - plain).flatten(1)
     assert (offsets.max(dim=1).values - offsets.min(dim=1).values).abs().max() < 1e-5  # one offset per image
     assert offsets.abs().max() <= 0.2 + 1e-6 and offsets[:, 0].std() > 0.05
