@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
-from bench.random_ldm import best_of, config, random_ldm  # noqa: E402
+from bench.random_ldm import best_of, config, random_ldm, training_step_seconds  # noqa: E402
 from memwatch.lightning_modules import LatentDiffusionModule, SimCLRModule  # noqa: E402
 from memwatch.lightning_modules.diffusion import sample_generator  # noqa: E402
 from memwatch.memorization import detect_copies, frechet_distance  # noqa: E402
@@ -74,18 +73,8 @@ def main() -> None:
     embedder_args = config(f"{stem}_simclr.yaml")["model"]["init_args"]
     embedder = SimCLRModule(**embedder_args).to(device).eval()
 
-    batch = next(iter(data.train_dataloader()))
-    images = batch["image"].to(device)
-    optimizer = torch.optim.Adam(model.unet.parameters(), lr=1e-4)
-
-    def train_step() -> None:
-        loss = model.diffusion_loss(model.to_model_space(images))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    train_step()  # the first step allocates
-    step_seconds = statistics.median(best_of(1, device, train_step) for _ in range(args.train_steps))
+    images = next(iter(data.train_dataloader()))["image"].to(device)
+    step_seconds = training_step_seconds(model, images, args.train_steps)
     n_train = len(data.train_ids)
     steps_per_epoch = -(-n_train // built.batch_size)
     between_checks = step_seconds * steps_per_epoch * memorization["every_n_epochs"]

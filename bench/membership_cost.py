@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
-from bench.random_ldm import best_of, random_ldm  # noqa: E402
+from bench.random_ldm import best_of, random_ldm, training_step_seconds  # noqa: E402
 from memwatch.memorization.pipeline import score_membership  # noqa: E402
 from memwatch.memorization.stream import deterministic_kernels  # noqa: E402
 
@@ -51,16 +50,7 @@ def main() -> None:
     model, data, batch_size = built.model, built.data, built.batch_size
     memorization = built.ldm_config["memorization"]
     images = next(iter(data.train_dataloader()))["image"].to(device)
-    optimizer = torch.optim.Adam(model.unet.parameters(), lr=1e-4)
-
-    def train_step() -> None:
-        loss = model.diffusion_loss(model.to_model_space(images))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    train_step()  # the first step allocates
-    step_seconds = statistics.median(best_of(1, device, train_step) for _ in range(args.train_steps))
+    step_seconds = training_step_seconds(model, images, args.train_steps)
     n_train, n_val = len(data.train_ids), len(data.val_ids)
     steps_per_epoch = -(-n_train // batch_size)
     epoch_seconds = step_seconds * steps_per_epoch

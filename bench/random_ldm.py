@@ -1,4 +1,4 @@
-"""What the CPU/GPU cost benchmarks share: a config's LDM at random weights on phantoms, and a timer.
+"""What the CPU/GPU cost benchmarks share: a config's LDM at random weights on phantoms, and timers.
 
 The time of a forward pass does not depend on the weights, so `random_ldm` builds the config's LDM
 over an autoencoder of its `*_ae.yaml` model section, on phantoms of its data section (the phantom
@@ -7,6 +7,7 @@ config's patients, or 40 for another dataset's config), ready to train and sampl
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,21 @@ def best_of(repeats: int, device: torch.device, work: Callable[[], object]) -> f
         work()
         times.append(synchronized(device) - started)
     return min(times)
+
+
+def training_step_seconds(model: LatentDiffusionModule, images: torch.Tensor, steps: int) -> float:
+    """Median seconds of one LDM training step on `images` (diffusion loss, backward, Adam on the UNet) over
+    `steps` timed steps, after one untimed step that allocates."""
+    optimizer = torch.optim.Adam(model.unet.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        loss = model.diffusion_loss(model.to_model_space(images))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    train_step()
+    return statistics.median(best_of(1, images.device, train_step) for _ in range(steps))
 
 
 @dataclass
