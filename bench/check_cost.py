@@ -99,7 +99,9 @@ def main() -> None:
     def unet_only(block_size: int = block) -> None:
         with torch.no_grad():
             for start in range(0, n, block_size):
-                model.denoise_indices(range(start, start + block_size), 0, steps, "ddim", model.model_space_shape())
+                model.denoise_indices(
+                    range(start, start + block_size), 0, steps, "ddim", model.model_space_shape()
+                )
 
     def old_unet_only() -> None:
         with torch.no_grad():
