@@ -24,49 +24,21 @@ from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE
 from memwatch.memorization.release import ReleasedFile, write_manifest
 from memwatch.memorization.report import REPORT_FILES
 from memwatch.memorization.variation import vary
-from tests.conftest import (
+from tests.helpers import (
+    AUDIT_N_NOVEL,
+    AUDIT_N_PLANTED,
     MEMORIZATION_SIZE,
     N_TRAIN,
     ROOT,
+    audit_args,
     chance_ceiling,
     memorization_phantoms,
     quiet_trainer,
     run_cli,
+    save_npy,
     tiny_autoencoder,
+    write_dicom,
 )
-
-N_PLANTED = 8
-N_NOVEL = 16
-
-
-def save_npy(path: Path, image: torch.Tensor | np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.asarray(image, dtype=np.float32))
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> Path:
-    """`train/`, `val/` (the embedder's phantom patients as .npy) and `synthetic/`: 8 varied copies + 16 novel patients."""
-    root = tmp_path_factory.mktemp("audit")
-    data = memorization_phantoms()
-    for split, ids in [("train", data.train_ids), ("val", data.val_ids)]:
-        for image_id in ids:
-            save_npy(root / split / f"{image_id}.npy", render_phantom(image_id, MEMORIZATION_SIZE)[0])
-    planted = data.train_ids[:N_PLANTED]
-    originals = torch.stack([torch.from_numpy(render_phantom(i, MEMORIZATION_SIZE)) for i in planted])
-    for k, image in enumerate(vary(originals, seed=1)):
-        save_npy(root / "synthetic" / f"copy_{k:02d}.npy", image[0])
-    novel = torch.stack([torch.from_numpy(render_phantom(f"novel-{k:04d}", MEMORIZATION_SIZE)) for k in range(N_NOVEL)])
-    for k, image in enumerate(vary(novel, seed=2)):
-        save_npy(root / "synthetic" / f"novel_{k:02d}.npy", image[0])
-    return root
-
-
-def audit_args(embedder_ckpt: Path, folders: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "audit", "--embedder", str(embedder_ckpt), "--train", str(folders / "train"), "--val", str(folders / "val"),
-        "--synthetic", str(folders / "synthetic"), "--out", str(out), "--intensity", "none", *extra,
-    ]  # fmt: skip
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -81,13 +53,13 @@ def test_audit_finds_planted_copies_and_releases_only_the_rest(embedder_ckpt, fo
     written = json.loads((out / "summary.json").read_text())
     assert written["n_copies"] == summary["n_copies"] and written["n_train"] == 32 and written["n_syn"] == 24
     flagged = set(written["copy_syn_ids"])
-    planted = {f"copy_{k:02d}" for k in range(N_PLANTED)}
-    assert len(flagged & planted) >= N_PLANTED - 1, flagged
+    planted = {f"copy_{k:02d}" for k in range(AUDIT_N_PLANTED)}
+    assert len(flagged & planted) >= AUDIT_N_PLANTED - 1, flagged
     # Novel patients pass τ about 5% of the time, and other training patients are near-copied at that rate
     # (by the novel images and the copies): bounded by what chance reaches, never by an exact count.
-    assert len(flagged - planted) <= chance_ceiling(N_NOVEL, N_TRAIN), flagged
-    unplanted_ceiling = chance_ceiling(N_TRAIN - N_PLANTED, N_PLANTED + N_NOVEL)
-    assert N_PLANTED - 1 <= written["n_mem"] <= N_PLANTED + unplanted_ceiling, written["n_mem"]
+    assert len(flagged - planted) <= chance_ceiling(AUDIT_N_NOVEL, N_TRAIN), flagged
+    unplanted_ceiling = chance_ceiling(N_TRAIN - AUDIT_N_PLANTED, AUDIT_N_PLANTED + AUDIT_N_NOVEL)
+    assert AUDIT_N_PLANTED - 1 <= written["n_mem"] <= AUDIT_N_PLANTED + unplanted_ceiling, written["n_mem"]
     pairs = read_csv(out / "pairs.csv")
     assert len(pairs) == 24 and {row["synthetic_id"] for row in pairs if row["is_copy"] == "True"} == flagged
     # the default rule, named; ρ2 is computed (and written) under the distinct rule only
@@ -512,8 +484,6 @@ def test_audit_options_come_from_a_config_file_and_print_config_shows_them(embed
 
 def test_audit_reads_dicom_folders_with_patients_from_their_patientid_tags(embedder_ckpt, folders, tmp_path):
     """Training and held-out patients as DX radiographs, one folder each named unlike the patient."""
-    from tests.test_dicom import write_dicom
-
     data = memorization_phantoms()
     for split, ids in [("train", data.train_ids), ("val", data.val_ids)]:
         for k, patient in enumerate(ids):
@@ -525,13 +495,13 @@ def test_audit_reads_dicom_folders_with_patients_from_their_patientid_tags(embed
         "audit", "--embedder", str(embedder_ckpt), "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
         "--synthetic", str(folders / "synthetic"), "--out", str(out), "--detector-positives", "0",
     ])  # fmt: skip
-    planted = {f"copy_{k:02d}" for k in range(N_PLANTED)}
-    assert len(set(summary["copy_syn_ids"]) & planted) >= N_PLANTED - 1, summary["copy_syn_ids"]
+    planted = {f"copy_{k:02d}" for k in range(AUDIT_N_PLANTED)}
+    assert len(set(summary["copy_syn_ids"]) & planted) >= AUDIT_N_PLANTED - 1, summary["copy_syn_ids"]
     train_nn = read_csv(out / "train_nn.csv")
     assert {row["patient_id"] for row in train_nn} == set(data.train_ids)
     assert all(row["train_id"].startswith("case_") for row in train_nn)
     # named by their PatientID tags: the planted patients, and others only as often as chance has them pass τ
     memorized = set(summary["memorized_patient_ids"])
     assert memorized <= set(data.train_ids), memorized
-    unplanted = memorized - set(data.train_ids[:N_PLANTED])
-    assert len(unplanted) <= chance_ceiling(N_TRAIN - N_PLANTED, N_PLANTED + N_NOVEL), memorized
+    unplanted = memorized - set(data.train_ids[:AUDIT_N_PLANTED])
+    assert len(unplanted) <= chance_ceiling(N_TRAIN - AUDIT_N_PLANTED, AUDIT_N_PLANTED + AUDIT_N_NOVEL), memorized

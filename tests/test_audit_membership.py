@@ -16,9 +16,8 @@ from memwatch.cli import main
 from memwatch.datamodules import PhantomDataModule
 from memwatch.lightning_modules import LatentDiffusionModule
 from memwatch.memorization.membership import AUC_METHOD
-from tests.conftest import quiet_trainer
 from tests.doubles import ScriptedGenerator
-from tests.test_html_report import parse, write_page
+from tests.helpers import parse, quiet_trainer, write_page
 
 SIZE = (16, 16)  # the size autoencoder_ckpt was trained on
 N_PATIENTS, VAL_FRACTION = 40, 0.5  # 20 training and 20 held-out images, one per patient

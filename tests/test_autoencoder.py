@@ -10,7 +10,7 @@ from monai.networks.blocks import SABlock
 from memwatch.datamodules import PhantomDataModule
 from memwatch.errors import InputError
 from memwatch.lightning_modules import AutoencoderModule
-from tests.conftest import quiet_trainer, tiny_autoencoder
+from tests.helpers import quiet_trainer, tiny_autoencoder
 
 SHAPE_CASES = [
     # kind, spatial_dims, channels, image size, latent size

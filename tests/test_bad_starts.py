@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CONFIGS = ROOT / "configs"
 QUICK = ["--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

@@ -18,8 +18,8 @@ from memwatch.errors import InputError
 from memwatch.lightning_modules import LatentDiffusionModule, PixelDiffusionModule
 from memwatch.memorization.distributed import block_shard
 from memwatch.memorization.stream import blocks
-from tests.conftest import MEMORIZATION_SIZE, memorization_history, memorization_phantoms, quiet_trainer
 from tests.doubles import ScriptedGenerator
+from tests.helpers import MEMORIZATION_SIZE, memorization_history, memorization_phantoms, quiet_trainer
 
 TINY_UNET = dict(channels=(16, 32), norm_num_groups=8, num_head_channels=8, num_train_timesteps=100)
 

@@ -11,71 +11,23 @@ import torch
 from PIL import Image
 
 from memwatch.datamodules import ChestXray14DataModule
-from memwatch.datamodules.phantom import render_phantom
 from memwatch.errors import InputError
-from tests.conftest import input_error
-
-# The real table's header: the last two column names hold commas and are not quoted, so a CSV
-# reader sees 11 names; NIH's file also ends every line with a comma.
-HEADER = (
-    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
+from tests.helpers import (
+    CHESTXRAY_MODES,
+    CHESTXRAY_OFFICIAL_TRAIN,
+    CHESTXRAY_SIZE,
+    chestxray_image_names,
+    input_error,
+    stored_pixels,
+    write_chestxray14,
+    write_png,
 )
-# Patient → number of images (follow-ups); patients 1-3 are in train_val_list.txt, 4-5 in test_list.txt.
-PATIENTS = {1: 3, 2: 2, 3: 3, 4: 2, 5: 2}
-OFFICIAL_TRAIN = (1, 2, 3)
-MODES = ("L", "I;16", "RGBA")  # image k is saved in MODES[k % 3]
-SIZE = 64
-
-
-def image_names() -> list[str]:
-    return [f"{patient:08d}_{follow_up:03d}.png" for patient, n in PATIENTS.items() for follow_up in range(n)]
-
-
-def stored_pixels(name: str, mode: str) -> np.ndarray:
-    """What the PNG `name` holds in `mode`: a phantom of its own, 8-bit, 16-bit (beyond 8 bits) or RGBA."""
-    image = render_phantom(name, (SIZE, SIZE))[0]
-    if mode == "L":
-        return np.round(image * 250).astype(np.uint8)
-    if mode == "I;16":
-        return np.round(image * 60000).astype(np.uint16)
-    rgba = np.zeros((SIZE, SIZE, 4), np.uint8)
-    rgba[..., 0] = rgba[..., 1] = np.round(image * 200).astype(np.uint8)
-    rgba[..., 2] = 30  # blue constant, alpha 0: the image is the mean of R, G and B
-    return rgba
 
 
 def as_loaded(pixels: np.ndarray) -> np.ndarray:
     """The one-channel [0, 1] image the module should make of `pixels` at their own size."""
     gray = pixels[..., :3].astype(np.float64).mean(axis=-1) if pixels.ndim == 3 else pixels.astype(np.float64)
     return (gray - gray.min()) / (gray.max() - gray.min())
-
-
-def write_png(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, mode).save(path)
-    return path
-
-
-def write_chestxray14(root: Path, layout: str = "kaggle") -> Path:
-    """A 12-image ChestX-ray14 in the real format: table, list files, PNGs in the NIH or Kaggle layout."""
-    root.mkdir(parents=True, exist_ok=True)
-    names = image_names()
-    rows = [HEADER]
-    for k, name in enumerate(names):
-        patient, follow_up = int(name[:8]), int(name[9:12])
-        findings = ["No Finding", "Cardiomegaly|Effusion", "Atelectasis"][k % 3]
-        rows.append(
-            f"{name},{findings},{follow_up},{patient},{40 + patient},{'MF'[k % 2]},PA,2500,2048,0.143,0.143,"
-        )
-        folder = root / "images" if layout == "nih" else root / f"images_{1 + k // 6:03d}" / "images"
-        mode = MODES[k % 3]
-        write_png(folder / name, stored_pixels(name, mode), mode if mode == "RGBA" else None)
-    (root / "Data_Entry_2017.csv").write_text("\n".join(rows) + "\n")
-    train = [n for n in names if int(n[:8]) in OFFICIAL_TRAIN]
-    (root / "train_val_list.txt").write_text("\n".join(train) + "\n")
-    (root / "test_list.txt").write_text("\n".join(n for n in names if n not in train) + "\n")
-    return root
 
 
 @pytest.fixture
@@ -95,12 +47,12 @@ def patients(ids: list[str]) -> set[str]:
 
 
 def test_every_png_mode_becomes_one_channel_in_unit_range(dataset):
-    native = ChestXray14DataModule(str(dataset), spatial_size=[SIZE, SIZE], batch_size=5)
+    native = ChestXray14DataModule(str(dataset), spatial_size=[CHESTXRAY_SIZE, CHESTXRAY_SIZE], batch_size=5)
     loaded = {**images(native, "train"), **images(native, "val")}
-    assert sorted(loaded) == [name.removesuffix(".png") for name in image_names()]
-    for k, name in enumerate(image_names()):
+    assert sorted(loaded) == [name.removesuffix(".png") for name in chestxray_image_names()]
+    for k, name in enumerate(chestxray_image_names()):
         # 16 bits are kept, RGB(A) becomes the mean of R, G and B, rows stay rows.
-        expected = as_loaded(stored_pixels(name, MODES[k % 3]))
+        expected = as_loaded(stored_pixels(name, CHESTXRAY_MODES[k % 3]))
         np.testing.assert_allclose(loaded[name[:-4]][0].numpy(), expected, atol=1e-5, err_msg=name)
 
     data = ChestXray14DataModule(str(dataset), spatial_size=[32, 32], batch_size=4)
@@ -117,9 +69,9 @@ def test_every_png_mode_becomes_one_channel_in_unit_range(dataset):
 
 def test_the_official_split_is_nih_lists_and_by_patient(dataset):
     data = ChestXray14DataModule(str(dataset), spatial_size=[16, 16])
-    names = [name.removesuffix(".png") for name in image_names()]
-    assert data.train_ids == [n for n in names if int(n[:8]) in OFFICIAL_TRAIN]
-    assert data.val_ids == [n for n in names if int(n[:8]) not in OFFICIAL_TRAIN]
+    names = [name.removesuffix(".png") for name in chestxray_image_names()]
+    assert data.train_ids == [n for n in names if int(n[:8]) in CHESTXRAY_OFFICIAL_TRAIN]
+    assert data.val_ids == [n for n in names if int(n[:8]) not in CHESTXRAY_OFFICIAL_TRAIN]
     assert not patients(data.train_ids) & patients(data.val_ids)
     assert {r["patient"] for r in data.train_records} == {"1", "2", "3"}  # the table's Patient ID
 
@@ -139,7 +91,7 @@ def test_the_seeded_split_keeps_each_patient_on_one_side(dataset, seed):
         str(dataset), spatial_size=[16, 16], split="seeded", val_fraction=0.4, split_seed=seed
     )
     assert not patients(data.train_ids) & patients(data.val_ids)
-    assert sorted(data.train_ids + data.val_ids) == sorted(name[:-4] for name in image_names())
+    assert sorted(data.train_ids + data.val_ids) == sorted(name[:-4] for name in chestxray_image_names())
     assert len(patients(data.val_ids)) == 2  # 40% of 5 patients
     again = ChestXray14DataModule(
         str(dataset), spatial_size=[16, 16], split="seeded", val_fraction=0.4, split_seed=seed
@@ -175,7 +127,9 @@ def _lists(root: Path, train: list[str], val: list[str]) -> None:
 
 
 def _unlisted(root: Path) -> Path:
-    return write_png(root / "images_002/images/00000099_000.png", np.zeros((SIZE, SIZE), np.uint8))
+    return write_png(
+        root / "images_002/images/00000099_000.png", np.zeros((CHESTXRAY_SIZE, CHESTXRAY_SIZE), np.uint8)
+    )
 
 
 def _corrupt(root: Path) -> Path:
@@ -186,7 +140,7 @@ def _corrupt(root: Path) -> Path:
 
 def _palette(root: Path) -> Path:
     path = root / "images_001/images/00000001_001.png"
-    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).convert("P").save(path)
+    Image.fromarray(np.zeros((CHESTXRAY_SIZE, CHESTXRAY_SIZE), np.uint8)).convert("P").save(path)
     return path
 
 
@@ -197,7 +151,7 @@ def _duplicate(root: Path) -> Path:
 
 
 def _patient_on_both_sides(root: Path) -> Path:
-    names = image_names()
+    names = chestxray_image_names()
     _lists(root, names[:4], names[4:])  # patient 2's two images: one in each list
     return root / "test_list.txt"
 
@@ -223,8 +177,8 @@ BAD_INPUTS = {
     "png of an unexpected mode": lambda root: (_palette(root), "has the PNG mode P"),
     "list file missing": lambda root: ((root / "test_list.txt").unlink(), root / "test_list.txt", "split seeded")[1:],
     "patient on both sides of the lists": lambda root: (_patient_on_both_sides(root), "patient 2 has images in both"),
-    "image in no list": lambda root: (_lists(root, image_names()[:8], image_names()[8:11]), "00000005_001.png", "train_val_list.txt nor")[1:],
-    "listed image not in the table": lambda root: (_lists(root, image_names()[:8], [*image_names()[8:], "00000077_000.png"]), "00000077_000.png", "does not")[1:],
+    "image in no list": lambda root: (_lists(root, chestxray_image_names()[:8], chestxray_image_names()[8:11]), "00000005_001.png", "train_val_list.txt nor")[1:],
+    "listed image not in the table": lambda root: (_lists(root, chestxray_image_names()[:8], [*chestxray_image_names()[8:], "00000077_000.png"]), "00000077_000.png", "does not")[1:],
 }  # fmt: skip
 
 
@@ -244,7 +198,12 @@ def test_a_subset_above_the_split_is_an_input_error(dataset):
 
 def test_pixels_are_read_lazily_and_a_truncated_png_is_an_input_error(dataset):
     path = dataset / "images_001/images/00000001_000.png"
-    write_png(path, (np.arange(SIZE * SIZE) % 251).astype(np.uint8).reshape(SIZE, SIZE))
+    write_png(
+        path,
+        (np.arange(CHESTXRAY_SIZE * CHESTXRAY_SIZE) % 251)
+        .astype(np.uint8)
+        .reshape(CHESTXRAY_SIZE, CHESTXRAY_SIZE),
+    )
     path.write_bytes(path.read_bytes()[:200])  # the header still reads
     data = ChestXray14DataModule(str(dataset), spatial_size=[16, 16], batch_size=8)
     data.setup()

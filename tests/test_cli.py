@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,37 +17,21 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from memwatch.cli import MemwatchCLI, config_path, main, with_config_names
 from memwatch.datamodules import MedicalImageDataModule
 from memwatch.lightning_modules import MemwatchModule
-from tests.conftest import ROOT, config_sections, run_cli
+from tests.helpers import (
+    DATA_FIXTURES,
+    DATA_OVERRIDES,
+    ROOT,
+    embedder_overrides,
+    fit,
+    last_ckpt,
+    run_cli,
+    tiny,
+    write_dicom_dataset,
+)
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 STAGES = ("ae", "simclr", "ldm")
 DATASETS = sorted({p.stem.rsplit("_", 1)[0] for p in CONFIGS if p.stem.rsplit("_", 1)[1] in STAGES})
-# Per dataset: overrides that point a config at test data (real-format fixtures for real datasets);
-# a callable gets the folder of its dataset's fixture, named in DATA_FIXTURES.
-DATA_OVERRIDES: dict[str, list[str] | Callable[[Path], list[str]]] = {
-    "phantom": ["--data.init_args.n_patients", "12"],
-    "phantom3d": ["--data.init_args.n_patients", "12", "--data.init_args.batch_size", "2"],
-    "folder": lambda root: ["--data.init_args.train_dir", str(root / "train"), "--data.init_args.val_dir", str(root / "val")],
-    "chestxray": lambda root: [
-        "--data.init_args.root", str(root), "--data.init_args.spatial_size", "[32, 32]", "--data.init_args.n_train", "6",
-        "--data.init_args.n_val", "null", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-        "--trainer.precision", "32-true",  # the configs' bf16-mixed is emulated on CPU: 2.5× slower here
-    ],  # fmt: skip
-    "mrnet": lambda root: [
-        "--data.init_args.root", str(root), "--data.init_args.split", "seeded", "--data.init_args.spatial_size", "[32, 32, 32]",
-        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-        "--data.init_args.cache_dir", str(root.parent / "cache"),
-        "--trainer.precision", "32-true",  # bf16-mixed is emulated on this CPU: slow (docs/PRECISION.md)
-    ],  # fmt: skip
-    "nifti": lambda root: [
-        "--data.init_args.root", str(root), "--data.init_args.spatial_size", "[32, 32, 32]",
-        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--trainer.precision", "32-true",
-    ],  # fmt: skip
-    "dicom": lambda root: [
-        "--data.init_args.root", str(root), "--data.init_args.spatial_size", "[32, 32, 32]",
-        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--trainer.precision", "32-true",
-    ],  # fmt: skip
-}
 # Per dataset and stage: smaller networks where a config's real ones are slow on a CPU.
 MODEL_OVERRIDES = {
     "chestxray": {
@@ -70,54 +53,15 @@ MODEL_OVERRIDES = {
         for dataset in ("mrnet", "nifti", "dicom")
     },
 }  # fmt: skip
-DATA_FIXTURES = {"folder": "folder_dataset", "chestxray": "chestxray_dataset", "mrnet": "mrnet_dataset", "nifti": "nifti_dataset", "dicom": "dicom_dataset"}
 
 
 @pytest.fixture(scope="module")
 def dicom_dataset(tmp_path_factory) -> Path:
     """8 patient folders of CT-like DICOM series (34 slices of 34×34), for `DicomDataModule`."""
-    from tests.test_dicom import write_dicom_dataset
-
     return write_dicom_dataset(tmp_path_factory.mktemp("dicom_dataset"))
 
 
-def tiny(save_dir: Path, steps: int = 2) -> list[str]:
-    return [
-        "--trainer.max_steps", str(steps),
-        "--trainer.limit_val_batches", "1",
-        "--trainer.check_val_every_n_epoch", "1",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.logger.init_args.save_dir", str(save_dir),
-    ]  # fmt: skip
-
-
-def fit(config: str, save_dir: Path, *extra: str, steps: int = 2):
-    return main(["fit", "--config", str(ROOT / "configs" / config), *tiny(save_dir, steps), *extra])
-
-
-def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
-    """Point a config's `memorization:` section (if any) at `embedder_ckpt`, few steps.
-
-    The tiny fixtures hold out as few as 2 images: τ at the 50th percentile leaves one above it, and
-    the membership signal, which needs 10, is off (tests/test_membership_signal.py runs it).
-    """
-    if "memorization" not in config_sections(ROOT / "configs" / config):  # an overlay: its base's
-        return []
-    return [
-        "--memorization.embedder_ckpt", str(embedder_ckpt),
-        "--memorization.num_inference_steps", "2",
-        "--memorization.percentile", "50",
-        "--memorization.membership_every_n_epochs", "0",
-    ]  # fmt: skip
-
-
 REAL_DATA_EMBEDDERS = {"mrnet_simclr", "nifti_simclr", "dicom_simclr", "chestxray_simclr"}
-
-
-def last_ckpt(cli) -> Path:
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
 
 
 def test_every_stage_of_every_dataset_has_a_config():

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from memwatch.cli import main
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 ALL_OVERLAYS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "config" in yaml.safe_load(p.read_text()))
 OVERLAYS = [p for p in ALL_OVERLAYS if p.stem.endswith("_aug")]

@@ -16,7 +16,7 @@ from memwatch.callbacks.console import ProgressLines
 from memwatch.cli import main
 from memwatch.errors import InputError
 from memwatch.memorization.chance import extrapolation_notice
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 
 PROGRESS_LINE = re.compile(r"^epoch \d+, step (\d+)/3 \(\d+%\), train/loss [\d.e+-]+, [\d.]+ it/s, .* elapsed", re.M)
 NOTICE = "samples outnumber the 64 held-out images, so the chance level is extrapolated"

@@ -25,7 +25,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from memwatch.lightning_modules.simclr import SimCLRModule
-from tests.conftest import ROOT, quiet_trainer, run_cli
+from tests.helpers import ROOT, quiet_trainer, run_cli
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 STEPS = 4

@@ -12,8 +12,6 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
-    CTImageStorage,
-    DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     JPEGLosslessSV1,
     MediaStorageDirectoryStorage,
@@ -21,104 +19,21 @@ from pydicom.uid import (
 )
 
 from memwatch.datamodules import DicomDataModule, is_dicom_folder
-from memwatch.datamodules.phantom import render_phantom
-from tests.conftest import input_error, reference_images
-
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # rows run to the patient's Left, columns down to Posterior
-SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # rows run Posterior, columns down to Inferior: normal (-1, 0, 0)
-
-
-def write_dicom(
-    path: Path,
-    pixels: np.ndarray,
-    *,
-    patient: str = "PID-1",
-    modality: str = "CT",
-    series_uid: str | None = None,
-    position: tuple[float, float, float] | None = (0.0, 0.0, 0.0),
-    orientation: tuple[float, ...] = AXIAL,
-    slope: float = 1.0,
-    intercept: float = 0.0,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 16,
-    instance: int = 1,
-    legacy: bool = False,
-) -> Path:
-    """One single-frame DICOM file (or multi-frame, for `pixels` of shape `[frames, rows, columns]`), as a scanner writes it.
-
-    `legacy`: as old software wrote them, without preamble and file meta header (implicit VR little endian).
-    """
-    sop_class = CTImageStorage if modality in ("CT", "MR") else DigitalXRayImageStorageForPresentation
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    dataset.SOPClassUID, dataset.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    dataset.PatientID, dataset.Modality, dataset.InstanceNumber = patient, modality, instance
-    dataset.StudyInstanceUID = generate_uid(entropy_srcs=[patient])
-    dataset.SeriesInstanceUID = series_uid or generate_uid()
-    if position is not None:
-        dataset.ImagePositionPatient = list(position)
-        dataset.ImageOrientationPatient = list(orientation)
-        dataset.SliceThickness = 2.5
-    dataset.PixelSpacing = [0.8, 0.8]
-    dataset.RescaleSlope, dataset.RescaleIntercept = slope, intercept
-    if pixels.ndim == 3:
-        dataset.NumberOfFrames = pixels.shape[0]
-    dataset.Rows, dataset.Columns = pixels.shape[-2:]
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, bits_stored, bits_stored - 1
-    dataset.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
-    dataset.PixelData = np.ascontiguousarray(pixels).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if legacy:
-        pydicom.dcmwrite(path, Dataset(dataset), implicit_vr=True, little_endian=True)
-    else:
-        dataset.save_as(path, enforce_file_format=True)
-    return path
-
-
-def write_series(
-    folder: Path,
-    hu: np.ndarray,
-    *,
-    patient: str = "PID-1",
-    orientation: tuple[float, ...] = AXIAL,
-    spacing: float = 2.5,
-    depths: list[float] | None = None,
-    slope: float = 1.0,
-    intercept: float = -1024.0,
-    seed: int = 0,
-) -> list[Path]:
-    """Slice `k` of `hu` `[rows, columns, slices]` at `depths[k]` along the slice normal, in shuffled file names.
-
-    File names and `InstanceNumber` follow two other random orders: only `ImagePositionPatient` tells
-    the slice order. Returns the files in slice order.
-    """
-    normal = np.cross(orientation[:3], orientation[3:])
-    depths = [k * spacing for k in range(hu.shape[-1])] if depths is None else depths
-    rng = np.random.default_rng(seed)
-    names, instances = rng.permutation(len(depths)), rng.permutation(len(depths)) + 1
-    series_uid = generate_uid()
-    raw = np.round((hu - intercept) / slope).astype(np.int16)
-    return [
-        write_dicom(
-            folder / f"IM{names[k]:04d}", raw[..., k], patient=patient, series_uid=series_uid,
-            position=tuple(float(c) for c in np.array([-40.0, -30.0, 100.0]) + depth * normal),
-            orientation=orientation, slope=slope, intercept=intercept, instance=int(instances[k]),
-        )
-        for k, depth in enumerate(depths)
-    ]  # fmt: skip
-
-
-def write_dicom_dataset(root: Path, n_patients: int = 8, shape: tuple[int, int, int] = (34, 34, 34)) -> Path:
-    """`n_patients` CT-like phantom series (HU -1000 to 1000) in `root/case_NN/` (every other one a level deeper)."""
-    for i in range(n_patients):
-        hu = np.round(render_phantom(f"phantom-{i:04d}", shape)[0] * 2000 - 1000)
-        folder = root / f"case_{i:02d}" / ("study/series" if i % 2 else "")
-        write_series(folder, hu, patient=f"PID-{i:03d}", seed=i)
-    return root
+from tests.helpers import (
+    AXIAL,
+    DATA_OVERRIDES,
+    ROOT,
+    SAGITTAL,
+    embedder_overrides,
+    fit,
+    input_error,
+    last_ckpt,
+    reference_images,
+    run_cli,
+    write_dicom,
+    write_dicom_dataset,
+    write_series,
+)
 
 
 def images(data: DicomDataModule) -> dict[str, np.ndarray]:
@@ -358,8 +273,6 @@ def test_2d_bad_input_multi_frame_and_damaged_pixel_data(tmp_path):
 
 
 def test_the_three_dicom_configs_train_through_the_cli(tmp_path):
-    from tests.test_cli import DATA_OVERRIDES, embedder_overrides, fit, last_ckpt
-
     extra = DATA_OVERRIDES["dicom"](write_dicom_dataset(tmp_path / "dicom"))
     ae = fit("dicom_ae.yaml", tmp_path, *extra)
     simclr = fit("dicom_simclr.yaml", tmp_path, *extra)
@@ -375,8 +288,6 @@ def test_the_three_dicom_configs_train_through_the_cli(tmp_path):
 
 
 def test_bad_dicom_stops_the_cli_at_start_up_with_one_line(tmp_path):
-    from tests.conftest import ROOT, run_cli
-
     write_dicom_dataset(tmp_path / "dicom", n_patients=2, shape=(8, 8, 8))
     message = _missing_slice(tmp_path / "dicom")
     result = run_cli(

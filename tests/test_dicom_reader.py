@@ -27,8 +27,7 @@ from pydicom.uid import RLELossless
 
 from memwatch.datamodules import DicomDataModule
 from memwatch.errors import InputError
-from tests.conftest import input_error
-from tests.test_dicom import write_dicom, write_series
+from tests.helpers import input_error, write_dicom, write_series
 
 
 def _test_files() -> dict[str, Path]:

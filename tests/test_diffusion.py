@@ -9,8 +9,7 @@ import torch
 
 from memwatch.errors import InputError
 from memwatch.lightning_modules import PixelDiffusionModule
-from tests.conftest import memorization_history
-from tests.test_cli import ROOT, fit, last_ckpt
+from tests.helpers import ROOT, fit, last_ckpt, memorization_history
 
 TINY = dict(channels=(16, 16), norm_num_groups=8, num_head_channels=8, num_train_timesteps=100, num_inference_steps=4)
 TINY_FLAGS = [

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from memwatch.memorization.distributed import block_shard, gather_rows, shard
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SIZES = [(n, world_size) for n in range(0, 26) for world_size in range(1, 7)]
 

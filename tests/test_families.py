@@ -21,7 +21,7 @@ from bench.families import (
 from memwatch.datamodules import FolderDataModule
 from memwatch.datamodules.readers.image_files import image_records
 from memwatch.errors import InputError
-from tests.conftest import reference_images
+from tests.helpers import reference_images
 
 SMALL = {2: (48, 40), 3: (32, 32, 16)}
 

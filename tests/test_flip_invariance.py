@@ -12,7 +12,7 @@ import torch
 
 from memwatch.lightning_modules.simclr import SimCLRModule
 from memwatch.memorization.embedders import mirror_images, mirror_orbit
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 TINY = {
     "resnet": {"resnet_block": "basic", "resnet_layers": (1, 1, 1, 1), "channels": (8, 8, 16, 16)},

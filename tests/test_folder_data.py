@@ -12,8 +12,8 @@ from PIL import Image
 
 from memwatch.datamodules import FolderDataModule
 from memwatch.errors import InputError
-from tests.conftest import input_error
-from tests.conftest import reference_images as images
+from tests.helpers import input_error
+from tests.helpers import reference_images as images
 
 
 def write_png(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:

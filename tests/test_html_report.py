@@ -8,27 +8,22 @@ import io
 import json
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from memwatch.datamodules.phantom import render_phantom
-from memwatch.memorization import detect_copies
-from memwatch.memorization.chance import chance_level, detector_check, held_out_exceedances
 from memwatch.memorization.html_report import overall_status
-from memwatch.memorization.report import write_report
 from memwatch.memorization.stats import binomial_interval
-from memwatch.memorization.summary import headline
+from tests.helpers import (
+    REPORT_MAX_PAIRS,
+    REPORT_N_NOVEL,
+    REPORT_N_PATIENTS,
+    REPORT_PLANTED_ROWS,
+    parse,
+    write_page,
+)
 
-N_PATIENTS = 20  # two training images each
-PLANTED_ROWS = [0, 4, 8, 12, 16, 20]  # one image of each of 6 patients is copied
-N_NOVEL = 14
-MAX_PAIRS = 4
-HOSTILE = "<script>alert(1)</script>"
 CHANCE_KEYS = ("null_frac_mem", "null_frac_copies", "null_frac_mem_patients", "null_frac_mem_ci", "null_frac_copies_ci",
                "null_frac_mem_patients_ci", "excess_frac_mem", "excess_frac_copies", "excess_frac_mem_patients")  # fmt: skip
 
@@ -37,117 +32,25 @@ def pct(fraction: float) -> str:
     return f"{100 * fraction:.1f}"
 
 
-class PageParser(HTMLParser):
-    """The page's text in order, with a marker where each <img> stands, and every src/href."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.text: list[str] = []
-        self.images: list[dict[str, str]] = []
-        self.links: list[str] = []
-        self.in_style = False
-
-    def handle_starttag(self, tag, attrs):
-        self.in_style = tag == "style"
-        attributes = dict(attrs)
-        self.links += [value for name, value in attrs if name in ("src", "href") and value]
-        if tag == "img":
-            self.images.append(attributes)
-            self.text.append(f"[img {attributes.get('class', '')}]")
-
-    def handle_endtag(self, tag):
-        self.in_style = False
-
-    def handle_data(self, data):
-        if not self.in_style:
-            self.text.append(data)
-
-
-def parse(page: str) -> PageParser:
-    parser = PageParser()
-    parser.feed(page)
-    return parser
-
-
-def planted_report(spatial_size: tuple[int, ...], hostile_ids: bool = False):
-    """A report on clustered embeddings with 6 planted copies, its ids, patients, summary and image lookups.
-
-    Built so that the counts do not depend on the seed. Each copied image is alone in its cluster: no other
-    training image comes near τ (about 0.89) through a copy, so exactly the 6 copied images are memorized
-    (in shared clusters another image of the cluster reached τ on a third of the seeds). 80 held-out images,
-    4 per synthetic one, keep the chance level (3%) well below the lower end of 6/20's interval (12%); with
-    40 it came within a hair of it (10-12%), and the verdict "Above chance" rested on the seed.
-    """
-    rng = np.random.default_rng(0)
-    n_train = 2 * N_PATIENTS
-    centres = rng.standard_normal((10 + len(PLANTED_ROWS), 64))
-    cluster = rng.integers(0, 10, n_train)
-    cluster[PLANTED_ROWS] = 10 + np.arange(len(PLANTED_ROWS))
-    train = centres[cluster] + 0.5 * rng.standard_normal((n_train, 64))
-    val = centres[rng.integers(0, 10, 80)] + 0.5 * rng.standard_normal((80, 64))
-    copies = train[PLANTED_ROWS] + 0.01 * rng.standard_normal((len(PLANTED_ROWS), 64))
-    syn = np.concatenate([copies, rng.standard_normal((N_NOVEL, 64))])
-    train, val, syn = (torch.from_numpy(x).float() for x in (train, val, syn))
-    prefix = HOSTILE if hostile_ids else ""
-    train_ids = [f"{prefix}img-{i:03d}" for i in range(n_train)]
-    patients = [f"{prefix}patient-{i // 2:02d}" for i in range(n_train)]
-    syn_ids = [f"{prefix}syn-{j:03d}" for j in range(len(syn))]
-
-    report = detect_copies(train, val, syn)
-    exceedances = held_out_exceedances(train, val, 95.0, patients)
-    varied = train + 0.05 * torch.randn(train.shape, generator=torch.Generator().manual_seed(0))
-    summary = {
-        **headline(report, patients, chance_level(exceedances, len(syn))),
-        "detector": detector_check(varied, train, exceedances).as_dict(),
-        "inputs": {"train": f"/data/{prefix}train", "synthetic": "/data/synthetic"},
-        "created": "2025-01-01T00:00:00+00:00",
-    }
-
-    def train_image(i: int) -> np.ndarray:
-        return render_phantom(train_ids[i], spatial_size)
-
-    def syn_image(j: int) -> np.ndarray:
-        return render_phantom(
-            train_ids[PLANTED_ROWS[j]] if j < len(PLANTED_ROWS) else syn_ids[j], spatial_size
-        )
-
-    return report, train_ids, syn_ids, patients, summary, train_image, syn_image
-
-
-def write_page(
-    folder: Path, spatial_size=(24, 24), with_images=True, hostile_ids=False, summary_edit=None
-) -> tuple:
-    report, train_ids, syn_ids, patients, summary, train_image, syn_image = planted_report(
-        spatial_size, hostile_ids
-    )
-    if summary_edit is not None:
-        summary = summary_edit(summary)
-    lookups = {"train_image": train_image, "syn_image": syn_image} if with_images else {}
-    write_report(
-        folder, report, train_ids, syn_ids, summary, max_pairs=MAX_PAIRS, train_patients=patients, **lookups
-    )
-    return (folder / "report.html").read_text(encoding="utf-8"), report
-
-
 @pytest.mark.parametrize("spatial_size, planes", [((24, 24), 1), ((12, 14, 10), 3)], ids=["2d", "3d"])
 def test_verdict_comes_first_with_the_summary_numbers_then_histogram_gallery_and_table(
     tmp_path, spatial_size, planes
 ):
     page, report = write_page(tmp_path, spatial_size)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert report.n_copies == len(PLANTED_ROWS) and summary["n_mem_patients"] == len(PLANTED_ROWS)
+    assert report.n_copies == len(REPORT_PLANTED_ROWS) and summary["n_mem_patients"] == len(REPORT_PLANTED_ROWS)
     parsed = parse(page)
     text = "".join(parsed.text)
     before_histogram = text[: text.index("[img histogram]")]
 
-    low, high = binomial_interval(len(PLANTED_ROWS), N_PATIENTS)
+    low, high = binomial_interval(len(REPORT_PLANTED_ROWS), REPORT_N_PATIENTS)
     patient_sentence = (
         f"6 of 20 training patients (30.0%, 95% CI {pct(low)}–{pct(high)}%) have a near-copy among 20 synthetic "
         f"images; chance level {pct(summary['null_frac_mem_patients'])}%"
     )
-    low, high = binomial_interval(len(PLANTED_ROWS), 2 * N_PATIENTS)
+    low, high = binomial_interval(len(REPORT_PLANTED_ROWS), 2 * REPORT_N_PATIENTS)
     image_sentence = f"6 of 40 training images (15.0%, 95% CI {pct(low)}–{pct(high)}%) have a near-copy"
-    low, high = binomial_interval(len(PLANTED_ROWS), len(PLANTED_ROWS) + N_NOVEL)
+    low, high = binomial_interval(len(REPORT_PLANTED_ROWS), len(REPORT_PLANTED_ROWS) + REPORT_N_NOVEL)
     copy_sentence = (
         f"6 of 20 synthetic images (30.0%, 95% CI {pct(low)}–{pct(high)}%) are near-copies of a training image; "
         f"chance level {pct(summary['null_frac_copies'])}%"
@@ -170,12 +73,12 @@ def test_verdict_comes_first_with_the_summary_numbers_then_histogram_gallery_and
     assert "not measured" not in text and "Warning" not in text
 
     gallery = [image for image in parsed.images if image.get("class") == "slice"]
-    assert len(gallery) == 2 * planes * min(MAX_PAIRS, report.n_copies)
+    assert len(gallery) == 2 * planes * min(REPORT_MAX_PAIRS, report.n_copies)
     assert len(parsed.images) == len(gallery) + 1  # and the histogram
     assert text.index("[img slice]") > text.index("[img histogram]")
     assert text.index("Memorized training patients") > text.rindex("[img slice]")
     assert text.index("Inputs and provenance") > text.index("Memorized training patients")
-    memorized_patients = {f"patient-{row // 2:02d}" for row in PLANTED_ROWS}
+    memorized_patients = {f"patient-{row // 2:02d}" for row in REPORT_PLANTED_ROWS}
     assert all(patient in text[text.index("Memorized training patients") :] for patient in memorized_patients)
     if planes == 3:
         assert all(f"{plane}" in text for plane in ("axial", "coronal", "sagittal"))

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_own_training_script import USER_SCRIPT
+from tests.helpers import ROOT, USER_SCRIPT
 
 PACKAGED = ["memwatch", "audit", "callbacks", "configs", "datamodules", "lightning_modules", "memorization", "networks"]
 

@@ -10,7 +10,7 @@ from memwatch.datamodules import PhantomDataModule
 from memwatch.errors import InputError
 from memwatch.lightning_modules import LatentDiffusionModule
 from memwatch.lightning_modules.latent_diffusion import sample_generator
-from tests.conftest import quiet_trainer
+from tests.helpers import quiet_trainer
 
 TINY_UNET = dict(
     channels=(16, 32), norm_num_groups=8, num_head_channels=8, num_train_timesteps=100, num_inference_steps=6

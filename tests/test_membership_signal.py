@@ -22,7 +22,8 @@ from memwatch.lightning_modules import LatentDiffusionModule, PixelDiffusionModu
 from memwatch.memorization.history import MEMBERSHIP_HISTORY_FILE, read_history
 from memwatch.memorization.membership import evaluate_membership
 from memwatch.memorization.pipeline import score_dataset
-from tests.conftest import (
+from tests.doubles import MembershipScriptedGenerator, ScriptedGenerator
+from tests.helpers import (
     MEMORIZATION_SIZE,
     ROOT,
     config_sections,
@@ -32,7 +33,6 @@ from tests.conftest import (
     scripted_config,
     tiny_autoencoder,
 )
-from tests.doubles import MembershipScriptedGenerator, ScriptedGenerator
 
 SIZE = (16, 16)
 TINY_UNET = dict(channels=(16, 32), norm_num_groups=8, num_head_channels=8, num_train_timesteps=100)

@@ -25,7 +25,8 @@ from memwatch.cli import main
 from memwatch.datamodules import PhantomDataModule
 from memwatch.errors import InputError
 from memwatch.memorization.report import REPORT_FILES
-from tests.conftest import (
+from tests.doubles import ScriptedGenerator
+from tests.helpers import (
     MEMORIZATION_SIZE,
     N_COPIED_TO_STOP,
     N_TRAIN,
@@ -39,7 +40,6 @@ from tests.conftest import (
     run_cli,
     scripted_config,
 )
-from tests.doubles import ScriptedGenerator
 
 phantoms = memorization_phantoms
 SIZE = MEMORIZATION_SIZE

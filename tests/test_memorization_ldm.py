@@ -17,7 +17,7 @@ from memwatch.datamodules import PhantomDataModule
 from memwatch.lightning_modules import LatentDiffusionModule, SimCLRModule
 from memwatch.lightning_private import averaged_model
 from memwatch.memorization.history import MEMBERSHIP_HISTORY_FILE, read_history
-from tests.conftest import memorization_history, quiet_trainer, run_cli
+from tests.helpers import memorization_history, quiet_trainer, run_cli
 
 SIZE = (16, 16)  # the size of the session autoencoder
 # 33 training and 27 validation patients (enough held out for τ at the 95th percentile)

@@ -9,53 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import zoom
 
 from memwatch.cli import main
 from memwatch.datamodules import MRNetDataModule
 from memwatch.datamodules.mrnet import authors_validation_cases
-from tests.conftest import ROOT, input_error
-from tests.conftest import reference_images as images
-
-PLANES = ("axial", "coronal", "sagittal")
-TASKS = ("abnormal", "acl", "meniscus")
-
-
-def mrnet_volume(case: int, plane: str, size: tuple[int, int], n_slices: int) -> np.ndarray:
-    """One case's series in one plane, `(slices, H, W)` uint8 as MRNet stores it; a function of its arguments.
-
-    A smooth random texture (something an embedder can tell apart) in `[20, 235]`, so that
-    min-max scaling is not the identity.
-    """
-    rng = np.random.default_rng([case, PLANES.index(plane)])
-    smooth = zoom(rng.random((n_slices, 4, 4)), (1, size[0] / 4, size[1] / 4), order=1, grid_mode=False)
-    return np.round(20 + 215 * np.clip(smooth, 0, 1)).astype(np.uint8)
-
-
-def write_mrnet(
-    root: Path,
-    n_train: int = 10,
-    n_valid: int = 3,
-    size: tuple[int, int] = (36, 28),
-    slices: tuple[int, ...] = (5, 7, 9),
-    first_valid: int = 1130,
-    planes: tuple[str, ...] = PLANES,
-) -> Path:
-    """A tiny MRNet-v1.0: `root/{train,valid}/{plane}/NNNN.npy` (uint8, `(slices, *size)`) and label CSVs.
-
-    Training cases are 0000, 0001, ...; validation cases start at `first_valid` (1130 in the
-    real set). The slice count of case `c` in plane `p` cycles through `slices` (odd, and
-    different between planes, as in the real set). Label files as MRNet's: `NNNN,label`, no header.
-    """
-    for folder, cases in (("train", range(n_train)), ("valid", range(first_valid, first_valid + n_valid))):
-        for p, plane in enumerate(planes):
-            (root / folder / plane).mkdir(parents=True, exist_ok=True)
-            for case in cases:
-                n_slices = slices[(case + p) % len(slices)]
-                np.save(root / folder / plane / f"{case:04d}.npy", mrnet_volume(case, plane, size, n_slices))
-        for task in TASKS:
-            (root / f"{folder}-{task}.csv").write_text("".join(f"{case:04d},{case % 2}\n" for case in cases))
-    return root
+from tests.helpers import MRNET_PLANES, ROOT, input_error, write_mrnet
+from tests.helpers import reference_images as images
 
 
 def centre_pad_or_crop(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
@@ -88,7 +47,7 @@ def mrnet(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("plane", PLANES)
+@pytest.mark.parametrize("plane", MRNET_PLANES)
 def test_volumes_become_slices_last_cropped_or_padded_and_scaled(mrnet, plane):
     size = (32, 32, 8)  # in-plane 36×28 → rows cropped, columns padded; 5/7/9 slices → padded or cropped
     data = MRNetDataModule(str(mrnet), plane=plane, split="official", spatial_size=size, batch_size=4)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, memorization_history, scripted_config
+from tests.helpers import ROOT, memorization_history, scripted_config
 
 EXAMPLES = ROOT / "examples"
 SBATCH = EXAMPLES / "slurm" / "memwatch_ldm.sbatch"

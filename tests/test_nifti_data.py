@@ -11,7 +11,7 @@ import torch
 
 from memwatch.datamodules import NiftiDataModule
 from memwatch.errors import InputError
-from tests.conftest import input_error
+from tests.helpers import input_error
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Voxel axis 0 runs Superior, axis 1 Left, axis 2 Anterior (2 mm voxels, shifted origin).

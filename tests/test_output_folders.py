@@ -12,8 +12,8 @@ import pytest
 from memwatch.callbacks import MemorizationCallback
 from memwatch.datamodules import FolderDataModule
 from memwatch.memorization.output_folders import staged_outputs
-from tests.conftest import input_error, quiet_trainer
 from tests.doubles import ScriptedGenerator
+from tests.helpers import input_error, quiet_trainer
 
 
 def files_under(folder: Path) -> dict[str, bytes]:

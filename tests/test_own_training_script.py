@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import lightning as L
 import pytest
@@ -15,82 +14,7 @@ from memwatch.callbacks import MemorizationCallback
 from memwatch.callbacks.reference_data import reference_data
 from memwatch.errors import InputError
 from memwatch.memorization.history import read_history
-from tests.conftest import ROOT
-
-USER_SCRIPT = textwrap.dedent('''
-    """A researcher's own script: nothing of memwatch but the callback."""
-    import sys
-
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-
-    from memwatch.callbacks import MemorizationCallback
-
-    SIZE = 24
-
-
-    def scan(seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        blobs = torch.rand(1, 6, 6, generator=g)
-        return torch.nn.functional.interpolate(blobs[None], size=(SIZE, SIZE), mode="bilinear")[0].clamp(0, 1)
-
-
-    class Scans(Dataset):
-        def __init__(self, first: int, n_patients: int) -> None:
-            self.items = [
-                {"image": scan(1000 + p * 10 + visit), "patient": f"p{p:03d}", "id": f"p{p:03d}-v{visit}"}
-                for p in range(first, first + n_patients) for visit in range(2)
-            ]
-
-        def __len__(self):
-            return len(self.items)
-
-        def __getitem__(self, index):
-            return self.items[index]
-
-
-    class MyData(L.LightningDataModule):
-        def train_dataloader(self):
-            return DataLoader(Scans(0, 12), batch_size=8, shuffle=True)
-
-        def val_dataloader(self):
-            return DataLoader(Scans(100, 12), batch_size=8)
-
-
-    class MyGenerator(L.LightningModule):
-        """Copies the first visits of patients 0-3 (with a little noise): a model that memorized 4 patients."""
-
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(1))
-
-        def training_step(self, batch, batch_idx):
-            return (self.weight - batch["image"].mean()) ** 2
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val/loss", (self.weight - batch["image"].mean()) ** 2)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-        def sample(self, n, seed=0, num_inference_steps=50, sample_batch_size=16, start_index=0):
-            images = []
-            for i in range(start_index, start_index + n):
-                noise = torch.Generator().manual_seed(i)
-                image = scan(1000 + (i % 4) * 10) + 0.01 * torch.randn(1, SIZE, SIZE, generator=noise)
-                images.append(image.clamp(0, 1))
-            return torch.stack(images)
-
-
-    if __name__ == "__main__":
-        callback = MemorizationCallback(embedder="pixel", n_samples=8, sample_batch_size=4, detector_positives=0)
-        trainer = L.Trainer(
-            accelerator="cpu", max_epochs=1, logger=L.pytorch.loggers.CSVLogger(sys.argv[1], name="mine"),
-            callbacks=[callback], enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        )
-        trainer.fit(MyGenerator(), datamodule=MyData())
-''')
+from tests.helpers import ROOT, USER_SCRIPT
 
 
 def test_a_plain_training_script_with_its_own_datamodule_counts_the_patients_its_generator_copies(tmp_path):

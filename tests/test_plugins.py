@@ -28,15 +28,16 @@ from memwatch.memorization.embedders import (
 )
 from memwatch.memorization.history import HISTORY_FILE
 from scripts.launch import CliRun
-from tests.conftest import (
+from tests.helpers import (
     MEMORIZATION_SIZE,
     ROOT,
+    audit_args,
     memorization_history,
     memorization_phantoms,
     reference_images,
     run_cli,
+    scripted_config,
 )
-from tests.test_audit import audit_args, folders  # noqa: F401 - the planted-copies folders fixture
 
 # A user's generator in a package of their own: it stores the first training images it sees and
 # samples them back, a model that memorizes everyone. It knows nothing of memwatch.
@@ -329,8 +330,6 @@ def test_pixel_alone_needs_the_image_size(embedder_ckpt, folders, tmp_path, caps
 
 
 def test_the_callback_counts_with_pixel_embedder_from_yaml(tmp_path):
-    from tests.conftest import scripted_config
-
     config = scripted_config(tmp_path, Path("unused"), copy_from_epoch=0, max_epochs=1, early_stop=False)
     written = yaml.safe_load(config.read_text())
     del written["memorization"]["embedder_ckpt"]

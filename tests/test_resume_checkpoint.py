@@ -16,8 +16,7 @@ import torch
 
 from memwatch.cli import main
 from memwatch.memorization.release import describe_checkpoint
-from tests.conftest import ROOT
-from tests.test_html_report import parse
+from tests.helpers import ROOT, parse
 
 FIRST_STEPS, RESUMED_STEPS = 2, 4
 CHECKPOINTS = "runs/phantom_ldm/v0/checkpoints"  # relative to the run's working folder

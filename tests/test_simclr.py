@@ -10,7 +10,7 @@ from memwatch.datamodules.phantom import PhantomDataModule
 from memwatch.errors import InputError
 from memwatch.lightning_modules.simclr import SimCLRModule, embedding_std, top1_retrieval
 from memwatch.memorization.variation import vary
-from tests.conftest import quiet_trainer
+from tests.helpers import quiet_trainer
 
 TINY_RESNET = {
     "resnet_block": "basic",

@@ -22,9 +22,7 @@ from memwatch.datamodules import (
     PhantomDataModule,
 )
 from memwatch.datamodules.phantom import render_phantom
-from tests.conftest import reference_images
-from tests.test_chestxray_data import write_chestxray14
-from tests.test_mrnet_data import write_mrnet
+from tests.helpers import reference_images, write_chestxray14, write_mrnet
 
 
 def write_split(path: Path, train: set[str], val: set[str]) -> Path:

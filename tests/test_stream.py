@@ -16,7 +16,7 @@ from memwatch.memorization.detect import nearest_correlation
 from memwatch.memorization.quality import ms_ssim_diversity
 from memwatch.memorization.stream import SamplesNotFinite, blocks, embed_stream, rng_preserved
 from memwatch.memorization.variation import vary
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SIZE = (32, 32)
 

@@ -10,9 +10,8 @@ from memwatch.audit import run_audit
 from memwatch.callbacks import MemorizationCallback
 from memwatch.datamodules import FolderDataModule
 from memwatch.memorization.history import PLACE_KEYS
-from tests.conftest import MEMORIZATION_SIZE, quiet_trainer
 from tests.doubles import ScriptedGenerator
-from tests.test_audit import folders  # noqa: F401 - the planted-copies folders fixture
+from tests.helpers import MEMORIZATION_SIZE, quiet_trainer
 
 CALLBACK_ONLY = {"check", "epoch", "step", "check_seconds", "overhead"}  # where a check ran and what it cost
 AUDIT_ONLY = {"detectors"}  # every embedder's counts (one embedder here)
