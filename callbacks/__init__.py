@@ -1,5 +1,11 @@
-"""Lightning glue around `memorization/`: configs name it as `memwatch.callbacks.MemorizationCallback`."""
+"""Lightning glue around `memorization/`: configs name them as `memwatch.callbacks.<Name>`.
 
+`MemorizationCallback` checks for copies, `MembershipCallback` evaluates the membership signal,
+`LastSafeCheckpoint` keeps the latest model within the memorization limits; each works alone.
+"""
+
+from memwatch.callbacks.last_safe import LastSafeCheckpoint
+from memwatch.callbacks.membership import MembershipCallback
 from memwatch.callbacks.memorization import MemorizationCallback
 
-__all__ = ["MemorizationCallback"]
+__all__ = ["LastSafeCheckpoint", "MembershipCallback", "MemorizationCallback"]

@@ -1,10 +1,9 @@
-"""`last_safe.ckpt`: the latest model whose memorization check stays within every EarlyStopping's limit.
+"""`last_safe.ckpt`: the latest model whose memorization stays within every EarlyStopping's limit.
 
 At the end of an epoch with a check or a membership evaluation, `within_limits` judges that epoch's
-scalars against each EarlyStopping on `memorization/*`
-that has a `divergence_threshold` (the value that would stop training: `≤` it in mode `min`).
-When every such limit holds, `save_last_safe` writes the model beside `last.ckpt`: the one to
-share when EarlyStopping fires. Without such a threshold nothing is saved.
+scalars against each EarlyStopping on `memorization/*` that has a `divergence_threshold` (the value that
+would stop training: `≤` it in mode `min`). When every such limit holds, `LastSafeCheckpoint` writes the model
+beside `last.ckpt`: the one to share when EarlyStopping fires. Without such a threshold nothing is saved.
 """
 
 from __future__ import annotations
@@ -13,11 +12,20 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info
 
 LAST_SAFE = "last_safe.ckpt"
+
+
+def memorization_stoppers(trainer: Trainer) -> list[EarlyStopping]:
+    """The trainer's EarlyStopping callbacks that monitor `memorization/*`."""
+    return [
+        stopper
+        for stopper in trainer.callbacks
+        if isinstance(stopper, EarlyStopping) and stopper.monitor.startswith("memorization/")
+    ]
 
 
 def within_limits(stoppers: Sequence[EarlyStopping], scalars: Mapping[str, float]) -> str | None:
@@ -41,14 +49,42 @@ def within_limits(stoppers: Sequence[EarlyStopping], scalars: Mapping[str, float
     return ", ".join(reasons) or None
 
 
-def save_last_safe(trainer: Trainer, reason: str) -> Path:
-    """Save `last_safe.ckpt` beside `last.ckpt` (every rank takes part, as in any checkpoint save)."""
-    checkpoint = trainer.checkpoint_callback
-    folder = (
-        getattr(checkpoint, "dirpath", None)
-        or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-    )
-    path = Path(folder) / LAST_SAFE
-    trainer.save_checkpoint(path)
-    rank_zero_info(f"memorization at step {trainer.global_step} within the limit ({reason}): saved {path}")
-    return path
+class LastSafeCheckpoint(Callback):
+    """Save `last_safe.ckpt` beside `last.ckpt` at the end of every training epoch whose memorization scalars
+    (those `MemorizationCallback` and `MembershipCallback` evaluated at this step) stay within every
+    EarlyStopping's `divergence_threshold` on `memorization/*`.
+
+    List it after those callbacks. It saves at the end of the training epoch, never during validation: there an
+    averaging callback's weights are swapped in.
+
+    Args:
+        filename: the checkpoint's name, in the checkpoint folder of `trainer.checkpoint_callback` (or
+            `<log_dir>/checkpoints`).
+    """
+
+    def __init__(self, filename: str = LAST_SAFE) -> None:
+        super().__init__()
+        self.filename = filename
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        scalars: dict[str, float] = {}
+        for callback in trainer.callbacks:
+            evaluated = getattr(callback, "scalars_at", None)
+            scalars |= (evaluated(trainer.global_step) or {}) if callable(evaluated) else {}
+        reason = within_limits(memorization_stoppers(trainer), scalars) if scalars else None
+        if reason is not None:
+            self.save(trainer, reason)
+
+    def save(self, trainer: Trainer, reason: str) -> Path:
+        """Save the model (every rank takes part, as in any checkpoint save)."""
+        checkpoint = trainer.checkpoint_callback
+        folder = (
+            getattr(checkpoint, "dirpath", None)
+            or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        )
+        path = Path(folder) / self.filename
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"memorization at step {trainer.global_step} within the limit ({reason}): saved {path}"
+        )
+        return path

@@ -7,70 +7,27 @@ generator lacks, a check that runs out of GPU memory.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from monai.transforms import Compose
 
-from memwatch.datamodules.transforms import variation_transform
+from memwatch.callbacks.last_safe import memorization_stoppers
 from memwatch.errors import InputError
 from memwatch.lightning_modules.plugins import TrustedModules, embedder_name, load_embedder
 from memwatch.lightning_private import reads_at_train_epoch_end
 from memwatch.memorization.chance import check_patients
+from memwatch.memorization.check import CheckOptions
 from memwatch.memorization.embedders import SAMPLE_SIGNATURE, Embedder, membership_scorer
+from memwatch.memorization.history import MEMBERSHIP_PREFIX
 from memwatch.memorization.membership import MIN_HELD_OUT
 
-MEMBERSHIP_PREFIX = "memorization/membership_"
+MEMBERSHIP_SCALARS = f"memorization/{MEMBERSHIP_PREFIX}"
 
 EMBEDDER_OPTION = "--memorization.embedder_ckpt"  # how cli.py sets embedder_ckpt, named in errors
-
-
-def check_options(
-    *,
-    every_n_epochs: int,
-    n_samples: int | None,
-    sample_batch_size: int,
-    decode_batch_size: int | None,
-    max_overhead: float,
-    percentile: float,
-    detector_positives: int,
-    membership_every_n_epochs: int = 1,
-    membership_n_ref: int | None = None,
-) -> None:
-    """Raise `InputError` for a MemorizationCallback option out of its range, naming the option."""
-    if membership_every_n_epochs < 0:
-        raise InputError(
-            f"--memorization.membership_every_n_epochs={membership_every_n_epochs} must be at least 0 (0 turns the "
-            "membership signal off)"
-        )
-    if membership_n_ref is not None and membership_n_ref < MIN_HELD_OUT:
-        raise InputError(
-            f"--memorization.membership_n_ref={membership_n_ref} is too few for a membership interval: give at least "
-            f"{MIN_HELD_OUT} (or null for every held-out image)"
-        )
-    if detector_positives < 0:
-        raise InputError(
-            f"detector_positives={detector_positives} must be at least 0 (0 skips the self-check)"
-        )
-    if every_n_epochs < 1:
-        raise InputError(f"every_n_epochs={every_n_epochs} must be at least 1")
-    if n_samples is not None and n_samples < 1:
-        raise InputError(f"n_samples={n_samples} must be at least 1 (or null for the training-set size)")
-    if sample_batch_size < 1:
-        raise InputError(f"--memorization.sample_batch_size={sample_batch_size} must be at least 1")
-    if decode_batch_size is not None and decode_batch_size < 1:
-        raise InputError(
-            f"--memorization.decode_batch_size={decode_batch_size} must be at least 1 (or null for sample_batch_size)"
-        )
-    if not 0.0 < max_overhead <= 10.0:
-        raise InputError(f"--memorization.max_overhead={max_overhead} must lie in (0, 10], e.g. 0.25")
-    if not 0.0 < percentile < 100.0:
-        raise InputError(f"percentile={percentile} must lie in (0, 100), e.g. 95")
 
 
 def load_callback_embedder(
@@ -88,16 +45,6 @@ def load_callback_embedder(
         trusted = TrustedModules(tuple(trust_modules), "--memorization.trust_modules [{module}]")
         return embedder_name(embedder), load_embedder(embedder, "memorization.embedder", trusted=trusted)
     return str(embedder_ckpt), load_embedder(str(embedder_ckpt), EMBEDDER_OPTION.removeprefix("--"))
-
-
-def checked_variation(spatial_dims: int, variation: dict[str, Any]) -> Compose:
-    """The self-check's variation transform (`memwatch.datamodules.transforms.variation_transform`) of these strengths."""
-    try:
-        return variation_transform(spatial_dims, **variation)
-    except TypeError as error:
-        raise InputError(
-            f"variation={variation} ({error}): use rotation_degrees, contrast_gamma and noise_std"
-        ) from None
 
 
 def check_embedder_fits(
@@ -127,37 +74,40 @@ def check_embedder_fits(
         )  # fmt: skip
 
 
-def memorization_stoppers(trainer: Trainer) -> list[EarlyStopping]:
-    """The trainer's EarlyStopping callbacks that monitor `memorization/*`."""
-    return [
-        stopper
-        for stopper in trainer.callbacks
-        if isinstance(stopper, EarlyStopping) and stopper.monitor.startswith("memorization/")
-    ]
-
-
-def check_early_stopping(
-    trainer: Trainer, every_n_epochs: int, check_at_start: bool, membership_every_n_epochs: int = 0
-) -> None:
-    """Raise `InputError` for an EarlyStopping on `memorization/*` that would read an old check or none.
-
-    `memorization/membership_*` is evaluated every `membership_every_n_epochs` (0: never), the rest at checks.
-    """
+def check_early_stopping(trainer: Trainer, every_n_epochs: int, check_at_start: bool) -> None:
+    """Raise `InputError` for an EarlyStopping on a check's `memorization/*` that would read an old check or none
+    (one on `memorization/membership_*` with no membership signal to read, too)."""
     for stopper in memorization_stoppers(trainer):
-        if stopper.monitor.startswith(MEMBERSHIP_PREFIX):
-            if not membership_every_n_epochs:
-                raise InputError(
-                    f"EarlyStopping(monitor={stopper.monitor}) reads the membership signal, which is off (the model "
-                    "has no membership_scores, or --memorization.membership_every_n_epochs is 0): monitor "
-                    "memorization/n_mem_patients, or set --memorization.membership_every_n_epochs 1"
-                )
-            problem = stale_early_stopping(
-                stopper, trainer, membership_every_n_epochs, evaluation="membership evaluation"
-            )
-        else:
+        if not stopper.monitor.startswith(MEMBERSHIP_SCALARS):
             problem = stale_early_stopping(stopper, trainer, every_n_epochs, check_at_start)
+        elif not any(type(callback).__name__ == "MembershipCallback" for callback in trainer.callbacks):
+            problem = membership_off(stopper)
+        else:
+            continue  # the membership callback judges its own
         if problem:
             raise InputError(problem)
+
+
+def check_membership_stopping(trainer: Trainer, every_n_epochs: int) -> None:
+    """Raise `InputError` for an EarlyStopping on `memorization/membership_*` that would read an old membership
+    evaluation or none (`every_n_epochs` 0: the signal is off)."""
+    for stopper in memorization_stoppers(trainer):
+        if stopper.monitor.startswith(MEMBERSHIP_SCALARS):
+            problem = (
+                stale_early_stopping(stopper, trainer, every_n_epochs, evaluation="membership evaluation")
+                if every_n_epochs
+                else membership_off(stopper)
+            )
+            if problem:
+                raise InputError(problem)
+
+
+def membership_off(stopper: EarlyStopping) -> str:
+    return (
+        f"EarlyStopping(monitor={stopper.monitor}) reads the membership signal, which is off (the model has no "
+        "membership_scores, or --membership.every_n_epochs is 0): monitor memorization/n_mem_patients, or set "
+        "--membership.every_n_epochs 1"
+    )
 
 
 def stale_early_stopping(
@@ -213,10 +163,9 @@ def check_generator(generator: LightningModule) -> None:
         )
 
 
-def check_sampler_options(
-    generator: LightningModule, device: torch.device, decode_batch_size: int | None, sampler_graphs: bool
-) -> None:
+def check_sampler_options(generator: LightningModule, device: torch.device, options: CheckOptions) -> None:
     """Raise `InputError` for a sampler option the generator cannot take; a notice where it does nothing."""
+    decode_batch_size, sampler_graphs = options.decode_batch_size, options.sampler_graphs
     if decode_batch_size is not None and not accepts_keyword(generator.sample, "decode_batch_size"):
         raise InputError(
             f"--memorization.decode_batch_size: {type(generator).__name__}.sample takes no decode_batch_size: "
@@ -239,24 +188,11 @@ def accepts_keyword(method: Callable, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-@contextmanager
-def out_of_memory_named(sample_batch_size: int, decode_batch_size: int | None) -> Iterator[None]:
-    """A check that runs out of GPU memory is one line naming the options that size its blocks."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        raise InputError(
-            f"a memorization check ran out of GPU memory with blocks of sample_batch_size={sample_batch_size} "
-            f"(decode_batch_size={decode_batch_size or sample_batch_size}): lower --memorization.decode_batch_size "
-            "first (decoding to full-size images takes the most), then --memorization.sample_batch_size"
-        ) from None
-
-
 def warn_without_membership_scores(generator: LightningModule, every_n_epochs: int) -> None:
     """One warning when the membership signal is asked for and the generator has no `membership_scores`."""
     if every_n_epochs and membership_scorer(generator) is None:
         rank_zero_warn(
-            f"memorization.membership_every_n_epochs: {type(generator).__name__} has no membership_scores(images, ids), "
+            f"membership.every_n_epochs: {type(generator).__name__} has no membership_scores(images, ids), "
             "so the membership signal is off for this model (memwatch's diffusion and autoencoder modules have one)"
         )
 
@@ -266,5 +202,5 @@ def check_membership_data(n_val: int, n_ref: int | None) -> None:
     if min(n_val, n_ref or n_val) < MIN_HELD_OUT:
         raise InputError(
             f"the data holds {n_val} held-out images, too few for a membership interval (at least {MIN_HELD_OUT}): "
-            "hold out more patients, or set --memorization.membership_every_n_epochs 0"
+            "hold out more patients, or set --membership.every_n_epochs 0"
         )

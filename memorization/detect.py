@@ -149,7 +149,7 @@ def detect_copies(
             disagree on L, `percentile` / `chunk_size` / `rule` / `margin` is out of range, or
             `train_patients` does not give one patient per training row.
     """
-    percentile = _check_percentile(percentile)
+    percentile = check_percentile(percentile)
     chunk_size = _check_chunk_size(chunk_size)
     rule, margin = check_rule(rule, margin)
     train_t, val_t, syn_t = (as_matrix(x, name) for x, name in ((train, "train"), (val, "val"), (syn, "syn")))
@@ -441,12 +441,13 @@ def as_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     return x
 
 
-def _check_percentile(percentile: float) -> float:
+def check_percentile(percentile: float, name: str = "percentile") -> float:
+    """`percentile` as a float, or `InputError` naming the option `name` unless it lies in (0, 100)."""
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.integer, np.floating)):
-        raise InputError(f"percentile={percentile!r} is not a number; pass a value in (0, 100), e.g. 95")
+        raise InputError(f"{name}={percentile!r} is not a number; pass a value in (0, 100), e.g. 95")
     percentile = float(percentile)
     if not 0.0 < percentile < 100.0:
-        raise InputError(f"percentile={percentile} is outside the open interval (0, 100); the paper uses 95")
+        raise InputError(f"{name}={percentile} is outside the open interval (0, 100); the paper uses 95")
     return percentile
 
 

@@ -17,11 +17,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from memwatch.memorization.stats import logged_scalars
+
 HISTORY_FILE = "memorization_history.csv"
-MEMBERSHIP_HISTORY_FILE = "membership_history.csv"  # one row per membership evaluation (epoch, step, membership_*)
+MEMBERSHIP_HISTORY_FILE = (
+    "membership_history.csv"  # one row per membership evaluation (epoch, step, membership_*)
+)
 # Columns that place a check rather than measure it: never logged as scalars.
 PLACE_KEYS = ("check", "epoch", "step", "n_train", "n_train_patients", "n_syn", "rule", "margin")
 TIMING_PREFIX = "seconds_"  # per-rank timings: in the CSV, not logged, not in summary.json
+MEMBERSHIP_PREFIX = "membership_"  # the membership signal's columns; logged as memorization/membership_*
+
+
+def row_scalars(row: Mapping[str, Any]) -> dict[str, float]:
+    """A history row's logged scalars `memorization/<key>` (`fd` and `ms_ssim` left out when `None`)."""
+    return logged_scalars(
+        {k: v for k, v in row.items() if k not in PLACE_KEYS and not k.startswith(TIMING_PREFIX)}
+    )
 
 
 def write_history(folder: Path, rows: Sequence[Mapping[str, Any]], name: str = HISTORY_FILE) -> Path:

@@ -24,13 +24,14 @@ from difflib import get_close_matches
 from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, RichProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from memwatch.callbacks import MemorizationCallback
+from memwatch.callbacks import LastSafeCheckpoint, MembershipCallback, MemorizationCallback
 from memwatch.callbacks.console import ProgressLines, SummaryWithoutUncountedFlops, silence_lightning_tips
 from memwatch.datamodules import MedicalImageDataModule
 from memwatch.errors import InputError, classify_failure
@@ -63,8 +64,10 @@ class MemwatchCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
-        # Optional: the LDM configs fill them, other stages leave them out. Added in this order, so
-        # the trainer counts copies before EarlyStopping reads the count.
+        # Optional: the LDM configs fill them, other stages leave them out. Added in this order, so the
+        # membership signal is evaluated before a check of the same epoch (whose row carries it) and the
+        # trainer counts copies before EarlyStopping reads the count.
+        parser.add_lightning_class_args(MembershipCallback, "membership", subclass_mode=True, required=False)
         parser.add_lightning_class_args(
             MemorizationCallback, "memorization", subclass_mode=True, required=False
         )
@@ -92,7 +95,9 @@ class MemwatchCLI(LightningCLI):
             local = isinstance(path, str) and "://" not in path  # not a URL such as s3://
             return os.path.realpath(os.path.expanduser(path)) if local else path
 
-        trainer = self.config.get(str(self.subcommand), self.config).trainer
+        config = self.config.get(str(self.subcommand), self.config)
+        memorization_with_membership(config)
+        trainer = config.trainer
         for logger in trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]:
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and init_args.get("save_dir") is not None:
@@ -100,10 +105,14 @@ class MemwatchCLI(LightningCLI):
         trainer.default_root_dir = resolved(trainer.get("default_root_dir"))
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
-        # A section left out is instantiated as None.
-        return super()._instantiate_trainer(
-            config, [callback for callback in callbacks if callback is not None]
-        )
+        # A section left out is instantiated as None. The memorization sections bring last_safe.ckpt, judged
+        # after them.
+        callbacks = [callback for callback in callbacks if callback is not None]
+        given = [*(config.get("callbacks") or []), *callbacks]
+        evaluators = (MembershipCallback, MemorizationCallback)
+        if any(isinstance(c, evaluators) for c in given) and not any(isinstance(c, LastSafeCheckpoint) for c in given):
+            callbacks.append(LastSafeCheckpoint())
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -226,6 +235,26 @@ class MemwatchCLI(LightningCLI):
                 callback.check_trainer(self.trainer, self.model)
 
     before_validate = before_test = before_predict = _load_checkpoints_safely
+
+
+def memorization_with_membership(config) -> None:
+    """A `memorization:` section brings the membership signal (a `membership:` section of its defaults, unless
+    one is given); its 0.1 keys `membership_every_n_epochs` and `membership_n_ref` move there, with one line."""
+    memorization = config.get("memorization")
+    if memorization is None:
+        return
+    init_args = memorization.get("init_args") or {}
+    moved = {}
+    for key in ("every_n_epochs", "n_ref"):
+        old = f"membership_{key}"
+        if init_args.get(old) is not None:
+            moved[key] = init_args[old]
+            init_args[old] = None
+            warnings.warn(f"memorization.{old} is deprecated: use membership.{key}", FutureWarning, stacklevel=2)
+    if config.get("membership") is None:
+        config.membership = Namespace(class_path="memwatch.callbacks.MembershipCallback", init_args=Namespace())
+    for key, value in moved.items():
+        config.membership.init_args[key] = value
 
 
 class NewRunFolders:
