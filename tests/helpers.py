@@ -6,7 +6,9 @@ The fixtures are in tests/conftest.py, the scripted generators in tests/doubles.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import textwrap
 from collections.abc import Callable
 from html.parser import HTMLParser
@@ -71,6 +73,18 @@ def run_cli(
     return launch.run_cli(*args, cwd=cwd or ROOT, timeout=timeout, env=environment, **options)
 
 
+def printed_config(*fit_args: str) -> dict:
+    """What `cli.py fit FIT_ARGS --print_config` prints, as a dict: the config as jsonargparse resolves it,
+    an overlay's `config: BASE` and every default included."""
+    from memwatch.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as stop:
+        main(["fit", *fit_args, "--print_config"])
+    assert stop.value.code in (0, None)
+    return yaml.safe_load(printed.getvalue())
+
+
 # Per dataset: overrides that point a config at test data (real-format fixtures for real datasets);
 # a callable gets the folder of its dataset's fixture, named in DATA_FIXTURES.
 # fmt: off
@@ -126,7 +140,8 @@ def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
     The tiny fixtures hold out as few as 2 images: τ at the 50th percentile leaves one above it, and
     the membership signal, which needs 10, is off (tests/test_membership_signal.py runs it).
     """
-    if "memorization" not in config_sections(ROOT / "configs" / config):  # an overlay: its base's
+    resolved = printed_config("--config", str(ROOT / "configs" / config))  # an overlay: with its base's
+    if resolved["memorization"] is None:
         return []
     return [
         "--memorization.embedder_ckpt", str(embedder_ckpt),
@@ -279,24 +294,6 @@ def scripted_config(
 def memorization_history(run_dir: Path) -> list[dict]:
     """The rows of `memorization_history.csv` in a run's log folder, as `memwatch.memorization.history` reads them."""
     return read_history(run_dir)
-
-
-def config_sections(path: Path) -> dict:
-    """A config's YAML sections as jsonargparse applies them: an overlay's `config: BASE` (its first
-    key, BASE next to it) loads BASE first; a nested section then replaces BASE's whole section and a
-    dotted key (`trainer.logger.init_args.name`) sets one value (see configs/mrnet_ldm_aug.yaml)."""
-    sections = yaml.safe_load(path.read_text())
-    base = sections.pop("config", None)
-    if base is None:
-        return sections
-    merged = config_sections(path.parent / base)
-    for key, value in sections.items():
-        *parents, last = key.split(".")
-        target = merged
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[last] = value
-    return merged
 
 
 # The real table's header: the last two column names hold commas and are not quoted, so a CSV

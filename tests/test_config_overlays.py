@@ -8,19 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memwatch.cli import main
-from tests.helpers import ROOT
+from tests.helpers import ROOT, printed_config
 
 ALL_OVERLAYS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "config" in yaml.safe_load(p.read_text()))
 OVERLAYS = [p for p in ALL_OVERLAYS if p.stem.endswith("_aug")]
-
-
-def resolved(capsys, *args: str) -> dict:
-    """What `cli.py fit ARGS --print_config` prints, as a dict."""
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", *args, "--print_config"])
-    assert stop.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
 
 
 def base_of(overlay: Path) -> Path:
@@ -34,30 +25,30 @@ def test_the_augmentation_configs_and_the_membership_example_are_the_overlays():
     assert all(next(iter(yaml.safe_load(p.read_text()))) == "config" for p in ALL_OVERLAYS)  # keys above it are lost
 
 
-def test_the_membership_example_is_the_phantom_ldm_stopped_by_the_membership_interval(capsys):
+def test_the_membership_example_is_the_phantom_ldm_stopped_by_the_membership_interval():
     overlay = ROOT / "configs" / "phantom_ldm_membership.yaml"
-    expected = resolved(capsys, "--config", str(base_of(overlay)))
+    expected = printed_config("--config", str(base_of(overlay)))
     expected["trainer"]["logger"]["init_args"]["name"] = overlay.stem
     expected["early_stopping"]["init_args"] |= {
         "monitor": "memorization/membership_auc_low", "divergence_threshold": 0.6
     }  # fmt: skip
-    assert resolved(capsys, "--config", str(overlay)) == expected
+    assert printed_config("--config", str(overlay)) == expected
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
 def test_an_overlay_alone_or_after_its_base_is_its_base_with_augmentation_and_its_own_run_name(
-    overlay, capsys, monkeypatch, tmp_path
+    overlay, monkeypatch, tmp_path
 ):
     base = base_of(overlay)
-    expected = resolved(capsys, "--config", str(base))
+    expected = printed_config("--config", str(base))
     assert expected["data"]["init_args"]["augment"] is False
     expected["data"]["init_args"]["augment"] = True
     expected["trainer"]["logger"]["init_args"]["name"] = overlay.stem
-    assert resolved(capsys, "--config", str(overlay)) == expected
-    assert resolved(capsys, "--config", str(base), "--config", str(overlay)) == expected
+    assert printed_config("--config", str(overlay)) == expected
+    assert printed_config("--config", str(base), "--config", str(overlay)) == expected
     # By name from elsewhere: the base is found next to the overlay, not in the working directory.
     monkeypatch.chdir(tmp_path)
-    assert resolved(capsys, f"--config={overlay.name}") == expected
+    assert printed_config(f"--config={overlay.name}") == expected
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)

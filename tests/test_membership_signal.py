@@ -26,8 +26,8 @@ from tests.doubles import MembershipScriptedGenerator, ScriptedGenerator
 from tests.helpers import (
     MEMORIZATION_SIZE,
     ROOT,
-    config_sections,
     memorization_phantoms,
+    printed_config,
     quiet_trainer,
     run_cli,
     scripted_config,
@@ -193,9 +193,8 @@ def membership_stop_config(tmp_path: Path, embedder_ckpt: Path, model: str, **mo
         callback_args={"every_n_epochs": 4, "detector_positives": 0, "progress_seconds": None},
     )  # fmt: skip
     config = yaml.safe_load(path.read_text())
-    config["early_stopping"] = config_sections(ROOT / "configs" / "phantom_ldm_membership.yaml")[
-        "early_stopping"
-    ]
+    shipped = printed_config("--config", str(ROOT / "configs" / "phantom_ldm_membership.yaml"))
+    config["early_stopping"] = shipped["early_stopping"]
     config["model"]["class_path"] = f"tests.doubles.{model}"
     config["model"]["init_args"] |= model_args
     path.write_text(yaml.safe_dump(config))

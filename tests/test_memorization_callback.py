@@ -33,9 +33,9 @@ from tests.helpers import (
     ROOT,
     STOP_FRAC_MEM,
     chance_ceiling,
-    config_sections,
     memorization_history,
     memorization_phantoms,
+    printed_config,
     quiet_trainer,
     run_cli,
     scripted_config,
@@ -348,17 +348,17 @@ def test_early_stopping_that_reads_each_check_is_accepted():
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*_ldm*.yaml")), ids=lambda p: p.stem)
 def test_every_ldm_config_stops_on_the_current_check(config):
-    sections = config_sections(config)  # an overlay (*_ldm_aug.yaml) over its base
-    trainer = sections["trainer"]
+    sections = printed_config("--config", str(config))  # an overlay (*_ldm_aug.yaml) with its base
+    trainer = {key: value for key, value in sections["trainer"].items() if value is not None}  # None: Lightning's default
     settings = LightningSettings(
         check_val_every_n_epoch=trainer.get("check_val_every_n_epoch", 1),
         val_check_interval=trainer.get("val_check_interval", 1.0),
         limit_val_batches=trainer.get("limit_val_batches", 1.0),
     )
     # The configs carry both as sections of their own (cli.py adds them to the trainer's callbacks).
-    memorization, early_stopping = sections["memorization"], sections["early_stopping"]
-    assert early_stopping["monitor"].startswith("memorization/"), config.name
-    stopper = instantiate_class((), {"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": early_stopping})
+    memorization, early_stopping = sections["memorization"]["init_args"], sections["early_stopping"]
+    assert early_stopping["init_args"]["monitor"].startswith("memorization/"), config.name
+    stopper = instantiate_class((), early_stopping)
     every_n_epochs, at_start = memorization.get("every_n_epochs", 1), memorization.get("check_at_start", False)
     assert stale_early_stopping(stopper, settings, every_n_epochs, at_start) is None, config.name
 
