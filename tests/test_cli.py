@@ -345,6 +345,12 @@ PROSE = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *CONFIGS]
 OTHER_TOOLS = {"raw"}  # gdcmconv --raw, named by the DICOM reader's error for compressed files
 
 
+def listed_options(parser) -> set[str]:
+    """The option strings `parser --help` lists, from its lines such as `  --release_dir DIR, --release-dir DIR   help`."""
+    invocations = re.findall(r"^  (-\S.*?)(?:\s{2,}|$)", parser.format_help(), flags=re.MULTILINE)
+    return {option for invocation in invocations for option in re.findall(r"--?[\w.-]+", invocation)}
+
+
 def named_flags() -> dict[str, set[str]]:
     """Every `--flag` in the project's strings (errors, warnings, help, docstrings), and every dotted
     `--section.key` in its prose (README, docs, config comments): flag → where it is named."""
@@ -388,7 +394,7 @@ def test_every_flag_the_project_names_exists():
 
     named = named_flags()
     assert {"memorization.embedder_ckpt", "early_stopping.divergence_threshold", "verify-release", "embedder"} <= named.keys()
-    audit_options = audit_parser()._option_string_actions
+    audit_options = listed_options(audit_parser())
     defaults: dict[Path, dict] = {}  # parsed on first need: each parse builds a whole LightningCLI
 
     def default_of(config: Path, key: str):
