@@ -24,7 +24,6 @@ kernel launches are what a graph saves). The CPU figure shows where a check's ti
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from contextlib import nullcontext
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
-from bench.random_ldm import best_of, config, random_ldm, training_step_seconds  # noqa: E402
+from bench.random_ldm import best_of, config, cost_arguments, random_ldm, training_step_seconds  # noqa: E402
 from memwatch.lightning_modules import LatentDiffusionModule, SimCLRModule  # noqa: E402
 from memwatch.lightning_modules.diffusion import sample_generator  # noqa: E402
 from memwatch.memorization import detect_copies, frechet_distance  # noqa: E402
@@ -58,13 +57,8 @@ def old_denoise(model: LatentDiffusionModule, indices: range, steps: int) -> tor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="phantom_ldm.yaml")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--spatial-size", type=int, nargs="+", help="override the data's spatial_size")
+    parser = cost_arguments(__doc__, train_steps=10)
     parser.add_argument("--n-samples", type=int, help="samples per check (default: N_train of the phantoms)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, default=10)
     args = parser.parse_args()
     device = torch.device(args.device)
     built = random_ldm(args.config, device, args.spatial_size)

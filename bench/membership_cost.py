@@ -21,7 +21,6 @@ the training time at the config's `membership_every_n_epochs`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,19 +31,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
-from bench.random_ldm import best_of, random_ldm, training_step_seconds  # noqa: E402
+from bench.random_ldm import best_of, cost_arguments, random_ldm, training_step_seconds  # noqa: E402
 from memwatch.memorization.pipeline import score_membership  # noqa: E402
 from memwatch.memorization.stream import deterministic_kernels  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="phantom_ldm.yaml")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--spatial-size", type=int, nargs="+", help="override the data's spatial_size")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, default=5)
-    args = parser.parse_args()
+    args = cost_arguments(__doc__, train_steps=5).parse_args()
     device = torch.device(args.device)
     built = random_ldm(args.config, device, args.spatial_size)
     model, data, batch_size = built.model, built.data, built.batch_size

@@ -7,6 +7,7 @@ config's patients, or 40 for another dataset's config), ready to train and sampl
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,18 @@ from memwatch.datamodules import PhantomDataModule
 from memwatch.lightning_modules import AutoencoderModule, LatentDiffusionModule
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cost_arguments(docstring: str, train_steps: int) -> argparse.ArgumentParser:
+    """The options of every benchmark built on `random_ldm`: the config, the device, a smaller size, repeats and
+    timed training steps (`train_steps` by default); described by the first line of `docstring`."""
+    parser = argparse.ArgumentParser(description=docstring.splitlines()[0])
+    parser.add_argument("--config", default="phantom_ldm.yaml")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--spatial-size", type=int, nargs="+", help="override the data's spatial_size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=train_steps)
+    return parser
 
 
 def config(name: str) -> dict:
