@@ -16,6 +16,7 @@ from memwatch.callbacks import MemorizationCallback
 from memwatch.callbacks.startup_checks import check_sampler_options
 from memwatch.errors import InputError
 from memwatch.lightning_modules import LatentDiffusionModule, PixelDiffusionModule
+from memwatch.memorization.check import CheckOptions
 from memwatch.memorization.distributed import block_shard
 from memwatch.memorization.stream import blocks
 from tests.doubles import ScriptedGenerator
@@ -37,7 +38,13 @@ def test_every_rank_s_blocks_give_the_images_of_each_block_sampled_alone(block_s
 
     def draw(block: range) -> torch.Tensor:
         assert len(block) == block_size and block.start % block_size == 0  # whole, aligned blocks only
-        return model.sample(len(block), seed=(0, 2), num_inference_steps=2, sample_batch_size=block_size, start_index=block.start)
+        return model.sample(
+            len(block),
+            seed=(0, 2),
+            num_inference_steps=2,
+            sample_batch_size=block_size,
+            start_index=block.start,
+        )
 
     alone = torch.cat([draw(range(k, k + block_size)) for k in range(0, n, block_size)])[:n]
     for world_size in (1, 2, 3):
@@ -81,7 +88,9 @@ def test_the_decoder_runs_at_its_own_batch_size(autoencoder_ckpt):
     model.image_spatial_size = (16, 16)
     model.scale_factor.fill_(1.0)
     sizes: list[int] = []
-    hook = model.autoencoder.decoder.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    hook = model.autoencoder.decoder.register_forward_hook(
+        lambda module, inputs, output: sizes.append(len(inputs[0]))
+    )
     together = model.sample(5, num_inference_steps=2, sample_batch_size=5)
     in_twos = model.sample(5, num_inference_steps=2, sample_batch_size=5, decode_batch_size=2)
     hook.remove()
@@ -98,18 +107,29 @@ def test_sampler_graphs_on_a_cpu_change_nothing_and_say_so_once(embedder_ckpt, c
     assert torch.equal(graphed, model.sample(3, num_inference_steps=2))
     callback = MemorizationCallback(str(embedder_ckpt), sampler_graphs=True)
     with caplog.at_level(logging.INFO):
-        check_sampler_options(model, torch.device("cpu"), callback.decode_batch_size, callback.sampler_graphs)
+        check_sampler_options(model, torch.device("cpu"), callback.options)
     notices = [r.getMessage() for r in caplog.records if "sampler_graphs" in r.getMessage()]
-    assert notices == ["memorization.sampler_graphs: CUDA graphs need a GPU; on this CPU sampling runs as without"]
+    assert notices == [
+        "memorization.sampler_graphs: CUDA graphs need a GPU; on this CPU sampling runs as without"
+    ]
 
 
 def test_sampler_options_a_generator_cannot_take_are_refused_naming_the_option(embedder_ckpt):
     generator = ScriptedGenerator(spatial_size=MEMORIZATION_SIZE)  # sample() takes no decode_batch_size
-    with pytest.raises(InputError, match=r"^--memorization\.decode_batch_size: ScriptedGenerator\.sample takes no"):
-        check_sampler_options(generator, torch.device("cpu"), 2, False)
-    with pytest.raises(InputError, match=r"^--memorization\.sampler_graphs: ScriptedGenerator has no sampler_graphs"):
-        check_sampler_options(generator, torch.device("cpu"), None, True)
-    for bad in ({"sample_batch_size": 0}, {"decode_batch_size": 0}, {"max_overhead": 0.0}, {"max_overhead": 10.5}):
+    with pytest.raises(
+        InputError, match=r"^--memorization\.decode_batch_size: ScriptedGenerator\.sample takes no"
+    ):
+        check_sampler_options(generator, torch.device("cpu"), CheckOptions(decode_batch_size=2))
+    with pytest.raises(
+        InputError, match=r"^--memorization\.sampler_graphs: ScriptedGenerator has no sampler_graphs"
+    ):
+        check_sampler_options(generator, torch.device("cpu"), CheckOptions(sampler_graphs=True))
+    for bad in (
+        {"sample_batch_size": 0},
+        {"decode_batch_size": 0},
+        {"max_overhead": 0.0},
+        {"max_overhead": 10.5},
+    ):
         (option,) = bad
         with pytest.raises(InputError, match=rf"^--memorization\.{option}="):
             MemorizationCallback(str(embedder_ckpt), **bad)
@@ -131,14 +151,18 @@ class TimedGenerator(ScriptedGenerator):
         return super().sample(n, *args, **kwargs)
 
 
-def fit_timed(tmp_path: Path, embedder_ckpt: Path, max_overhead: float, **timing) -> tuple[list[dict], list[str], Path]:
+def fit_timed(
+    tmp_path: Path, embedder_ckpt: Path, max_overhead: float, **timing
+) -> tuple[list[dict], list[str], Path]:
     generator = TimedGenerator(spatial_size=MEMORIZATION_SIZE, copied_ids=("phantom-0000",), **timing)
     callback = MemorizationCallback(
         str(embedder_ckpt), n_samples=8, sample_batch_size=4, detector_positives=0, max_overhead=max_overhead,
         progress_seconds=None,
     )  # fmt: skip
     logger = TensorBoardLogger(tmp_path, name="timed")
-    trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[callback], logger=logger, limit_train_batches=2)
+    trainer = quiet_trainer(
+        max_epochs=2, limit_val_batches=0, callbacks=[callback], logger=logger, limit_train_batches=2
+    )
     with pytest.warns() as caught:
         trainer.fit(generator, memorization_phantoms())
     warned = [str(w.message) for w in caught if "max_overhead" in str(w.message)]

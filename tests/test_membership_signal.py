@@ -14,7 +14,7 @@ import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from memwatch.callbacks import MemorizationCallback
+from memwatch.callbacks import MembershipCallback, MemorizationCallback
 from memwatch.cli import main
 from memwatch.datamodules import PhantomDataModule
 from memwatch.errors import InputError
@@ -89,8 +89,8 @@ def test_a_diffusion_model_before_its_scale_factor_says_so(autoencoder_ckpt):
         model.membership_scores(torch.rand(2, 1, *SIZE), ids=[0, 1])
 
 
-def fit_scripted(generator, callback: MemorizationCallback, epochs: int, logger=False) -> L.Trainer:
-    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[callback], logger=logger)
+def fit_scripted(generator, callbacks: list[L.Callback], epochs: int, logger=False) -> L.Trainer:
+    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=callbacks, logger=logger)
     trainer.fit(generator, memorization_phantoms())
     return trainer
 
@@ -102,12 +102,13 @@ def test_a_generator_that_knows_its_training_images_scores_auc_near_one_and_one_
     generator = MembershipScriptedGenerator(
         member_ids=data.train_ids, members_from_epoch=1, spatial_size=MEMORIZATION_SIZE
     )
+    membership = MembershipCallback()
     callback = MemorizationCallback(embedder="pixel", n_samples=2, num_inference_steps=1, every_n_epochs=3,
                                     detector_positives=0, progress_seconds=None)  # fmt: skip
     logger = TensorBoardLogger(tmp_path, name="run")
-    fit_scripted(generator, callback, epochs=3, logger=logger)
-    alike, *members = callback.membership_history
-    assert [row["epoch"] for row in callback.membership_history] == [0, 1, 2]
+    fit_scripted(generator, [membership, callback], epochs=3, logger=logger)
+    alike, *members = membership.history
+    assert [row["epoch"] for row in membership.history] == [0, 1, 2]
     # Epoch 0: scores alike for every image (seeded by id): the interval covers 0.5, as the control's does
     assert alike["membership_auc_low"] < 0.5 < alike["membership_auc_high"], alike
     assert alike["membership_auc_control_low"] < 0.5 < alike["membership_auc_control_high"], alike
@@ -116,22 +117,20 @@ def test_a_generator_that_knows_its_training_images_scores_auc_near_one_and_one_
         assert row["membership_auc"] > 0.99 and row["membership_tpr_at_5fpr"] > 0.9, row
         assert row["membership_above_control"], row
     # 32 held-out and as many training images, each once; the control is two halves of the training scores
-    assert (callback.membership.signal.n_members, callback.membership.signal.n_non_members) == (32, 32)
-    assert callback.membership.control.n_members == 16
+    assert (membership.evaluation.signal.n_members, membership.evaluation.signal.n_non_members) == (32, 32)
+    assert membership.evaluation.control.n_members == 16
     # Beside N_mem: in the check's row, in membership_history.csv, in TensorBoard and its custom-scalars page
     (check,) = callback.history
     assert check["membership_auc"] == members[-1]["membership_auc"] and check["n_mem"] >= 0
     written = read_history(Path(logger.log_dir) / MEMBERSHIP_HISTORY_FILE)
     assert [row["membership_auc"] for row in written] == pytest.approx(
-        [r["membership_auc"] for r in callback.membership_history]
+        [r["membership_auc"] for r in membership.history]
     )
     assert "DeLong" in written[0]["membership_method"]
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     logged = events.Scalars("memorization/membership_auc")
-    assert [e.step for e in logged] == [
-        row["step"] for row in callback.membership_history
-    ]  # once per evaluation
+    assert [e.step for e in logged] == [row["step"] for row in membership.history]  # once per evaluation
     for key in (
         "membership_auc_low",
         "membership_auc_high",
@@ -144,34 +143,36 @@ def test_a_generator_that_knows_its_training_images_scores_auc_near_one_and_one_
 def test_membership_every_n_epochs_sets_its_period_and_zero_turns_it_off():
     data = memorization_phantoms()
     generator = MembershipScriptedGenerator(member_ids=data.train_ids, spatial_size=MEMORIZATION_SIZE)
-    every_two = MemorizationCallback(embedder="pixel", n_samples=2, num_inference_steps=1, every_n_epochs=5,
-                                     detector_positives=0, membership_every_n_epochs=2, membership_n_ref=12)  # fmt: skip
-    fit_scripted(generator, every_two, epochs=4)
-    assert [row["epoch"] for row in every_two.membership_history] == [1, 3] and not every_two.history
-    assert every_two.membership.signal.n_non_members == 12 and every_two.membership.signal.n_members == 12
-    off = MemorizationCallback(embedder="pixel", n_samples=2, num_inference_steps=1, detector_positives=0,
-                               membership_every_n_epochs=0)  # fmt: skip
-    fit_scripted(generator, off, epochs=1)
-    assert not off.membership_history and "membership_auc" not in off.history[0]
+    every_two = MembershipCallback(every_n_epochs=2, n_ref=12)
+    check = MemorizationCallback(embedder="pixel", n_samples=2, num_inference_steps=1, every_n_epochs=5,
+                                 detector_positives=0)  # fmt: skip
+    fit_scripted(generator, [every_two, check], epochs=4)
+    assert [row["epoch"] for row in every_two.history] == [1, 3] and not check.history
+    assert every_two.evaluation.signal.n_non_members == 12 and every_two.evaluation.signal.n_members == 12
+    off = MembershipCallback(every_n_epochs=0)
+    check = MemorizationCallback(embedder="pixel", n_samples=2, num_inference_steps=1, detector_positives=0)
+    fit_scripted(generator, [off, check], epochs=1)
+    assert not off.history and "membership_auc" not in check.history[0]
 
 
 def test_a_generator_without_membership_scores_gets_one_warning_and_no_signal():
+    membership = MembershipCallback()
     callback = MemorizationCallback(
         embedder="pixel", n_samples=2, num_inference_steps=1, detector_positives=0
     )
     with pytest.warns(
         UserWarning, match=r"ScriptedGenerator has no membership_scores.*signal is off for this model"
     ) as caught:
-        fit_scripted(ScriptedGenerator(), callback, epochs=2)
+        fit_scripted(ScriptedGenerator(), [membership, callback], epochs=2)
     assert len([w for w in caught if "membership_scores" in str(w.message)]) == 1
-    assert not callback.membership_history and len(callback.history) == 2
+    assert not membership.history and len(callback.history) == 2
 
 
 def test_too_few_held_out_images_is_one_error_line_naming_the_option(tmp_path):
-    with pytest.raises(InputError, match=r"membership_n_ref=9 is too few .* at least 10"):
-        MemorizationCallback(embedder="pixel", membership_n_ref=9)
-    with pytest.raises(InputError, match=r"membership_every_n_epochs=-1 must be at least 0"):
-        MemorizationCallback(embedder="pixel", membership_every_n_epochs=-1)
+    with pytest.raises(InputError, match=r"^--membership\.n_ref=9 is too few .* at least 10"):
+        MembershipCallback(n_ref=9)
+    with pytest.raises(InputError, match=r"^--membership\.every_n_epochs=-1 must be at least 0"):
+        MembershipCallback(every_n_epochs=-1)
     result = run_cli(
         "fit", "--config", str(ROOT / "configs" / "phantom_ddpm.yaml"), "--memorization.embedder", "pixel",
         "--data.init_args.n_patients", "12", "--data.init_args.val_fraction", "0.5", "--trainer.max_steps", "1",
@@ -183,7 +184,16 @@ def test_too_few_held_out_images_is_one_error_line_naming_the_option(tmp_path):
         -2000:
     ]
     assert re.match(r"error: the data holds 6 held-out images, too few for a membership interval .*"
-                    r"--memorization.membership_every_n_epochs 0", lines[0]), lines  # fmt: skip
+                    r"--membership.every_n_epochs 0", lines[0]), lines  # fmt: skip
+
+
+def test_the_0_1_membership_arguments_of_the_check_warn_once_naming_the_membership_callback():
+    for key, value in (("every_n_epochs", 2), ("n_ref", 9)):  # 9: not validated, as it does nothing here
+        with pytest.warns(FutureWarning) as caught:
+            MemorizationCallback(embedder="pixel", **{f"membership_{key}": value})
+        assert [str(w.message) for w in caught if w.category is FutureWarning] == [
+            f"memorization.membership_{key} is deprecated: use membership.{key} (MembershipCallback({key}=...))"
+        ]
 
 
 def membership_stop_config(tmp_path: Path, embedder_ckpt: Path, model: str, **model_args) -> Path:
@@ -227,20 +237,22 @@ def test_early_stopping_on_membership_without_the_signal_is_refused(embedder_ckp
         main(["fit", "--config", str(config)])
     assert stop.value.code == 2
     assert re.search(r"^error: EarlyStopping\(monitor=memorization/membership_auc_low\) reads the membership signal, "
-                     r"which is off .*--memorization.membership_every_n_epochs 1$", capsys.readouterr().err, flags=re.M)  # fmt: skip
+                     r"which is off .*--membership.every_n_epochs 1$", capsys.readouterr().err, flags=re.M)  # fmt: skip
 
 
 def test_the_control_of_a_real_model_trained_a_few_steps_covers_half(tmp_path):
     L.seed_everything(0)
     model = PixelDiffusionModule(**TINY_UNET)
+    membership = MembershipCallback()
     callback = MemorizationCallback(embedder="pixel", n_samples=2, num_inference_steps=1, detector_positives=0,
                                     progress_seconds=None)  # fmt: skip
-    quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[callback]).fit(
+    quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[membership, callback]).fit(
         model, PhantomDataModule(**PHANTOMS)
     )
-    for row in callback.membership_history:
+    assert len(membership.history) == 2
+    for row in membership.history:
         assert row["membership_auc_control_low"] < 0.5 < row["membership_auc_control_high"], row
-    assert callback.membership.control.n_members == callback.membership.control.n_non_members == 15
+    assert membership.evaluation.control.n_members == membership.evaluation.control.n_non_members == 15
 
 
 def test_evaluation_keeps_the_scores_and_judges_above_control_by_intervals():
