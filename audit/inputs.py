@@ -3,7 +3,9 @@ and a folder of synthetic images, each checked before anything is embedded."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +15,81 @@ from jsonargparse import Namespace
 from monai.data import Dataset
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd, SelectItemsd
 
+from memwatch.audit.checkpoint import generator_checkpoint
 from memwatch.datamodules import DicomDataModule, FolderDataModule, MedicalImageDataModule, is_dicom_folder
 from memwatch.datamodules.intensity import CheckUnitRange
 from memwatch.datamodules.readers.image_files import LoadImageFile, image_records
 from memwatch.errors import InputError
-from memwatch.lightning_modules.plugins import TrustedModules, embedder_name, load_embedder
+from memwatch.lightning_modules.plugins import TrustedModules, embedder_name, load_embedder, load_generator
+from memwatch.memorization.chance import check_patients, extrapolation_notice
 from memwatch.memorization.embedders import Embedder, probe_generator
-from memwatch.memorization.output_folders import data_paths
+from memwatch.memorization.output_folders import check_output_folders, data_paths
+
+
+@dataclass(frozen=True)
+class AuditInputs:
+    """Everything the audit reads, checked: the embedders (by name), the images' size, the real images, and the
+    synthetic images as a generator to sample or a folder."""
+
+    device: torch.device
+    embedders: dict[str, Embedder]
+    size: tuple[int, ...]
+    datamodule: MedicalImageDataModule
+    generator: torch.nn.Module | None
+    generator_file: dict[str, Any] | None  # which model, by step and hash
+    synthetic: Dataset | None
+
+    @property
+    def train(self) -> Dataset:
+        return self.datamodule.reference_dataset("train")
+
+    @property
+    def val(self) -> Dataset:
+        return self.datamodule.reference_dataset("val")
+
+    @property
+    def train_patients(self) -> list[str]:
+        return self.datamodule.train_patients
+
+    @property
+    def val_patients(self) -> list[str]:
+        return self.datamodule.val_patients
+
+    def samples(self, folder: Path) -> Dataset:
+        """The generator's samples written to `folder`, as a synthetic folder."""
+        return synthetic_folder(folder, self.size, "none")
+
+
+def read_inputs(args: Namespace, outputs: Mapping[str, Path]) -> AuditInputs:
+    """Read and check every input, after checking that no output in `outputs` overlaps one."""
+    configured = configured_datamodule(args)
+    check_output_folders(outputs, input_paths(args, configured), args.overwrite)
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    trusted = trusted_modules(args)
+    embedders, size = load_embedders(args.embedder, args.spatial_size, trusted)
+    embedders = {name: embedder.to(device) for name, embedder in embedders.items()}
+    generator = (
+        load_generator(args.generator, "generator", trusted).to(device).eval() if args.generator else None
+    )
+    datamodule = reference_data(args, size, configured)
+    train, val = datamodule.reference_dataset("train"), datamodule.reference_dataset("val")
+    for embedder in embedders.values():
+        check_patients(
+            embedder.training_patients, datamodule.train_patients, datamodule.val_patients, args.percentile,
+            "--embedder", "--embedder",
+        )  # fmt: skip
+    if generator is not None:
+        check_generator(generator, args, size, embedders, datamodule.train_patients)
+    synthetic = None if generator else synthetic_folder(Path(args.synthetic), size, args.intensity)
+    n_syn = (args.n_samples or len(train)) if generator else len(synthetic)
+    fewer = f"--n-samples {len(val)}" if generator else "fewer images in --synthetic"
+    notice = extrapolation_notice(n_syn, len(val), fewer)
+    if notice:
+        print(f"audit: {notice}", file=sys.stderr, flush=True)
+    generator_file = generator_checkpoint(args.generator) if args.generator else None
+    return AuditInputs(device, embedders, size, datamodule, generator, generator_file, synthetic)
 
 
 def trusted_modules(args: Namespace) -> TrustedModules:
@@ -32,7 +102,9 @@ def load_embedders(
 ) -> tuple[dict[str, Embedder], tuple[int, ...]]:
     """Every `--embedder`, by a name unique among them, and the image size they take."""
     trained = {
-        spec: load_embedder(spec, "embedder", trusted=trusted) for spec in specs if not spec.startswith("pixel")
+        spec: load_embedder(spec, "embedder", trusted=trusted)
+        for spec in specs
+        if not spec.startswith("pixel")
     }
     sizes = {
         spec: tuple(e.image_spatial_size) for spec, e in trained.items() if e.image_spatial_size is not None
@@ -94,7 +166,9 @@ def check_generator(
 
 def configured_datamodule(args: Namespace) -> MedicalImageDataModule | None:
     """The `--data` config's DataModule (not set up yet), or `None` for `--train`/`--val` folders."""
-    return datamodule_from_config(Path(args.data), args.data_arg, trusted_modules(args)) if args.data else None
+    return (
+        datamodule_from_config(Path(args.data), args.data_arg, trusted_modules(args)) if args.data else None
+    )
 
 
 def input_paths(args: Namespace, configured: MedicalImageDataModule | None) -> list[tuple[str, str | None]]:
@@ -127,13 +201,13 @@ def reference_data(
             args.train,
             val_root=args.val,
             spatial_size=size,
-            batch_size=args.batch_size,
+            batch_size=args.sample_batch_size,
             num_workers=args.num_workers,
         )
     else:
         datamodule = FolderDataModule(
             args.train, args.val, spatial_size=size, resize=args.resize, intensity=args.intensity,
-            batch_size=args.batch_size, num_workers=args.num_workers,
+            batch_size=args.sample_batch_size, num_workers=args.num_workers,
         )  # fmt: skip
     if tuple(datamodule.spatial_size) != size:
         raise InputError(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 from jsonargparse import ArgumentParser, Namespace
 
-from memwatch.datamodules.transforms import CONTRAST_GAMMA, NOISE_STD, ROTATION_DEGREES
 from memwatch.errors import InputError
 from memwatch.lightning_modules.plugins import embedder_text
-from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, RULES, check_rule
+from memwatch.memorization.check import CheckOptions
+from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE, RULES
 from memwatch.memorization.membership import MIN_HELD_OUT
+from memwatch.memorization.variation import CONTRAST_GAMMA, NOISE_STD, ROTATION_DEGREES
 from memwatch.option_errors import OneLineArgumentParser
 
 
@@ -111,7 +114,16 @@ def audit_parser() -> ArgumentParser:
         "--overwrite", action="store_true", help="replace --out and --release-dir if they hold files"
     )
     parser.add_argument(
-        "--batch_size", "--batch-size", type=int, default=32, help="images per embedding (and sampling) batch"
+        "--sample_batch_size", "--sample-batch-size", type=int, default=32,
+        help="images per sampling (UNet), embedding and scoring pass, in fixed blocks (as the callback's "
+        "sample_batch_size); a check holds O(this) images",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=None,
+        help="deprecated spelling of --sample-batch-size",
     )
     parser.add_argument(
         "--num_workers", "--num-workers", type=int, default=0, help="DataLoader workers for reading images"
@@ -169,12 +181,20 @@ def check_arguments(args: Namespace) -> None:
         )
     if args.data_arg and not data:
         raise InputError("--data-arg overrides a --data config: give --data CONFIG.yaml too")
-    if not 0.0 < args.percentile < 100.0:
-        raise InputError(f"--percentile {args.percentile} must lie in (0, 100), e.g. 95")
-    check_rule(args.rule, args.margin, "--rule", "--margin")
-    if args.batch_size < 2:
-        raise InputError(f"--batch-size {args.batch_size} must be at least 2")
-    if args.detector_positives < 0:
-        raise InputError(
-            f"--detector-positives {args.detector_positives} must be at least 0 (0 skips the self-check)"
-        )
+    if args.batch_size is not None:
+        warnings.warn("--batch-size is deprecated: use --sample-batch-size", FutureWarning, stacklevel=2)
+        args.sample_batch_size = args.batch_size
+    check_options(args)  # every option of the check, validated where the callback's are
+
+
+def check_options(args: Namespace) -> CheckOptions:
+    """The check's options, as the callback has them (`memorization.check.CheckOptions`)."""
+    variation = {
+        "rotation_degrees": args.variation_rotation_degrees, "contrast_gamma": tuple(args.variation_contrast_gamma),
+        "noise_std": args.variation_noise_std,
+    }  # fmt: skip
+    return CheckOptions(
+        n_samples=args.n_samples, num_inference_steps=args.num_inference_steps,
+        sample_batch_size=args.sample_batch_size, percentile=args.percentile, rule=args.rule, margin=args.margin,
+        seed=args.seed, detector_positives=args.detector_positives, variation=variation, flags="--{}",
+    )  # fmt: skip

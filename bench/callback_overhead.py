@@ -18,7 +18,7 @@ Each process (every DDP rank) measures itself in-process and writes its own JSON
 
 - `fit_seconds`: wall time of `Trainer.fit` (with DDP: includes launching and joining the ranks);
 - `train_loop_seconds`: Lightning's `Timer` callback (appended to the config), on_train_start → on_train_end;
-- `check_seconds`: wall time of every `MemorizationCallback._check` (sampling, embedding, detection,
+- `check_seconds`: wall time of every `MemorizationCheck.run` (sampling, embedding, detection,
   quality metrics, logging, CSV), beside the callback's own per-check `seconds_sampling`,
   `seconds_gather` (waiting in the gather for the other ranks), `seconds_embed_detect` (embedding the
   samples + `detect_copies`) and `seconds_quality`;
@@ -70,7 +70,7 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
     from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
 
-    import memwatch.callbacks.memorization as glue
+    import memwatch.memorization.check as check_module
     from memwatch import cli
     from memwatch.callbacks.memorization import MemorizationCallback
 
@@ -113,9 +113,9 @@ def worker(result_dir: Path, cli_args: list[str]) -> None:
     WeightAveraging.on_train_batch_end = stamped(WeightAveraging.on_train_batch_end)
     for hook in ("on_train_epoch_end", "on_validation_epoch_end"):
         setattr(MemorizationCallback, hook, timed("hooks", getattr(MemorizationCallback, hook)))
-    MemorizationCallback._check = timed("check", MemorizationCallback._check)
+    check_module.MemorizationCheck.run = timed("check", check_module.MemorizationCheck.run)
     MemorizationCallback.on_fit_start = timed("reference", MemorizationCallback.on_fit_start)
-    glue.embed_dataset = counted(glue.embed_dataset)  # the reference images, one call per split
+    check_module.embed_dataset = counted(check_module.embed_dataset)  # the reference images, one call per split
 
     trainer = cli.main(cli_args).trainer
     memorization = [c for c in trainer.callbacks if isinstance(c, MemorizationCallback)]

@@ -55,7 +55,7 @@ class MembershipCallback(Callback):
     """
 
     def __init__(
-        self, every_n_epochs: int = 1, n_ref: int | None = None, batch_size: int = 16, seed: int = 0
+        self, every_n_epochs: int = 1, n_ref: int | None = None, batch_size: int | None = None, seed: int | None = None
     ) -> None:
         super().__init__()
         if every_n_epochs < 0:

@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,30 @@ def describe_checkpoint(record: Mapping[str, Any]) -> str:
 class ReleasedFile:
     path: str  # relative to the release folder, with "/"
     nearest_train_correlation: dict[str, float]  # per embedder, the audit's first one first
+
+
+def release_non_copies(
+    files: Sequence[Path], relative: Sequence[Path], withheld: Sequence[bool], folder: Path
+) -> list[tuple[str, int]]:
+    """Copy the synthetic `files` not `withheld` into `folder` at their `relative` paths; returns each released
+    file's relative path and row."""
+    released = []
+    for row, (path, inside, held) in enumerate(zip(files, relative, withheld, strict=True)):
+        if not held:
+            (folder / inside).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, folder / inside)
+            released.append((inside.as_posix(), row))
+    return released
+
+
+def released_files(
+    released: Sequence[tuple[str, int]], nearest: Mapping[str, Sequence[float]]
+) -> list[ReleasedFile]:
+    """The manifest's entries of `released` (path, row), with each embedder's nearest training correlations."""
+    return [
+        ReleasedFile(path, {name: float(values[row]) for name, values in nearest.items()})
+        for path, row in released
+    ]
 
 
 def write_manifest(
@@ -192,6 +217,12 @@ def checkpoint_states(recorded: Mapping[str, Mapping[str, Any]]) -> list[dict[st
         if not isinstance(record, Mapping) or not record.get("path"):
             continue
         path = Path(record["path"])
-        state = "missing" if not path.is_file() else "unchanged" if sha256(path) == record.get("sha256") else "changed"
+        state = (
+            "missing"
+            if not path.is_file()
+            else "unchanged"
+            if sha256(path) == record.get("sha256")
+            else "changed"
+        )
         states.append({"role": role, "path": str(path), "state": state})
     return states

@@ -163,7 +163,7 @@ def test_audit_samples_an_ldm_over_a_config_datamodule(embedder_ckpt, tmp_path):
     summary = main([
         "audit", "--embedder", str(embedder_ckpt), "--data", "configs/phantom_ldm.yaml",
         "--data-arg", "n_patients=64", "--data-arg", "val_fraction=0.5", "--ldm", str(ldm_path),
-        "--n-samples", "5", "--seed", "3", "--num-inference-steps", "2", "--batch-size", "4", "--out", str(out),
+        "--n-samples", "5", "--seed", "3", "--num-inference-steps", "2", "--sample-batch-size", "4", "--out", str(out),
     ])  # fmt: skip
     assert summary["n_syn"] == 5 and summary["n_train"] == 32
     files = sorted((out / "samples").glob("*.npy"))
@@ -239,7 +239,7 @@ def test_bad_arguments_are_one_line_and_an_existing_report_is_kept(embedder_ckpt
         "exists": (audit_args(embedder_ckpt, folders, out), "already holds files"),
         "missing embedder": (audit_args(tmp_path / "none.ckpt", folders, tmp_path / "o"), "none.ckpt does not exist"),
         "no synthetic": (without_synthetic, "--synthetic DIR, or --generator CKPT"),
-        "percentile": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--percentile", "100"], "--percentile 100.0 must lie"),
+        "percentile": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--percentile", "100"], "--percentile=100.0 is outside the open interval (0, 100)"),
         "rule": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--rule", "strict"],
                  "--rule 'strict' is not one of paper, distinct"),
         "margin": ([*audit_args(embedder_ckpt, folders, tmp_path / "o"), "--rule", "distinct", "--margin", "2"],
@@ -474,10 +474,10 @@ def test_audit_options_come_from_a_config_file_and_print_config_shows_them(embed
         "detector_positives: 4\ndata_arg: []\n"
     )
     with pytest.raises(SystemExit) as stop:
-        main(["audit", "--config", str(config), "--batch-size", "8", "--print_config"])
+        main(["audit", "--config", str(config), "--sample-batch-size", "8", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert stop.value.code == 0
-    assert printed["percentile"] == 90.0 and printed["batch_size"] == 8 and printed["embedder"] == [str(embedder_ckpt)]
+    assert printed["percentile"] == 90.0 and printed["sample_batch_size"] == 8 and printed["embedder"] == [str(embedder_ckpt)]
     summary = main(["audit", "--config", str(config)])
     assert summary["percentile"] == 90.0 and summary["detector"]["n_positive"] == 4
 

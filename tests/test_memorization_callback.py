@@ -120,7 +120,7 @@ def test_a_checkpoint_saved_at_a_check_carries_its_row(embedder_ckpt, tmp_path):
 def test_bad_configuration_fails_at_construction(embedder_ckpt, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         MemorizationCallback(str(tmp_path / "missing.ckpt"))
-    with pytest.raises(InputError, match=r"percentile=100.0 must lie in \(0, 100\)"):
+    with pytest.raises(InputError, match=r"--memorization.percentile=100.0 is outside the open interval \(0, 100\)"):
         MemorizationCallback(str(embedder_ckpt), percentile=100.0)
     callback = MemorizationCallback(str(embedder_ckpt))
     with pytest.raises(
