@@ -269,6 +269,7 @@ class MemorizationCallback(Callback):
             evaluated_model(trainer, pl_module, self), self._placement(trainer, device, f"memorization {where}: "),
             index, where=f"training failed at {where}",
         )  # fmt: skip
+        self.result = result
         row = {
             "check": index,
             "epoch": trainer.current_epoch,

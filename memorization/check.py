@@ -340,7 +340,7 @@ class MemorizationCheck:
                 result.copies = gather_kept(
                     local.kept, order, self.options.keep_copies, self.image_shape, device
                 )
-        result.elapsed = started.lap()
+        result.elapsed, result.shard = started.lap(), shard
         return result
 
     def _sample_and_embed(

@@ -92,15 +92,21 @@ def test_one_two_and_three_processes_compute_every_image_identically(autoencoder
     result = run_cli("fit", "--config", str(path), "--trainer.logger.init_args.version", "start")
     assert result.returncode == 0, result.stderr[-3000:]
     start = tmp_path / "ldm" / "start" / "checkpoints" / "last.ckpt"
-    config["trainer"] |= {"max_epochs": 3, "callbacks": [callback]}
-    path.write_text(yaml.safe_dump(config))
+    membership = {"class_path": "tests.recording.RecordingMembershipCallback", "init_args": {"record_dir": "SET PER RUN"}}
+    config["trainer"] |= {"max_epochs": 3}
+
     # One thread per process in every run: on a CPU the thread count, like the batch on a GPU, may change
     # the rounding; what the blocks control is that each image is computed in the same batch.
     def fit_on(devices: int) -> list[dict]:
+        record = {"record_dir": str(tmp_path / f"record{devices}")}
+        trainer = {**config["trainer"], "callbacks": [  # the membership signal first: a check's row carries it
+            {**membership, "init_args": record}, {**callback, "init_args": {**callback["init_args"], **record}},
+        ]}  # fmt: skip
+        run_config = tmp_path / f"ldm{devices}.yaml"
+        run_config.write_text(yaml.safe_dump({**config, "trainer": trainer}))
         result = run_cli(
-            "fit", "--config", str(path), "--ckpt_path", str(start),
+            "fit", "--config", str(run_config), "--ckpt_path", str(start),
             "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
-            "--trainer.callbacks.init_args.record_dir", str(tmp_path / f"record{devices}"),
             "--trainer.logger.init_args.version", f"devices{devices}", threads=1,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]

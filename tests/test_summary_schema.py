@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
 from memwatch.audit import run_audit
 from memwatch.callbacks import MemorizationCallback
 from memwatch.datamodules import FolderDataModule
+from memwatch.memorization.check import MemorizationCheck, Placement
 from memwatch.memorization.history import PLACE_KEYS
 from tests.doubles import ScriptedGenerator
 from tests.helpers import MEMORIZATION_SIZE, quiet_trainer
@@ -42,7 +44,7 @@ def test_the_callbacks_and_the_audits_summary_agree_key_for_key_and_value_for_va
     run_audit([
         "--embedder", str(embedder_ckpt), "--train", str(folders / "train"), "--val", str(folders / "val"),
         "--synthetic", str(synthetic), "--out", str(tmp_path / "audit"), "--intensity", "none",
-        "--batch-size", str(block), "--detector-positives", str(positives), "--seed", "0", "--progress-seconds", "1000",
+        "--sample-batch-size", str(block), "--detector-positives", str(positives), "--seed", "0", "--progress-seconds", "1000",
     ])  # fmt: skip
     checked = json.loads((tmp_path / "checks" / "check_000" / "summary.json").read_text())
     audited = json.loads((tmp_path / "audit" / "summary.json").read_text())
@@ -61,6 +63,15 @@ def test_the_callbacks_and_the_audits_summary_agree_key_for_key_and_value_for_va
     assert {key: checked[key] for key in shared - {"copy_syn_ids"}} == {
         key: audited[key] for key in shared - {"copy_syn_ids"}
     }
+    # The check object called directly, as the watcher will: the same numbers as both front doors.
+    check = MemorizationCheck(callback.options, callback.embedder)
+    check.build_reference(
+        data.reference_dataset("train"), data.reference_dataset("val"), data.train_patients, data.val_patients,
+        Placement(torch.device("cpu")),
+    )  # fmt: skip
+    direct = json.loads(json.dumps(check.run(generator, Placement(torch.device("cpu")), index=0).summary()))
+    assert {"n_mem", "tau", "detector", "fd", "ms_ssim"} <= direct.keys() <= set(checked)
+    assert {key: direct[key] for key in direct} == {key: checked[key] for key in direct}
 
     # The samples are named by where they come from (a check's sample, a file), and are the same samples.
     def index(name: str) -> int:
