@@ -16,7 +16,7 @@ of `--repeats`, in one process:
   `memorization.sample_batch_size`), and the AUC.
 
 `ratio` gives membership ÷ validation (target ≤ 1) and membership ÷ epoch; `overhead` the share of
-the training time at the config's `membership_every_n_epochs`.
+the training time at the config's `membership.every_n_epochs`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     with deterministic_kernels():
         validation_seconds = best_of(args.repeats, device, validation_pass)
         membership_seconds = best_of(args.repeats, device, membership)
-    every = memorization.get("membership_every_n_epochs", 1)
+    every = (built.ldm_config.get("membership") or {}).get("every_n_epochs", 1)
     signal = evaluation["last"].signal
     result = {
         "config": args.config,

@@ -78,7 +78,7 @@ TINY = Scale(
     simclr_flags=("--model.init_args.channels", "[8,8,8,8]", "--model.init_args.embedding_dim", "16",
                   "--model.init_args.hidden_dim", "16"),
     ldm_flags=("--model.init_args.channels", "[8,8]", "--model.init_args.norm_num_groups", "4",
-               "--model.init_args.num_head_channels", "8", "--memorization.membership_every_n_epochs", "2"),
+               "--model.init_args.num_head_channels", "8", "--membership.every_n_epochs", "2"),
 )  # fmt: skip
 
 

@@ -147,7 +147,7 @@ def embedder_overrides(config: str, embedder_ckpt: Path) -> list[str]:
         "--memorization.embedder_ckpt", str(embedder_ckpt),
         "--memorization.num_inference_steps", "2",
         "--memorization.percentile", "50",
-        "--memorization.membership_every_n_epochs", "0",
+        "--membership.every_n_epochs", "0",
     ]  # fmt: skip
 
 
