@@ -105,8 +105,9 @@ def membership_section(inputs: AuditInputs, args) -> dict[str, Any]:
         }
     with rng_preserved(inputs.device), deterministic_kernels(), torch.no_grad():
         evaluation = score_membership(
-            inputs.train, inputs.val, scores, args.sample_batch_size, n_ref=args.membership_n_ref, seed=args.seed,
-            option="--membership-n-ref", device=inputs.device, num_workers=args.num_workers,
+            inputs.train, inputs.val, scores, args.sample_batch_size,
+            Placement(inputs.device, num_workers=args.num_workers), n_ref=args.membership_n_ref, seed=args.seed,
+            option="--membership-n-ref",
         )  # fmt: skip
     return evaluation.summary()
 

@@ -1,6 +1,6 @@
 """What the chance level and the self-check cost beside copy detection itself, at the paper's sizes.
 
-Times `detect_copies`, `held_out_exceedances` + `chance_level` (and `detector_check` on
+Times `detect_copies`, `held_out_exceedances` + `chance_level` (and `detector_accuracy` on
 `--positives` varied rows) on random embeddings, and the peak RSS each adds; prints JSON.
 The ratio to `detect_copies` is what matters: both run once per check (the chance level once
 per fit). Also runs the sizes of MRNet (904 / 226 / N_syn 904) to show how the chance level
@@ -25,7 +25,7 @@ from machine import describe_machine  # bench/machine.py: scripts run from bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memwatch.memorization import detect_copies  # noqa: E402
-from memwatch.memorization.chance import chance_level, detector_check, held_out_exceedances  # noqa: E402
+from memwatch.memorization.chance import chance_level, detector_accuracy, held_out_exceedances  # noqa: E402
 
 
 def peak_mib() -> float:
@@ -55,7 +55,7 @@ def main() -> None:
     chance = chance_level(exceedances, n_syn)
     timings["chance_level_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    detector = detector_check(varied, train, exceedances)
+    detector = detector_accuracy(varied, train, exceedances)
     timings["detector_check_s"] = time.perf_counter() - start
     mrnet_exceedances = held_out_exceedances(train[:904], val[:226], 95.0)
     mrnet = chance_level(mrnet_exceedances, 904)

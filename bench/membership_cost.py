@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
 from bench.random_ldm import best_of, cost_arguments, random_ldm, training_step_seconds  # noqa: E402
-from memwatch.memorization.pipeline import score_membership  # noqa: E402
+from memwatch.memorization.pipeline import Placement, score_membership  # noqa: E402
 from memwatch.memorization.stream import deterministic_kernels  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     def membership() -> None:
         evaluation["last"] = score_membership(
-            train, val, model.membership_scores, memorization["sample_batch_size"], device=device
+            train, val, model.membership_scores, memorization["sample_batch_size"], Placement(device)
         )
 
     with deterministic_kernels():

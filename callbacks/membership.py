@@ -9,14 +9,14 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from memwatch.callbacks.generator import at_epoch_end_validation, evaluated_model
+from memwatch.callbacks.evaluation import at_epoch_end_validation, evaluated_model, log_scalars, placement
 from memwatch.callbacks.memorization import MemorizationCallback
-from memwatch.callbacks.reference_data import ReferenceData, reference_data
-from memwatch.callbacks.startup_checks import (
+from memwatch.callbacks.preflight import (
     check_membership_data,
     check_membership_stopping,
     warn_without_membership_scores,
 )
+from memwatch.callbacks.reference_data import ReferenceData, reference_data
 from memwatch.errors import InputError
 from memwatch.memorization.distributed import fail_together
 from memwatch.memorization.embedders import membership_scorer
@@ -55,7 +55,11 @@ class MembershipCallback(Callback):
     """
 
     def __init__(
-        self, every_n_epochs: int = 1, n_ref: int | None = None, batch_size: int | None = None, seed: int | None = None
+        self,
+        every_n_epochs: int = 1,
+        n_ref: int | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if every_n_epochs < 0:
@@ -96,7 +100,9 @@ class MembershipCallback(Callback):
         self._period = self.period(pl_module)
         if self._checked_trainer != id(trainer):
             self.check_trainer(trainer, pl_module)
-        check_options = next((c.options for c in trainer.callbacks if isinstance(c, MemorizationCallback)), None)
+        check_options = next(
+            (c.options for c in trainer.callbacks if isinstance(c, MemorizationCallback)), None
+        )
         self._batch_size = self.batch_size or (check_options.sample_batch_size if check_options else 16)
         self._seed = self.seed if self.seed is not None else (check_options.seed if check_options else 0)
         if self._period:
@@ -127,9 +133,8 @@ class MembershipCallback(Callback):
         with rng_preserved(device), deterministic_kernels(), fail_together(device, where):
             evaluation = score_membership(
                 self.data.reference_dataset("train"), self.data.reference_dataset("val"), generator.membership_scores,
-                self._batch_size, n_ref=self.n_ref, seed=self._seed, option="--membership.n_ref", device=device,
-                rank=trainer.global_rank, world_size=trainer.world_size,
-                num_workers=getattr(self.data, "num_workers", 0), autocast=trainer.precision_plugin.forward_context,
+                self._batch_size, placement(trainer, device, getattr(self.data, "num_workers", 0), "", None),
+                n_ref=self.n_ref, seed=self._seed, option="--membership.n_ref",
             )  # fmt: skip
         numbers = evaluation.scalars() | {"membership_seconds": started.lap()}
         self.evaluation = evaluation
@@ -137,13 +142,7 @@ class MembershipCallback(Callback):
             {"epoch": trainer.current_epoch, "step": trainer.global_step, **numbers,
              "membership_above_control": evaluation.above_control, "membership_method": AUC_METHOD}
         )  # fmt: skip
-        scalars = self.scalars_at(trainer.global_step)
-        for key, value in scalars.items():
-            pl_module.log(
-                key, value, logger=False, sync_dist=False
-            )  # where EarlyStopping and ModelCheckpoint read
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
+        log_scalars(trainer, pl_module, self.scalars_at(trainer.global_step))
         log_dir = Path(trainer.log_dir) if trainer.loggers else None  # a broadcast: every rank asks
         with fail_together(device, f"writing {MEMBERSHIP_HISTORY_FILE}"):
             if trainer.is_global_zero and log_dir is not None:

@@ -17,28 +17,28 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from memwatch.callbacks.check_cost import check_cost, cost_warnings
-from memwatch.callbacks.generator import at_epoch_end_validation, evaluated_model
-from memwatch.callbacks.reference_data import ReferenceData, reference_data
-from memwatch.callbacks.startup_checks import (
+from memwatch.callbacks.evaluation import at_epoch_end_validation, evaluated_model, log_scalars, placement
+from memwatch.callbacks.preflight import (
     EMBEDDER_OPTION,
     check_early_stopping,
     check_embedder_fits,
     check_generator,
+    check_output_dir,
     check_sampler_options,
     load_callback_embedder,
+    probe_sampler,
 )
+from memwatch.callbacks.reference_data import ReferenceData, reference_data
 from memwatch.callbacks.tensorboard import add_layout, log_copy_pairs, log_histograms
 from memwatch.errors import InputError
-from memwatch.lightning_modules.base import MemwatchModule
 from memwatch.memorization.chance import extrapolation_notice, weak_detector_warning
 from memwatch.memorization.check import CheckOptions, CheckResult, MemorizationCheck, Placement
 from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE
 from memwatch.memorization.distributed import fail_together
-from memwatch.memorization.embedders import probe_generator
 from memwatch.memorization.history import MEMBERSHIP_PREFIX, TIMING_PREFIX, row_scalars, write_history
-from memwatch.memorization.output_folders import check_output_folders, data_paths, staged_output
+from memwatch.memorization.output_folders import staged_output
 from memwatch.memorization.report import write_report
-from memwatch.memorization.stream import Progress, Stopwatch, rng_preserved
+from memwatch.memorization.stream import Stopwatch
 
 MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
 
@@ -46,11 +46,13 @@ MAX_PAIRS = 8  # copy pairs shown per check (log_images, output_dir)
 class MemorizationCallback(Callback):
     """Every `every_n_epochs` epochs: sample the generator, embed, count copies, log `memorization/*`.
 
-    A check runs at the end of every epoch `e` with `(e + 1) % every_n_epochs == 0` (the epochs at which
-    Lightning validates and saves checkpoints with the same period): at the end of that epoch's validation
-    when there is one, before EarlyStopping and ModelCheckpoint read it, otherwise at the end of the training
-    epoch. A checkpoint saved then carries the check's history row. Every rank computes the same numbers from
-    gathered tensors, so N_mem is the same on 1 or N processes; a check leaves every random stream as it was.
+    A check ends every epoch `e` with `(e + 1) % every_n_epochs == 0` (when Lightning validates and saves
+    checkpoints with the same period): at that epoch's validation end when there is one, before EarlyStopping
+    and ModelCheckpoint read it, else at the training epoch's end; a checkpoint saved then carries its row. Every
+    rank computes the same numbers from gathered tensors (N_mem is the same on 1 or N processes), and a check
+    leaves every random stream as it was. It logs the counts per image and per patient with 95% Clopper-Pearson
+    intervals, the chance level of a generator that copies nobody (`null_*`, `excess_*`), τ, FD and MS-SSIM
+    (quality metrics that do not reveal memorization), and once per fit the detector's self-check.
 
     Args:
         embedder_ckpt: checkpoint of a trained `SimCLRModule` (trained on the training images).
@@ -63,17 +65,12 @@ class MemorizationCallback(Callback):
             margin, seed, detector_positives, variation: the check's options, `memorization.check.CheckOptions`.
         log_images: also log the most similar copy pairs (training image | synthetic copy) to TensorBoard and
             put `copies.png` in `output_dir`. Off by default: patient pixels leave the dataset only when asked.
-        output_dir: write each check's audit files (`summary.json`, `pairs.csv`, `train_nn.csv`,
-            `histogram.png`, report.html) to `output_dir/check_NNN/`.
+        output_dir: write each check's audit files (`summary.json`, `pairs.csv`, report.html, ...) to
+            `output_dir/check_NNN/`.
         max_overhead: warn when a check takes more than this share of the training time since the previous one.
         progress_seconds: progress lines on rank 0 every this many seconds during long steps; `None` for none.
-        membership_every_n_epochs, membership_n_ref: deprecated spellings of `MembershipCallback`'s
-            `every_n_epochs` and `n_ref` (the CLI's `membership:` section); one FutureWarning.
-
-    Each check logs the counts per image and per patient with 95% Clopper-Pearson intervals, the chance level of
-    a generator that copies nobody (`memorization/null_*`, `excess_*`), τ, and two quality metrics that do not
-    reveal memorization: `memorization/fd` and `memorization/ms_ssim`. The detector's self-check
-    (`memorization/detector_sensitivity`, `_specificity`) runs once per fit.
+        membership_every_n_epochs, membership_n_ref: deprecated, `MembershipCallback`'s `every_n_epochs` and
+            `n_ref` (the CLI's `membership:` section); one FutureWarning.
     """
 
     def __init__(
@@ -119,16 +116,10 @@ class MemorizationCallback(Callback):
         self.log_images = log_images
         self.output_dir = Path(output_dir) if output_dir else None
         self.max_overhead, self.progress_seconds = max_overhead, progress_seconds
-        self.deprecated_membership = {
-            key: value
-            for key, value in (("every_n_epochs", membership_every_n_epochs), ("n_ref", membership_n_ref))
-            if value is not None
-        }
-        for key in self.deprecated_membership:
-            rank_zero_warn(
-                f"memorization.membership_{key} is deprecated: use membership.{key} (MembershipCallback({key}=...))",
-                category=FutureWarning,
-            )
+        for key, value in (("every_n_epochs", membership_every_n_epochs), ("n_ref", membership_n_ref)):
+            if value is not None:
+                message = f"memorization.membership_{key} is deprecated: use membership.{key} (MembershipCallback({key}=...))"
+                rank_zero_warn(message, category=FutureWarning)
         self.check = MemorizationCheck(self.options, self.embedder)
         self.history: list[dict[str, Any]] = []
         self.result: CheckResult | None = None  # the latest check of this fit
@@ -144,14 +135,12 @@ class MemorizationCallback(Callback):
     @property
     def reference(self):
         """The reference set of this fit (`memorization.reference.ReferenceSet`), or `None` before it."""
-        return self.check.reference if self.check.references is not None else None
+        return self.check.reference
 
     @property
     def detector(self):
-        """The detector's self-check of this fit (`memorization.chance.DetectorCheck`), or `None`."""
+        """The detector's self-check of this fit (`memorization.chance.DetectorAccuracy`), or `None`."""
         return self.reference.self_check if self.reference is not None else None
-
-    # --- start-up ----------------------------------------------------------------------
 
     def check_data(self, datamodule: Any) -> None:
         """Raise `InputError` if the embedder takes images of another size or dimensionality than the data's."""
@@ -173,13 +162,7 @@ class MemorizationCallback(Callback):
         self.check_data(self.data)
         if self._checked_trainer != id(trainer):
             self.check_trainer(trainer)
-        with fail_together(trainer.strategy.root_device, "checking output_dir"):
-            if self.output_dir is not None:
-                checkpoint = (
-                    [("embedder_ckpt", self.embedder_ckpt)] if Path(self.embedder_ckpt).is_file() else []
-                )
-                inputs = [*data_paths(trainer.datamodule).items(), *checkpoint]
-                check_output_folders({"output_dir": self.output_dir}, inputs, replaces=False)
+        check_output_dir(trainer, self.output_dir, self.embedder_ckpt)
         n_syn, n_val = self.options.n_samples or len(self.data.train_patients), len(self.data.val_patients)
         notice = extrapolation_notice(n_syn, n_val, f"--memorization.n_samples {n_val}")
         if stage == "fit" and notice:
@@ -187,27 +170,14 @@ class MemorizationCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device = pl_module.device
-        with rng_preserved(device), fail_together(device, "checking the generator's samples"):
-            # memwatch's own generators are tested to fit (and the LDM cannot sample before its first batch).
-            if not isinstance(pl_module, MemwatchModule):
-                probe_generator(
-                    pl_module, (self.options.seed, 0), self.embedder.in_channels, self.data.spatial_size,
-                    type(pl_module).__name__, self.options.sample_keywords(),
-                )  # fmt: skip
-            probe = getattr(pl_module, "probe_sampler_graphs", None)
-            if self.options.sampler_graphs and device.type == "cuda" and probe is not None:
-                with trainer.precision_plugin.forward_context():
-                    probe(self.options.sample_batch_size)
+        probe_sampler(trainer, pl_module, self.options, self.embedder.in_channels, self.data.spatial_size)
         self.check.build_reference(
             self.data.reference_dataset("train"), self.data.reference_dataset("val"), self.data.train_patients,
             self.data.val_patients, self._placement(trainer, device, "memorization: "),
         )  # fmt: skip
         self.reference_embeddings_computed += 1
         if self.detector is not None:
-            scalars = {
-                f"memorization/detector_{key}": getattr(self.detector, key)
-                for key in ("sensitivity", "specificity")
-            }
+            scalars = {f"memorization/detector_{k}": getattr(self.detector, k) for k in ("sensitivity", "specificity")}
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=trainer.global_step)
             weak = weak_detector_warning(self.detector.sensitivity, self.detector.n_positive, EMBEDDER_OPTION)
@@ -217,20 +187,7 @@ class MemorizationCallback(Callback):
             add_layout(trainer)
 
     def _placement(self, trainer: Trainer, device: torch.device, label: str) -> Placement:
-        """This rank's place in a step, with progress lines on rank 0 about its share (ranks share evenly)."""
-
-        def progress(what: str):
-            if self.progress_seconds is None or not trainer.is_global_zero:
-                return None
-            share = f" (rank 0's share of {trainer.world_size})" if trainer.world_size > 1 else ""
-            return lambda total: Progress(label + what + share, total, rank_zero_info, self.progress_seconds)
-
-        return Placement(
-            device, trainer.global_rank, trainer.world_size, getattr(self.data, "num_workers", 0),
-            trainer.precision_plugin.forward_context, progress,
-        )  # fmt: skip
-
-    # --- when to check -----------------------------------------------------------------
+        return placement(trainer, device, getattr(self.data, "num_workers", 0), label, self.progress_seconds)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._training_since = Stopwatch(pl_module.device).last
@@ -253,8 +210,6 @@ class MemorizationCallback(Callback):
         if not self.history or self.history[-1]["step"] != step:
             return None
         return row_scalars(self.history[-1])
-
-    # --- a check -----------------------------------------------------------------------
 
     def _run_check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device = pl_module.device
@@ -282,16 +237,9 @@ class MemorizationCallback(Callback):
         block = self.options.decode_batch_size or self.options.sample_batch_size
         for warning in cost_warnings(row, device, self.max_overhead, block, baseline):
             rank_zero_warn(warning)
-        for key, value in row_scalars(row).items():
-            pl_module.log(
-                key, value, logger=False, sync_dist=False
-            )  # where EarlyStopping and ModelCheckpoint read
-        for logger in trainer.loggers:
-            logger.log_metrics(row_scalars(row), step=trainer.global_step)
+        log_scalars(trainer, pl_module, row_scalars(row))
         membership = membership_at(trainer, trainer.global_step)
-        row |= (
-            membership.row if membership else {}
-        )  # in the history beside N_mem; logged when it was evaluated
+        row |= membership.row if membership else {}  # in the history beside N_mem; logged when evaluated
         log_dir = Path(trainer.log_dir) if trainer.loggers else None  # a broadcast: every rank asks
         with fail_together(device, f"writing the results of {where}"):
             if trainer.is_global_zero:
@@ -313,11 +261,8 @@ class MemorizationCallback(Callback):
         summary = {
             **result.summary(),
             **{k: v for k, v in row.items() if not k.startswith((TIMING_PREFIX, MEMBERSHIP_PREFIX))},
-            "inputs": {
-                "embedder_ckpt": self.embedder_ckpt, "n_samples": n_syn, "seed": self.options.seed,
-                "num_inference_steps": self.options.num_inference_steps,
-                "sample_batch_size": self.options.sample_batch_size,
-            },
+            "inputs": {"embedder_ckpt": self.embedder_ckpt, "n_samples": n_syn} | {key: getattr(self.options, key) for key in (
+                "seed", "num_inference_steps", "sample_batch_size")},
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }  # fmt: skip
         if membership is not None:
@@ -330,8 +275,6 @@ class MemorizationCallback(Callback):
                 syn_image=result.copies.__getitem__ if self.log_images else None, max_pairs=len(result.copies),
                 train_patients=self.reference.train_patients,
             )  # fmt: skip
-
-    # --- resume ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(row) for row in self.history]}
@@ -352,9 +295,5 @@ class MemorizationCallback(Callback):
 
 def membership_at(trainer: Trainer, step: int):
     """The membership evaluation a `MembershipCallback` of `trainer` made at `step`, or `None`."""
-    for callback in trainer.callbacks:
-        evaluation_at = getattr(callback, "evaluation_at", None)
-        evaluation = evaluation_at(step) if callable(evaluation_at) else None
-        if evaluation is not None:
-            return evaluation
-    return None
+    found = (c.evaluation_at(step) for c in trainer.callbacks if callable(getattr(c, "evaluation_at", None)))
+    return next((evaluation for evaluation in found if evaluation is not None), None)

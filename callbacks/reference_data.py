@@ -61,7 +61,13 @@ def reference_data(datamodule: LightningDataModule | None) -> ReferenceData:
         )
     if isinstance(datamodule, ReferenceData):
         return datamodule
-    return LoaderData(datamodule)
+    # The check and the membership signal share one pass over the items' patients while the loaders' datasets
+    # stay the same objects.
+    data, previous = LoaderData(datamodule), getattr(datamodule, "_memwatch_reference_data", None)
+    if isinstance(previous, LoaderData) and all(previous.datasets[s] is data.datasets[s] for s in LOADERS):
+        return previous
+    datamodule._memwatch_reference_data = data
+    return data
 
 
 class ImageItems(Dataset):

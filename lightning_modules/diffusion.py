@@ -10,6 +10,7 @@ processes, for either model.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -71,8 +72,10 @@ class DiffusionModule(MemwatchModule):
         beta_end: the schedule's last beta.
         prediction_type: what the UNet predicts, `epsilon` (the noise) or `v_prediction`.
         lr: Adam learning rate.
-        sample_batch_size: images per forward pass in `sample`.
+        default_sample_batch_size: images per UNet pass when `sample` is called without `sample_batch_size`
+            (a memorization check passes its own block, `memorization.sample_batch_size`).
         num_inference_steps: default sampling steps.
+        sample_batch_size: the 0.1 spelling of `default_sample_batch_size` (one FutureWarning).
     """
 
     clip_sample = False  # latents have unit std, not a [-1, 1] range: clipping x0 would distort them
@@ -87,13 +90,19 @@ class DiffusionModule(MemwatchModule):
         use_flash_attention: bool | None = None,
         norm_num_groups: int = 32,
         num_train_timesteps: int = 1000,
-        sample_batch_size: int = 16,
+        default_sample_batch_size: int = 16,
         num_inference_steps: int = 50,
+        sample_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         # Saves these and the calling subclass's own arguments (Lightning reads every constructor frame);
         # the UNet, the scheduler and `sample` read them from `self.hparams`.
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["sample_batch_size"])
+        if sample_batch_size is not None:  # a 0.1 config or checkpoint
+            warnings.warn(
+                "model.init_args.sample_batch_size is deprecated: use default_sample_batch_size", FutureWarning, stacklevel=2
+            )
+            self.hparams.default_sample_batch_size = sample_batch_size
 
     def build_unet(self, in_channels: int) -> DiffusionModelUNet:
         hp = self.hparams
@@ -297,7 +306,7 @@ class DiffusionModule(MemwatchModule):
         if problem:
             raise InputError(problem)
         steps = num_inference_steps or self.hparams.num_inference_steps
-        batch_size = self.hparams.sample_batch_size if sample_batch_size is None else sample_batch_size
+        batch_size = self.hparams.default_sample_batch_size if sample_batch_size is None else sample_batch_size
         decode = batch_size if decode_batch_size is None else decode_batch_size
         for name, value in (("sample_batch_size", batch_size), ("decode_batch_size", decode)):
             if value < 1:

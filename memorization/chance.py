@@ -83,7 +83,7 @@ class HeldOutExceedances:
             `distinct` only distinct ones whose nearest patient is the image's).
         patient_counts: `[N_patients]` the same for each patient (any of their images), `patients` order.
         patients: the sorted patients of `patient_counts`.
-        rule: the copy rule the flags follow; `detector_check` flags the varied images by it too.
+        rule: the copy rule the flags follow; `detector_accuracy` flags the varied images by it too.
         margin: the `distinct` rule's margin; `None` under `paper`.
         train_patient_codes: `[N_train]` int64 position of each training row's patient in `patients`.
     """
@@ -341,7 +341,7 @@ def prediction_interval(
 
 
 @dataclass(frozen=True)
-class DetectorCheck:
+class DetectorAccuracy:
     """The embedder's self-check on the user's data: sensitivity on varied training images, specificity on held-out ones."""
 
     sensitivity: float
@@ -362,9 +362,9 @@ class DetectorCheck:
         }
 
 
-def detector_check(
+def detector_accuracy(
     varied: torch.Tensor, train: torch.Tensor, exceedances: HeldOutExceedances
-) -> DetectorCheck:
+) -> DetectorAccuracy:
     """Sensitivity on `varied` `[N_pos, L]` (embeddings of variations of training images) at τ; specificity
     from `exceedances`.
 
@@ -378,7 +378,7 @@ def detector_check(
         flagged = int((nearest_correlation(varied, train).cpu() >= exceedances.tau).sum())
     n_positive, n_negative = len(varied), exceedances.n_val
     clear = n_negative - int(exceedances.val_flagged.sum())
-    return DetectorCheck(
+    return DetectorAccuracy(
         sensitivity=flagged / n_positive,
         specificity=clear / n_negative,
         n_positive=n_positive,

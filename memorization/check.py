@@ -9,8 +9,8 @@ detects and scores quality, and returns a `CheckResult`. Every step runs in fixe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -31,6 +31,7 @@ from memwatch.memorization.detect import (
 from memwatch.memorization.distributed import block_shard, fail_together, gather_kept
 from memwatch.memorization.embedders import Embedder, Generator
 from memwatch.memorization.pipeline import (
+    Placement,
     embed_dataset,
     embed_variations,
     gathered,
@@ -41,7 +42,6 @@ from memwatch.memorization.reference import Detection, ReferenceSet
 from memwatch.memorization.report import copy_order
 from memwatch.memorization.stream import (
     EmbeddedStream,
-    Progress,
     Stopwatch,
     dataset_blocks,
     deterministic_kernels,
@@ -50,10 +50,6 @@ from memwatch.memorization.stream import (
 )
 from memwatch.memorization.summary import check_numbers, detectors_summary, quality_numbers, summary_numbers
 from memwatch.memorization.variation import variation_transform
-
-ProgressFor = Callable[
-    [str], Callable[[int], Progress] | None
-]  # label → (image count → progress lines), or None
 
 
 @dataclass(frozen=True)
@@ -139,22 +135,6 @@ class CheckOptions:
         return {} if self.decode_batch_size is None else {"decode_batch_size": self.decode_batch_size}
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where a step runs: this process's rank of `world_size`, its device, its loader workers, its precision
-    (`autocast`, e.g. the trainer's precision context), and its progress lines."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    num_workers: int = 0
-    autocast: Callable[[], AbstractContextManager] = nullcontext
-    progress: ProgressFor = lambda label: None
-
-    def progress_for(self, label: str) -> Callable[[int], Progress] | None:
-        return self.progress(label)
-
-
 @dataclass
 class CheckResult:
     """One check: each embedder's detection (the first is the headline's), the quality numbers and the cost.
@@ -223,11 +203,9 @@ class MemorizationCheck:
         return sum(embedder.embedding_dim for embedder in self.embedders.values())
 
     @property
-    def reference(self) -> ReferenceSet:
-        """The first embedder's reference set."""
-        if self.references is None:
-            raise RuntimeError("build_reference first")
-        return next(iter(self.references.values()))
+    def reference(self) -> ReferenceSet | None:
+        """The first embedder's reference set (`None` before `build_reference`)."""
+        return next(iter(self.references.values())) if self.references is not None else None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """`[B, L]`: every embedder's embeddings of `images`, side by side."""
@@ -252,32 +230,21 @@ class MemorizationCheck:
         """Embed the training and held-out images (`dataset[i]["image"]`) and the self-check's variations of
         training images, and build each embedder's reference set. Leaves every random stream as it was."""
         options, device = self.options, place.device
-        shared = {
-            "device": device, "rank": place.rank, "world_size": place.world_size, "autocast": place.autocast,
-        }  # fmt: skip
-        with (
-            rng_preserved(device),
-            deterministic_kernels(),
-            fail_together(device, "embedding the reference images"),
-        ):
+        block, dim = options.sample_batch_size, self.embedding_dim
+        with rng_preserved(device), deterministic_kernels(), fail_together(device, "embedding the reference images"):
             for embedder in self.embedders.values():
                 embedder.to(device)
             embedded = {
-                split: embed_dataset(
-                    dataset, self.embed, options.sample_batch_size, self.embedding_dim, num_workers=place.num_workers,
-                    progress=place.progress_for(f"embedding the {name} images"), **shared,
-                ).embeddings
+                split: embed_dataset(dataset, self.embed, block, dim, place, f"embedding the {name} images")
                 for split, dataset, name in (("train", train, "training"), ("val", val, "held-out"))
-            }  # fmt: skip
+            }
+            self.image_shape = tuple(train[0]["image"].shape)
             varied = None
             if options.detector_positives:
-                image = train[0]["image"]
                 varied = self._per_embedder(embed_variations(
-                    train, options.detector_positives, self.embed, options.sample_batch_size, self.embedding_dim,
-                    seed=options.seed, variation=options.variation_for(image.ndim - 1),
-                    progress=place.progress_for("embedding varied training images"), **shared,
+                    train, options.detector_positives, self.embed, block, dim, place, seed=options.seed,
+                    variation=options.variation_for(len(self.image_shape) - 1), label="embedding varied training images",
                 ))  # fmt: skip
-        self.image_shape = tuple(train[0]["image"].shape)
         self.references = {
             name: ReferenceSet.build(
                 train_embeddings, val_embeddings, train_patients, val_patients, percentile=options.percentile,
@@ -369,7 +336,7 @@ class MemorizationCheck:
             graphs = nullcontext()
         if save_samples is not None:
             images = saved(images, save_samples, mine.start)
-        progress = place.progress_for("samples")
+
         with fail_together(device, "sampling"), graphs, self._out_of_memory_named():
             local = embed_stream(
                 images, self.embed, first_index=mine.start, score_pairs=True,
@@ -379,7 +346,7 @@ class MemorizationCheck:
                     self._per_embedder(embeddings)[next(iter(self.embedders))], self.reference.train
                 ),
                 autocast=place.autocast, require_finite=where if sampling else None, device=device,
-                progress=progress(len(mine)) if progress else None,
+                progress=place.lines("samples", len(mine)),
             )  # fmt: skip
         return local, mine
 

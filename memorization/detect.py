@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from memwatch.errors import InputError
-from memwatch.memorization.checks import as_real_tensor, check_finite
+from memwatch.memorization.arrays import as_real_tensor, check_finite
 
 RULES = ("paper", "distinct")
 DEFAULT_RULE = "distinct"

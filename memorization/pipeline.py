@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +33,25 @@ from memwatch.memorization.variation import variation_batches
 
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images [B, C, *spatial] in [0, 1] → [B, L]
 Score = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]  # images [B, C, *spatial], ids [B] → scores [B]
-ProgressFor = Callable[[int], Progress | None]  # this rank's image count → progress lines, or None
+ProgressFor = Callable[[str], Callable[[int], Progress] | None]  # label → (this rank's count → lines), or None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a step runs: this process's rank of `world_size`, its device, its loader workers, its precision
+    (`autocast`, e.g. the trainer's precision context), and its progress lines (`progress(label)`)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+    progress: ProgressFor = lambda label: None
+
+    def lines(self, label: str, count: int) -> Progress | None:
+        """Progress lines about `count` images of this rank, or `None`."""
+        progress = self.progress(label)
+        return progress(count) if progress else None
 
 
 def gathered(local: EmbeddedStream, embedding_dim: int, device: torch.device) -> EmbeddedStream:
@@ -50,28 +69,17 @@ def gathered(local: EmbeddedStream, embedding_dim: int, device: torch.device) ->
 
 
 def embed_dataset(
-    dataset: Dataset,
-    embed: Embed,
-    block_size: int,
-    embedding_dim: int,
-    *,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    score_pairs: bool = False,
-    progress: ProgressFor | None = None,
-) -> EmbeddedStream:
-    """`dataset[i]["image"]` for every `i`, embedded in blocks of `block_size`: gathered `[N, L]` in dataset order
-    (and, with `score_pairs`, the MS-SSIM of pairs `(2k, 2k + 1)`)."""
-    mine = block_shard(len(dataset), block_size, rank, world_size)
+    dataset: Dataset, embed: Embed, block_size: int, embedding_dim: int, place: Placement, label: str = ""
+) -> torch.Tensor:
+    """`dataset[i]["image"]` for every `i`, embedded in blocks of `block_size`: gathered `[N, L]` in dataset
+    order (progress lines under `label`)."""
+    mine = block_shard(len(dataset), block_size, place.rank, place.world_size)
     local = embed_stream(
-        (block.to(device) for block in dataset_blocks(dataset, mine, block_size, num_workers)),
-        embed, first_index=mine.start, score_pairs=score_pairs, autocast=autocast, device=device,
-        progress=progress(len(mine)) if progress else None,
+        (block.to(place.device) for block in dataset_blocks(dataset, mine, block_size, place.num_workers)),
+        embed, first_index=mine.start, autocast=place.autocast, device=place.device,
+        progress=place.lines(label, len(mine)),
     )  # fmt: skip
-    return gathered(local, embedding_dim, device)
+    return gathered(local, embedding_dim, place.device).embeddings
 
 
 def embed_variations(
@@ -80,29 +88,26 @@ def embed_variations(
     embed: Embed,
     block_size: int,
     embedding_dim: int,
+    place: Placement,
     *,
     seed: int,
     variation: Compose,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    progress: ProgressFor | None = None,
+    label: str = "",
 ) -> torch.Tensor:
     """Embeddings `[P, L]` of variations of `n_positives` evenly spaced training images (the self-check's
     positives; all images when fewer); variation `k` seeded by `(seed, k)`."""
     rows = positive_rows(len(dataset), n_positives)
-    mine = block_shard(len(rows), block_size, rank, world_size)
+    mine = block_shard(len(rows), block_size, place.rank, place.world_size)
 
     def vary_block(block: range) -> torch.Tensor:
         padded = [rows[min(k, len(rows) - 1)] for k in block]  # the last block repeats its last row
         return next(variation_batches(dataset, padded, len(block), seed, variation, block.start))
 
     local = embed_stream(
-        (images.to(device) for images in blocks(vary_block, mine, block_size)),
-        embed, autocast=autocast, device=device, progress=progress(len(mine)) if progress else None,
+        (images.to(place.device) for images in blocks(vary_block, mine, block_size)),
+        embed, autocast=place.autocast, device=place.device, progress=place.lines(label, len(mine)),
     )  # fmt: skip
-    return gathered(local, embedding_dim, device).embeddings
+    return gathered(local, embedding_dim, place.device).embeddings
 
 
 def sample_blocks(
@@ -139,21 +144,17 @@ def score_dataset(
     score: Score,
     ids: Sequence[int],
     block_size: int,
-    *,
-    device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    place: Placement,
 ) -> torch.Tensor:
     """`score(images, ids)` of every `dataset[i]["image"]` (image `i` named `ids[i]`), in blocks of `block_size`
     aligned to global indices: gathered `[N]` float32 in dataset order, the same on any number of ranks."""
-    mine = block_shard(len(dataset), block_size, rank, world_size)
+    mine = block_shard(len(dataset), block_size, place.rank, place.world_size)
+    device = place.device
     local = [torch.zeros(0, device=device)]
-    with autocast():
+    with place.autocast():
         for start, images in zip(
             range(mine.start, mine.stop, block_size),
-            dataset_blocks(dataset, mine, block_size, num_workers),
+            dataset_blocks(dataset, mine, block_size, place.num_workers),
             strict=True,
         ):
             local.append(score(images.to(device), ids[start : start + len(images)]).float().to(device))
@@ -165,19 +166,18 @@ def score_membership(
     val: Dataset,
     score: Score,
     block_size: int,
+    place: Placement,
     *,
     n_ref: int | None = None,
     seed: int = 0,
     option: str = "",
-    **where: Any,
 ) -> MembershipEvaluation:
     """Score `n_ref` held-out images (all by default) and as many training images (`memorization.membership.
-    reference_rows`) with their fixed ids, and compare them (`evaluate_membership`). `where`: `score_dataset`'s
-    device, rank, world_size, num_workers and autocast."""
+    reference_rows`) with their fixed ids, and compare them (`evaluate_membership`)."""
     train_rows, val_rows = reference_rows(len(train), len(val), n_ref)
     scores = {
         split: score_dataset(
-            Subset(dataset, rows), score, score_ids(split, rows, len(train)), block_size, **where
+            Subset(dataset, rows), score, score_ids(split, rows, len(train)), block_size, place
         )
         for split, dataset, rows in (("train", train, train_rows), ("val", val, val_rows))
     }

@@ -14,7 +14,7 @@ import torch
 from monai.metrics import compute_ms_ssim
 
 from memwatch.errors import InputError
-from memwatch.memorization.checks import as_real_tensor, check_finite
+from memwatch.memorization.arrays import as_real_tensor, check_finite
 
 # MONAI's (Wang et al.'s) MS-SSIM weights, finest scale first; fewer scales use a renormalised prefix.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)

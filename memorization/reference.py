@@ -16,9 +16,9 @@ import torch
 
 from memwatch.memorization.chance import (
     ChanceLevel,
-    DetectorCheck,
+    DetectorAccuracy,
     chance_level,
-    detector_check,
+    detector_accuracy,
     held_out_exceedances,
 )
 from memwatch.memorization.detect import CopyReport, detect_copies
@@ -30,7 +30,7 @@ class Detection:
 
     report: CopyReport
     chance: ChanceLevel
-    self_check: DetectorCheck | None
+    self_check: DetectorAccuracy | None
 
 
 @dataclass
@@ -49,7 +49,7 @@ class ReferenceSet:
     percentile: float
     rule: str
     margin: float
-    self_check: DetectorCheck | None = None
+    self_check: DetectorAccuracy | None = None
     _chance: dict[int, ChanceLevel] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -71,7 +71,7 @@ class ReferenceSet:
             percentile, rule, margin,
         )  # fmt: skip
         if varied is not None:
-            reference.self_check = detector_check(varied, train, reference.exceedances)
+            reference.self_check = detector_accuracy(varied, train, reference.exceedances)
         return reference
 
     def __post_init__(self) -> None:

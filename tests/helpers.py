@@ -34,7 +34,7 @@ from memwatch.datamodules import PhantomDataModule
 from memwatch.datamodules.phantom import render_phantom
 from memwatch.lightning_modules import AutoencoderModule
 from memwatch.memorization import detect_copies
-from memwatch.memorization.chance import chance_level, detector_check, held_out_exceedances
+from memwatch.memorization.chance import chance_level, detector_accuracy, held_out_exceedances
 from memwatch.memorization.history import read_history
 from memwatch.memorization.report import write_report
 from memwatch.memorization.summary import headline
@@ -581,7 +581,7 @@ def planted_report(spatial_size: tuple[int, ...], hostile_ids: bool = False):
     varied = train + 0.05 * torch.randn(train.shape, generator=torch.Generator().manual_seed(0))
     summary = {
         **headline(report, patients, chance_level(exceedances, len(syn))),
-        "detector": detector_check(varied, train, exceedances).as_dict(),
+        "detector": detector_accuracy(varied, train, exceedances).as_dict(),
         "inputs": {"train": f"/data/{prefix}train", "synthetic": "/data/synthetic"},
         "created": "2025-01-01T00:00:00+00:00",
     }

@@ -13,7 +13,7 @@ from memwatch.memorization import detect_copies as detect_copies_by_default_rule
 from memwatch.memorization.chance import (
     chance_level,
     check_patients,
-    detector_check,
+    detector_accuracy,
     prediction_interval,
     weak_detector_warning,
 )
@@ -179,9 +179,9 @@ def test_a_perfect_embedder_has_sensitivity_one_and_a_random_one_scores_chance()
     generator = torch.Generator().manual_seed(7)
     train, val = random_patients(200, generator), random_patients(200, generator)
     exceedances = held_out_exceedances(train, val, 95.0)
-    perfect = detector_check(train[:100].clone(), train, exceedances)  # variation embedded exactly as its original
+    perfect = detector_accuracy(train[:100].clone(), train, exceedances)  # variation embedded exactly as its original
     assert perfect.sensitivity == 1.0 and perfect.n_positive == 100 and perfect.n_negative == 200
-    random = detector_check(random_patients(400, generator), train, exceedances)
+    random = detector_accuracy(random_patients(400, generator), train, exceedances)
     chance = 1.0 - random.specificity  # the share of held-out images flagged
     assert random.sensitivity < 0.2
     low, high = random.sensitivity_ci
@@ -222,7 +222,7 @@ def test_held_out_images_between_two_patients_are_passed_under_the_distinct_rule
     paper = held_out_exceedances(train, val, 80.0, rule="paper")
     distinct = held_out_exceedances(train, val, 80.0, rule="distinct", margin=0.5)
     assert paper.rule == "paper" and distinct.rule == "distinct" and distinct.margin == 0.5
-    paper_check, distinct_check = detector_check(varied, train, paper), detector_check(varied, train, distinct)
+    paper_check, distinct_check = detector_accuracy(varied, train, paper), detector_accuracy(varied, train, distinct)
     assert paper_check.specificity < 1.0  # the paper's rule flags some of them
     assert distinct_check.specificity > paper_check.specificity and distinct_check.specificity == 1.0
     assert distinct_check.sensitivity == paper_check.sensitivity == 1.0  # true copies stay copies

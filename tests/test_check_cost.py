@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from memwatch.callbacks import MemorizationCallback
-from memwatch.callbacks.startup_checks import check_sampler_options
+from memwatch.callbacks.preflight import check_sampler_options
 from memwatch.errors import InputError
 from memwatch.lightning_modules import LatentDiffusionModule, PixelDiffusionModule
 from memwatch.memorization.check import CheckOptions

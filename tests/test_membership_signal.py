@@ -21,7 +21,7 @@ from memwatch.errors import InputError
 from memwatch.lightning_modules import LatentDiffusionModule, PixelDiffusionModule
 from memwatch.memorization.history import MEMBERSHIP_HISTORY_FILE, read_history
 from memwatch.memorization.membership import evaluate_membership
-from memwatch.memorization.pipeline import score_dataset
+from memwatch.memorization.pipeline import Placement, score_dataset
 from tests.doubles import MembershipScriptedGenerator, ScriptedGenerator
 from tests.helpers import (
     MEMORIZATION_SIZE,
@@ -69,7 +69,7 @@ def test_each_model_scores_an_image_by_its_id_alone(models, name):
     ids = list(range(100, 100 + len(images)))
 
     def scores(block_size: int) -> torch.Tensor:
-        return score_dataset(images, model.membership_scores, ids, block_size, device=torch.device("cpu"))
+        return score_dataset(images, model.membership_scores, ids, block_size, Placement(torch.device("cpu")))
 
     first = scores(4)
     assert first.shape == (len(images),) and torch.isfinite(first).all() and first.std() > 0

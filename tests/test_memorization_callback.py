@@ -20,7 +20,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 
 from memwatch.callbacks import MemorizationCallback
 from memwatch.callbacks.memorization import row_scalars
-from memwatch.callbacks.startup_checks import stale_early_stopping
+from memwatch.callbacks.preflight import stale_early_stopping
 from memwatch.cli import main
 from memwatch.datamodules import PhantomDataModule
 from memwatch.errors import InputError

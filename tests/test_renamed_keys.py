@@ -5,10 +5,12 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 from jsonargparse import Namespace
 
 from memwatch.audit.options import audit_parser, check_arguments, check_options
 from memwatch.cli import memorization_with_membership
+from memwatch.lightning_modules.diffusion import PixelDiffusionModule
 
 
 def test_the_0_1_membership_keys_of_the_memorization_section_move_to_the_membership_section_with_one_line():
@@ -58,3 +60,17 @@ def test_an_audit_block_of_one_is_accepted_as_the_callbacks_is(tmp_path):
     )  # fmt: skip
     check_arguments(args)
     assert check_options(args).sample_batch_size == 1
+
+
+def test_the_models_own_sample_batch_size_is_default_sample_batch_size_with_one_line():
+    tiny = {"channels": (8, 8), "attention_levels": (False, False), "norm_num_groups": 8, "num_head_channels": 8}
+    with pytest.warns(FutureWarning, match="^model.init_args.sample_batch_size is deprecated: use default_sample_batch_size$"):
+        old = PixelDiffusionModule(**tiny, sample_batch_size=3)
+    new = PixelDiffusionModule(**tiny, default_sample_batch_size=3)
+    assert old.hparams == new.hparams and new.hparams.default_sample_batch_size == 3
+    assert "sample_batch_size" not in new.hparams
+    # sample() without a block size uses it: the same images as with the block given
+    torch.manual_seed(0)
+    new.image_spatial_size = old.image_spatial_size = (8, 8)
+    old.load_state_dict(new.state_dict())
+    assert torch.equal(old.sample(4, seed=1, num_inference_steps=2), new.sample(4, seed=1, num_inference_steps=2, sample_batch_size=3))

@@ -1,4 +1,4 @@
-"""Input checks shared by copy detection and the quality metrics: one-line `InputError`s naming the argument."""
+"""The arrays copy detection and the quality metrics take, converted and validated: one-line `InputError`s naming the argument."""
 
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
-"""The MemorizationCallback's checks before training: each refuses, in one line, a run that would fail later.
+"""The memorization callbacks' checks before training: each refuses, in one line, a run that would fail later.
 
-Data the embedder cannot take, an EarlyStopping that would read an old check, sampler options the
-generator lacks, a check that runs out of GPU memory.
+Data the embedder cannot take, an EarlyStopping that would read an old check or membership evaluation, a
+generator without `sample()` or whose samples the embedder cannot take, sampler options it lacks, an
+`output_dir` that would overwrite an input, too few held-out images for the membership signal.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,13 +19,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from memwatch.callbacks.last_safe import memorization_stoppers
 from memwatch.errors import InputError
+from memwatch.lightning_modules.base import MemwatchModule
 from memwatch.lightning_modules.plugins import TrustedModules, embedder_name, load_embedder
 from memwatch.lightning_private import reads_at_train_epoch_end
 from memwatch.memorization.chance import check_patients
 from memwatch.memorization.check import CheckOptions
-from memwatch.memorization.embedders import SAMPLE_SIGNATURE, Embedder, membership_scorer
+from memwatch.memorization.distributed import fail_together
+from memwatch.memorization.embedders import SAMPLE_SIGNATURE, Embedder, membership_scorer, probe_generator
 from memwatch.memorization.history import MEMBERSHIP_PREFIX
 from memwatch.memorization.membership import MIN_HELD_OUT
+from memwatch.memorization.output_folders import check_output_folders, data_paths
+from memwatch.memorization.stream import rng_preserved
 
 MEMBERSHIP_SCALARS = f"memorization/{MEMBERSHIP_PREFIX}"
 
@@ -180,6 +186,35 @@ def check_sampler_options(generator: LightningModule, device: torch.device, opti
         rank_zero_info(
             "memorization.sampler_graphs: CUDA graphs need a GPU; on this CPU sampling runs as without"
         )
+
+
+def check_output_dir(trainer: Trainer, output_dir: Path | None, embedder_ckpt: str) -> None:
+    """Refuse, on every rank, an `output_dir` that overlaps the data, the embedder or the current folder, or
+    cannot be written (`memorization.output_folders.check_output_folders`)."""
+    with fail_together(trainer.strategy.root_device, "checking output_dir"):
+        if output_dir is not None:
+            checkpoint = [("embedder_ckpt", embedder_ckpt)] if Path(embedder_ckpt).is_file() else []
+            inputs = [*data_paths(trainer.datamodule).items(), *checkpoint]
+            check_output_folders({"output_dir": output_dir}, inputs, replaces=False)
+
+
+def probe_sampler(
+    trainer: Trainer, generator: LightningModule, options: CheckOptions, channels: int, spatial_size: Sequence[int]
+) -> None:
+    """Sample a user's generator once, refusing in one line samples the embedder cannot take
+    (`memorization.embedders.probe_generator`), and capture the sampling step's CUDA graph when asked."""
+    device = generator.device
+    with rng_preserved(device), fail_together(device, "checking the generator's samples"):
+        # memwatch's own generators are tested to fit (and the LDM cannot sample before its first batch).
+        if not isinstance(generator, MemwatchModule):
+            probe_generator(
+                generator, (options.seed, 0), channels, spatial_size, type(generator).__name__,
+                options.sample_keywords(),
+            )  # fmt: skip
+        probe = getattr(generator, "probe_sampler_graphs", None)
+        if options.sampler_graphs and device.type == "cuda" and probe is not None:
+            with trainer.precision_plugin.forward_context():
+                probe(options.sample_batch_size)
 
 
 def accepts_keyword(method: Callable, name: str) -> bool:
