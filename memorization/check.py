@@ -96,24 +96,14 @@ class CheckOptions:
         object.__setattr__(self, "rule", rule)
         object.__setattr__(self, "margin", margin)
         object.__setattr__(self, "percentile", check_percentile(self.percentile, self.flag("percentile")))
-        if self.n_samples is not None and self.n_samples < 1:
-            raise InputError(
-                f"{self.flag('n_samples')}={self.n_samples} must be at least 1 (or null for the training-set size)"
-            )
-        if self.num_inference_steps < 1:
-            raise InputError(
-                f"{self.flag('num_inference_steps')}={self.num_inference_steps} must be at least 1"
-            )
-        if self.sample_batch_size < 1:
-            raise InputError(f"{self.flag('sample_batch_size')}={self.sample_batch_size} must be at least 1")
-        if self.decode_batch_size is not None and self.decode_batch_size < 1:
-            raise InputError(
-                f"{self.flag('decode_batch_size')}={self.decode_batch_size} must be at least 1 (or null for sample_batch_size)"
-            )
-        if self.detector_positives < 0:
-            raise InputError(
-                f"{self.flag('detector_positives')}={self.detector_positives} must be at least 0 (0 skips the self-check)"
-            )
+        for name, minimum, otherwise in (
+            ("n_samples", 1, " (or null for the training-set size)"), ("num_inference_steps", 1, ""),
+            ("sample_batch_size", 1, ""), ("decode_batch_size", 1, " (or null for sample_batch_size)"),
+            ("detector_positives", 0, " (0 skips the self-check)"),
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise InputError(f"{self.flag(name)}={value} must be at least {minimum}{otherwise}")
         self.variation_for(2)  # unknown strengths fail now, not at the first check
 
     def flag(self, name: str) -> str:
@@ -164,10 +154,6 @@ class CheckResult:
     def detection(self) -> Detection:
         """The first embedder's detection: the headline numbers."""
         return next(iter(self.detections.values()))
-
-    @property
-    def n_syn(self) -> int:
-        return len(self.synthetic.embeddings)
 
     def numbers(self) -> dict[str, Any]:
         """A history row's numbers: the copy rule, the headline counts and the quality metrics."""
