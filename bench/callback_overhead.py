@@ -158,7 +158,7 @@ def ldm_fit(name: str, tmp: Path, autoencoder: Path, embedder: Path, steps: int,
     """One LDM fit in a worker subprocess; the per-rank measurements and the machine's CPU use around it."""
     result_dir = tmp / f"result_{name}"
     callbacks = (
-        [f"--trainer.callbacks={json.dumps([EMA, TIMER])}", "--memorization", "null", "--early_stopping", "null"]
+        [f"--trainer.callbacks={json.dumps([EMA, TIMER])}", "--memorization", "null", "--membership", "null", "--early_stopping", "null"]
         if name == "baseline"
         else ["--memorization.embedder_ckpt", str(embedder), f"--trainer.callbacks={json.dumps([EMA, TIMER])}"]
     )  # fmt: skip

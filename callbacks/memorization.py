@@ -20,22 +20,30 @@ from memwatch.callbacks.check_cost import check_cost, cost_warnings
 from memwatch.callbacks.evaluation import at_epoch_end_validation, evaluated_model, log_scalars, placement
 from memwatch.callbacks.preflight import (
     EMBEDDER_OPTION,
+    check_distinct_outputs,
     check_early_stopping,
     check_embedder_fits,
     check_generator,
+    check_name,
     check_output_dir,
     check_sampler_options,
+    check_schedule,
     load_callback_embedder,
     probe_sampler,
 )
 from memwatch.callbacks.reference_data import ReferenceData, reference_data
 from memwatch.callbacks.tensorboard import add_layout, log_copy_pairs, log_histograms
-from memwatch.errors import InputError
 from memwatch.memorization.chance import extrapolation_notice, weak_detector_warning
 from memwatch.memorization.check import CheckOptions, CheckResult, MemorizationCheck, Placement
 from memwatch.memorization.detect import DEFAULT_MARGIN, DEFAULT_RULE
 from memwatch.memorization.distributed import fail_together
-from memwatch.memorization.history import MEMBERSHIP_PREFIX, TIMING_PREFIX, row_scalars, write_history
+from memwatch.memorization.history import (
+    MEMBERSHIP_PREFIX,
+    TIMING_PREFIX,
+    history_file,
+    row_scalars,
+    write_history,
+)
 from memwatch.memorization.output_folders import staged_output
 from memwatch.memorization.report import write_report
 from memwatch.memorization.stream import Stopwatch
@@ -55,20 +63,19 @@ class MemorizationCallback(Callback):
     (quality metrics that do not reveal memorization), and once per fit the detector's self-check.
 
     Args:
-        embedder_ckpt: checkpoint of a trained `SimCLRModule` (trained on the training images).
-        embedder: any `memorization.embedders.Embedder`: `pixel`, or a `{class_path, init_args}` mapping; when
-            given, it replaces `embedder_ckpt`.
-        trust_modules: modules whose classes `embedder` may name besides memwatch's own (importing runs code).
-        every_n_epochs: epochs between checks.
-        check_at_start: also check at the end of the first epoch (a baseline near chance level).
+        embedder_ckpt: checkpoint of a `SimCLRModule` trained on the training images; or `embedder`: any
+            `memorization.embedders.Embedder` (`pixel`, or a `{class_path, init_args}` mapping of a class in
+            memwatch or in `trust_modules`: importing a module runs its code).
+        every_n_epochs: epochs between checks; `check_at_start`: also at the end of the first (a baseline).
         n_samples, num_inference_steps, sample_batch_size, decode_batch_size, sampler_graphs, percentile, rule,
             margin, seed, detector_positives, variation: the check's options, `memorization.check.CheckOptions`.
         log_images: also log the most similar copy pairs (training image | synthetic copy) to TensorBoard and
             put `copies.png` in `output_dir`. Off by default: patient pixels leave the dataset only when asked.
-        output_dir: write each check's audit files (`summary.json`, `pairs.csv`, report.html, ...) to
-            `output_dir/check_NNN/`.
+        output_dir: write each check's audit files (`summary.json`, report.html, ...) to `output_dir/check_NNN/`.
         max_overhead: warn when a check takes more than this share of the training time since the previous one.
         progress_seconds: progress lines on rank 0 every this many seconds during long steps; `None` for none.
+        name: names this check's results where a Trainer has several (two embedders): its scalars are
+            `memorization/<name>/*`, its history `memorization_history_<name>.csv`.
         membership_every_n_epochs, membership_n_ref: deprecated, `MembershipCallback`'s `every_n_epochs` and
             `n_ref` (the CLI's `membership:` section); one FutureWarning.
     """
@@ -97,29 +104,22 @@ class MemorizationCallback(Callback):
         trust_modules: list[str] | None = None,
         membership_every_n_epochs: int | None = None,
         membership_n_ref: int | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
-        if every_n_epochs < 1:
-            raise InputError(f"--memorization.every_n_epochs={every_n_epochs} must be at least 1")
-        if not 0.0 < max_overhead <= 10.0:
-            raise InputError(f"--memorization.max_overhead={max_overhead} must lie in (0, 10], e.g. 0.25")
+        check_schedule(every_n_epochs, max_overhead, membership_every_n_epochs, membership_n_ref)
         self.options = CheckOptions(
             n_samples=n_samples, num_inference_steps=num_inference_steps, sample_batch_size=sample_batch_size,
             decode_batch_size=decode_batch_size, sampler_graphs=sampler_graphs, percentile=percentile, rule=rule,
             margin=margin, seed=seed, detector_positives=detector_positives, variation=variation or {},
             keep_copies=MAX_PAIRS if log_images else 0,
         )  # fmt: skip
-        self.embedder_ckpt, self.embedder = load_callback_embedder(
-            embedder_ckpt, embedder, trust_modules or ()
-        )
+        self.embedder_ckpt, self.embedder = load_callback_embedder(embedder_ckpt, embedder, trust_modules or ())  # fmt: skip
+        self.name, self.prefix = name, check_name(name)
         self.every_n_epochs, self.check_at_start = every_n_epochs, check_at_start
         self.log_images = log_images
         self.output_dir = Path(output_dir) if output_dir else None
         self.max_overhead, self.progress_seconds = max_overhead, progress_seconds
-        for key, value in (("every_n_epochs", membership_every_n_epochs), ("n_ref", membership_n_ref)):
-            if value is not None:
-                message = f"memorization.membership_{key} is deprecated: use membership.{key} (MembershipCallback({key}=...))"
-                rank_zero_warn(message, category=FutureWarning)
         self.check = MemorizationCheck(self.options, self.embedder)
         self.history: list[dict[str, Any]] = []
         self.result: CheckResult | None = None  # the latest check of this fit
@@ -130,7 +130,7 @@ class MemorizationCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(embedder=self.embedder_ckpt, every_n_epochs=self.every_n_epochs)
+        return self._generate_state_key(embedder=self.embedder_ckpt, every_n_epochs=self.every_n_epochs, name=self.name)
 
     @property
     def reference(self):
@@ -152,7 +152,8 @@ class MemorizationCallback(Callback):
     def check_trainer(self, trainer: Trainer, generator: LightningModule | None = None) -> None:
         """Raise `InputError` for an EarlyStopping on the check's `memorization/*` that would read an old check
         or none (the CLI calls it before training; `setup` when it did not)."""
-        check_early_stopping(trainer, self.every_n_epochs, self.check_at_start)
+        check_early_stopping(trainer, self.every_n_epochs, self.check_at_start, self.prefix)
+        check_distinct_outputs([c for c in trainer.callbacks if isinstance(c, MemorizationCallback)])
         self._checked_trainer = id(trainer)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -177,7 +178,7 @@ class MemorizationCallback(Callback):
         )  # fmt: skip
         self.reference_embeddings_computed += 1
         if self.detector is not None:
-            scalars = {f"memorization/detector_{k}": getattr(self.detector, k) for k in ("sensitivity", "specificity")}
+            scalars = {f"{self.prefix}detector_{k}": getattr(self.detector, k) for k in ("sensitivity", "specificity")}
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=trainer.global_step)
             weak = weak_detector_warning(self.detector.sensitivity, self.detector.n_positive, EMBEDDER_OPTION)
@@ -209,7 +210,7 @@ class MemorizationCallback(Callback):
         """The scalars a check logged at `step` (for `LastSafeCheckpoint`), or `None` when none ran then."""
         if not self.history or self.history[-1]["step"] != step:
             return None
-        return row_scalars(self.history[-1])
+        return row_scalars(self.history[-1], self.prefix)
 
     def _run_check(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device = pl_module.device
@@ -237,17 +238,17 @@ class MemorizationCallback(Callback):
         block = self.options.decode_batch_size or self.options.sample_batch_size
         for warning in cost_warnings(row, device, self.max_overhead, block, baseline):
             rank_zero_warn(warning)
-        log_scalars(trainer, pl_module, row_scalars(row))
+        log_scalars(trainer, pl_module, row_scalars(row, self.prefix))
         membership = membership_at(trainer, trainer.global_step)
         row |= membership.row if membership else {}  # in the history beside N_mem; logged when evaluated
         log_dir = Path(trainer.log_dir) if trainer.loggers else None  # a broadcast: every rank asks
         with fail_together(device, f"writing the results of {where}"):
             if trainer.is_global_zero:
                 if log_dir is not None:
-                    write_history(log_dir, self.history)
-                    log_histograms(trainer, result.detection.report)
+                    write_history(log_dir, self.history, history_file(self.name))
+                    log_histograms(trainer, result.detection.report, self.prefix)
                 if self.log_images:
-                    log_copy_pairs(trainer, result.detection.report, result.copies, self._training_image)
+                    log_copy_pairs(trainer, result.detection.report, result.copies, self._training_image, self.prefix)
                 if self.output_dir is not None:
                     self._write_report(result, row, membership)
         self._training_since = Stopwatch(device).last

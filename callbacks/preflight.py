@@ -8,6 +8,7 @@ generator without `sample()` or whose samples the embedder cannot take, sampler 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,15 @@ def check_embedder_fits(
         )  # fmt: skip
 
 
-def check_early_stopping(trainer: Trainer, every_n_epochs: int, check_at_start: bool) -> None:
-    """Raise `InputError` for an EarlyStopping on a check's `memorization/*` that would read an old check or none
-    (one on `memorization/membership_*` with no membership signal to read, too)."""
+def check_early_stopping(
+    trainer: Trainer, every_n_epochs: int, check_at_start: bool, prefix: str = "memorization/"
+) -> None:
+    """Raise `InputError` for an EarlyStopping on this check's scalars (`<prefix><key>`) that would read an old
+    check or none (one on `memorization/membership_*` with no membership signal to read, too)."""
     for stopper in memorization_stoppers(trainer):
+        key = stopper.monitor.removeprefix(prefix)
+        if key == stopper.monitor or "/" in key:
+            continue  # another check's, named
         if not stopper.monitor.startswith(MEMBERSHIP_SCALARS):
             problem = stale_early_stopping(stopper, trainer, every_n_epochs, check_at_start)
         elif not any(type(callback).__name__ == "MembershipCallback" for callback in trainer.callbacks):
@@ -92,6 +98,41 @@ def check_early_stopping(trainer: Trainer, every_n_epochs: int, check_at_start: 
             continue  # the membership callback judges its own
         if problem:
             raise InputError(problem)
+
+
+def check_distinct_outputs(checks: Sequence[Any]) -> None:
+    """Raise `InputError` when two of a Trainer's MemorizationCallbacks (`checks`) would write one history and one
+    set of scalars, or one `output_dir`: each of several needs its own `name` (and `output_dir`)."""
+    for attribute, what in (("prefix", "memorization_history.csv and scalars"), ("output_dir", "output_dir")):
+        given = [getattr(check, attribute) for check in checks if getattr(check, attribute) is not None]
+        if len(given) != len(set(given)):
+            fix = "name" if attribute == "prefix" else attribute
+            raise InputError(
+                f"{len(checks)} MemorizationCallbacks in this Trainer would write the same {what}: give each its own "
+                f"{fix} (MemorizationCallback({fix}=...))"
+            )
+
+
+def check_schedule(
+    every_n_epochs: int, max_overhead: float, membership_every_n_epochs: int | None, membership_n_ref: int | None
+) -> None:
+    """Raise `InputError` for a MemorizationCallback schedule out of range; one FutureWarning for each 0.1
+    membership argument (now `MembershipCallback`'s)."""
+    if every_n_epochs < 1:
+        raise InputError(f"--memorization.every_n_epochs={every_n_epochs} must be at least 1")
+    if not 0.0 < max_overhead <= 10.0:
+        raise InputError(f"--memorization.max_overhead={max_overhead} must lie in (0, 10], e.g. 0.25")
+    for key, value in (("every_n_epochs", membership_every_n_epochs), ("n_ref", membership_n_ref)):
+        if value is not None:
+            message = f"memorization.membership_{key} is deprecated: use membership.{key} (MembershipCallback({key}=...))"
+            rank_zero_warn(message, category=FutureWarning)
+
+
+def check_name(name: str | None) -> str:
+    """The scalar prefix of a check named `name`; `InputError` unless it can name a file and a scalar group."""
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise InputError(f"--memorization.name={name!r}: use letters, digits, '_', '.' or '-'")
+    return f"memorization/{name}/" if name else "memorization/"
 
 
 def check_membership_stopping(trainer: Trainer, every_n_epochs: int) -> None:

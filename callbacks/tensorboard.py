@@ -78,11 +78,11 @@ def add_layout(trainer: Trainer) -> None:
         writer.add_custom_scalars(TENSORBOARD_LAYOUT)
 
 
-def log_histograms(trainer: Trainer, report: CopyReport) -> None:
+def log_histograms(trainer: Trainer, report: CopyReport, prefix: str = "memorization/") -> None:
     """ρ_NN-val and ρ_NN-syn of every training image, as histograms at this step."""
     for writer in tensorboard_writers(trainer):
-        writer.add_histogram("memorization/rho_nn_val", report.nn_val_corr.cpu(), trainer.global_step)
-        writer.add_histogram("memorization/rho_nn_syn", report.nn_syn_corr.cpu(), trainer.global_step)
+        writer.add_histogram(f"{prefix}rho_nn_val", report.nn_val_corr.cpu(), trainer.global_step)
+        writer.add_histogram(f"{prefix}rho_nn_syn", report.nn_syn_corr.cpu(), trainer.global_step)
 
 
 def log_copy_pairs(
@@ -90,6 +90,7 @@ def log_copy_pairs(
     report: CopyReport,
     copies: dict[int, torch.Tensor],
     training_image: Callable[[int], torch.Tensor],
+    prefix: str = "memorization/",
 ) -> None:
     """The shown copies beside their nearest training images, `[pairs, 1, H, 2W]` (training image | copy)."""
     if not copies:
@@ -100,5 +101,5 @@ def log_copy_pairs(
         pairs.append(torch.cat([train, torch.from_numpy(viewable(copy))], dim=1).clamp(0, 1))
     for writer in tensorboard_writers(trainer):
         writer.add_images(
-            "memorization/copies", torch.stack(pairs)[:, None], trainer.global_step, dataformats="NCHW"
+            f"{prefix}copies", torch.stack(pairs)[:, None], trainer.global_step, dataformats="NCHW"
         )

@@ -29,11 +29,16 @@ TIMING_PREFIX = "seconds_"  # per-rank timings: in the CSV, not logged, not in s
 MEMBERSHIP_PREFIX = "membership_"  # the membership signal's columns; logged as memorization/membership_*
 
 
-def row_scalars(row: Mapping[str, Any]) -> dict[str, float]:
-    """A history row's logged scalars `memorization/<key>` (`fd` and `ms_ssim` left out when `None`)."""
+def row_scalars(row: Mapping[str, Any], prefix: str = "memorization/") -> dict[str, float]:
+    """A history row's logged scalars `<prefix><key>` (`fd` and `ms_ssim` left out when `None`)."""
     return logged_scalars(
-        {k: v for k, v in row.items() if k not in PLACE_KEYS and not k.startswith(TIMING_PREFIX)}
+        {k: v for k, v in row.items() if k not in PLACE_KEYS and not k.startswith(TIMING_PREFIX)}, prefix
     )
+
+
+def history_file(name: str | None) -> str:
+    """The history file of a check named `name` (`MemorizationCallback(name=...)`), `HISTORY_FILE` unnamed."""
+    return HISTORY_FILE if not name else f"memorization_history_{name}.csv"
 
 
 def write_history(folder: Path, rows: Sequence[Mapping[str, Any]], name: str = HISTORY_FILE) -> Path:

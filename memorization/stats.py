@@ -35,14 +35,12 @@ def memorized_patients(memorized: torch.Tensor, patients: Sequence[str]) -> list
     return sorted({patient for patient, hit in zip(patients, memorized.tolist(), strict=True) if hit})
 
 
-def logged_scalars(numbers: dict[str, Any]) -> dict[str, float]:
-    """`numbers` as TensorBoard scalars `memorization/<key>`; an interval `<key>_ci` becomes `<key>_low` and `<key>_high`."""
+def logged_scalars(numbers: dict[str, Any], prefix: str = "memorization/") -> dict[str, float]:
+    """`numbers` as TensorBoard scalars `<prefix><key>`; an interval `<key>_ci` becomes `<key>_low` and `<key>_high`."""
     scalars = {}
     for key, value in numbers.items():
         if isinstance(value, (list, tuple)) and key.endswith("_ci") and len(value) == 2:
-            scalars[f"memorization/{key[:-3]}_low"], scalars[f"memorization/{key[:-3]}_high"] = map(
-                float, value
-            )
+            scalars[f"{prefix}{key[:-3]}_low"], scalars[f"{prefix}{key[:-3]}_high"] = map(float, value)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            scalars[f"memorization/{key}"] = float(value)
+            scalars[f"{prefix}{key}"] = float(value)
     return scalars

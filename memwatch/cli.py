@@ -237,6 +237,20 @@ class MemwatchCLI(LightningCLI):
     before_validate = before_test = before_predict = _load_checkpoints_safely
 
 
+def deprecations_on_one_line(formatwarning):
+    """`formatwarning` with a deprecation (a FutureWarning: an old spelling) on one line, without its source."""
+    if getattr(formatwarning, "one_line_deprecations", False):
+        return formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, FutureWarning):
+            return f"{category.__name__}: {message}\n"
+        return formatwarning(message, category, filename, lineno, line)
+
+    format_warning.one_line_deprecations = True
+    return format_warning
+
+
 def memorization_with_membership(config) -> None:
     """A `memorization:` section brings the membership signal (a `membership:` section of its defaults, unless
     one is given); its 0.1 keys `membership_every_n_epochs` and `membership_n_ref` move there, with one line."""
@@ -339,6 +353,7 @@ def main(args: list[str] | None = None) -> MemwatchCLI | dict:
     # Harmless and expected here: the LDM's frozen autoencoder is in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.formatwarning = deprecations_on_one_line(warnings.formatwarning)
     try:
         if argv[:1] == ["audit"]:
             from memwatch.audit import print_audit, print_verification, run_audit

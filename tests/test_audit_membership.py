@@ -38,7 +38,7 @@ def phantoms() -> PhantomDataModule:
 def audit(generator: Path, out: Path, *extra: str) -> dict:
     return main([
         "audit", "--embedder", "pixel", "--spatial-size", *map(str, SIZE), *DATA_ARGS, "--generator", str(generator),
-        "--n-samples", "4", "--num-inference-steps", "1", "--batch-size", "8", "--detector-positives", "0",
+        "--n-samples", "4", "--num-inference-steps", "1", "--sample-batch-size", "8", "--detector-positives", "0",
         "--out", str(out), *extra,
     ])  # fmt: skip
 

@@ -17,10 +17,12 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from memwatch.callbacks import LastSafeCheckpoint, MembershipCallback, MemorizationCallback
+from memwatch.errors import InputError
 from memwatch.memorization.history import (
     HISTORY_FILE,
     MEMBERSHIP_HISTORY_FILE,
     MEMBERSHIP_PREFIX,
+    history_file,
     read_history,
 )
 from tests.doubles import MembershipScriptedGenerator, ScriptedGenerator
@@ -238,18 +240,22 @@ def test_two_memorization_callbacks_keep_their_own_history_across_a_resume(case,
                 embedder=embedder if embedder == "pixel" else None, every_n_epochs=every_n_epochs,
                 embedder_ckpt=str(request.getfixturevalue("embedder_ckpt")) if embedder != "pixel" else None,
                 n_samples=n_samples, num_inference_steps=1, detector_positives=0, progress_seconds=None,
+                name=f"check{k}",
             )
-            for embedder, every_n_epochs, n_samples in TWO_CHECKS[case]
+            for k, (embedder, every_n_epochs, n_samples) in enumerate(TWO_CHECKS[case])
         ]  # fmt: skip
+
+    def logger() -> CSVLogger:
+        return CSVLogger(tmp_path, name="run", version=0)
 
     first = two_checks()
     assert first[0].state_key != first[1].state_key
-    last = fit_resumable(tmp_path, ScriptedGenerator(), first, epochs=2)
+    last = fit_resumable(tmp_path, ScriptedGenerator(), first, epochs=2, logger=logger())
     states = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]
     saved = {key: places(state["history"]) for key, state in states.items() if key.startswith("Memorization")}
     assert saved == {check.state_key: places(check.history) for check in first}
     resumed = two_checks()
-    fit_resumable(tmp_path, ScriptedGenerator(), resumed, epochs=4, ckpt_path=last)
+    fit_resumable(tmp_path, ScriptedGenerator(), resumed, epochs=4, ckpt_path=last, logger=logger())
     for before, after, (_, every_n_epochs, n_samples) in zip(first, resumed, TWO_CHECKS[case], strict=True):
         epochs = [epoch for epoch in range(4) if (epoch + 1) % every_n_epochs == 0]
         assert [(row["check"], row["epoch"], row["n_syn"]) for row in after.history] == [
@@ -258,6 +264,19 @@ def test_two_memorization_callbacks_keep_their_own_history_across_a_resume(case,
         assert places(after.history[: len(before.history)]) == places(
             before.history
         )  # its own rows, continued
+        written = read_history(tmp_path / "run" / "version_0" / history_file(after.name))
+        assert places(written) == places(after.history)  # its own file, every row
+
+
+def test_two_unnamed_memorization_callbacks_are_refused_in_one_line():
+    checks = [
+        MemorizationCallback(embedder="pixel", n_samples=4, num_inference_steps=1, detector_positives=0,
+                             progress_seconds=None, every_n_epochs=every)
+        for every in (1, 2)
+    ]  # fmt: skip
+    with pytest.raises(InputError, match=r"^2 MemorizationCallbacks in this Trainer would write the same "
+                       r"memorization_history.csv and scalars: give each its own name"):  # fmt: skip
+        quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=checks).fit(ScriptedGenerator(), memorization_phantoms())
 
 
 def test_a_0_1_checkpoint_resumes_with_both_histories(tmp_path):

@@ -32,7 +32,7 @@ def fit(cwd: Path, autoencoder_ckpt: Path, save_dir: str, steps: int, *extra: st
             "--model.init_args.autoencoder_ckpt", str(autoencoder_ckpt), "--model.init_args.channels", "[16, 16]",
             "--model.init_args.norm_num_groups", "8", "--model.init_args.num_head_channels", "8",
             *(f"--data.init_args.{key}={value}" for key, value in DATA.items()), "--data.init_args.batch_size", "4",
-            "--memorization", "null", "--early_stopping", "null", "--trainer.callbacks", "[]",
+            "--memorization", "null", "--membership", "null", "--early_stopping", "null", "--trainer.callbacks", "[]",
             "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "1", "--checkpoint.every_n_epochs", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.logger.init_args.save_dir", save_dir, "--trainer.logger.init_args.version", "v0", *extra,
@@ -63,7 +63,7 @@ def audit(generator: Path, out: Path, *extra: str) -> dict:
     return main([
         "audit", "--embedder", "pixel", "--spatial-size", "16", "16", "--data", str(ROOT / "configs/phantom_ldm.yaml"),
         *(f"--data-arg={key}={value}" for key, value in DATA.items()), "--generator", str(generator),
-        "--n-samples", "4", "--num-inference-steps", "1", "--batch-size", "8", "--detector-positives", "0",
+        "--n-samples", "4", "--num-inference-steps", "1", "--sample-batch-size", "8", "--detector-positives", "0",
         "--percentile", "50", "--out", str(out), *extra,
     ])  # fmt: skip
 
