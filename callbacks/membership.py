@@ -78,7 +78,6 @@ class MembershipCallback(Callback):
         self.evaluation: MembershipEvaluation | None = None  # the latest, with its scores
         self.data: ReferenceData | None = None
         self._period = 0  # every_n_epochs where the model has membership_scores, else 0
-        self._batch_size, self._seed = batch_size or 16, seed or 0
         self._checked_trainer: int | None = None
 
     @property
